@@ -1,0 +1,143 @@
+"""Input validation shared by every public op: checked once here, before any backend runs,
+so a bad call raises a ValueError naming the tensor and leaves every tensor untouched."""
+
+import math
+import numbers
+import operator
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SCOPES = ("layer", "global")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(d) for d in t.shape) + ")"
+
+
+class Names:
+    """How a list argument's entries are called in error messages: `xs[2]`, or a given name."""
+
+    def __init__(self, what: str, names=None):
+        self.what, self.names = what, names
+
+    def __call__(self, i: int) -> str:
+        if self.names is not None:
+            return f"{self.what}[{i}] ({self.names[i]!r})"
+        return f"{self.what}[{i}]"
+
+
+def tensor_list(xs, what: str, *, allow_none: bool = False) -> list:
+    """A non-empty list of tensors (or None entries, if allowed) from a tensor or a sequence."""
+    if isinstance(xs, torch.Tensor):
+        return [xs]
+    if not isinstance(xs, (list, tuple)):
+        raise ValueError(f"{what} must be a tensor or a list of tensors, not {type(xs).__name__}")
+    if not xs:
+        raise ValueError(f"{what} is an empty list")
+    for i, x in enumerate(xs):
+        if not (isinstance(x, torch.Tensor) or (allow_none and x is None)):
+            raise ValueError(f"{what}[{i}] must be a tensor, not {type(x).__name__}")
+    return list(xs)
+
+
+def names_for(names, xs: list, what: str) -> Names:
+    if names is not None and len(names) != len(xs):
+        raise ValueError(f"names has {len(names)} entries but {what} has {len(xs)}")
+    return Names(what, names)
+
+
+def same_length(items: list, what: str, ref: list, ref_what: str) -> None:
+    if len(items) != len(ref):
+        raise ValueError(f"{what} has {len(items)} entries but {ref_what} has {len(ref)}")
+
+
+def float_tensors(xs: list, label: Names) -> None:
+    """Dense fp32/fp16/bf16 tensors, all on the device of the first."""
+    device = xs[0].device
+    for i, x in enumerate(xs):
+        if x.layout != torch.strided:
+            raise ValueError(f"{label(i)} is a {x.layout} tensor; only dense tensors are supported")
+        if x.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{label(i)} has dtype {x.dtype}; supported: float32, float16, bfloat16")
+        if x.device != device:
+            raise ValueError(f"{label(i)} is on {x.device} but {label(0)} is on {device}; "
+                             "one call takes tensors on one device")
+
+
+def finite(xs: list, label: Names) -> None:
+    """No NaN or Inf anywhere (one device sync for the whole list)."""
+    bad = torch.stack([~torch.isfinite(x).all() for x in xs]).nonzero()
+    if bad.numel():
+        raise ValueError(f"{label(int(bad[0]))} contains NaN or Inf; magnitudes are undefined")
+
+
+def like(t: torch.Tensor, ref: torch.Tensor, what: str, ref_what: str) -> None:
+    """Same shape, dtype and device as `ref` (a gradient or an optimizer state tensor)."""
+    if t.layout != torch.strided:
+        raise ValueError(f"{what} is a {t.layout} tensor; only dense tensors are supported")
+    if t.shape != ref.shape:
+        raise ValueError(f"{what} has shape {_shape(t)} but {ref_what} has shape {_shape(ref)}")
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{what} has dtype {t.dtype} but {ref_what} has dtype {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{what} is on {t.device} but {ref_what} is on {ref.device}")
+
+
+def mask_for(mask: torch.Tensor, ref: torch.Tensor, what: str, ref_what: str) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        kind = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{what} must be a bool tensor (True = kept), not {kind}")
+    if mask.shape != ref.shape:
+        raise ValueError(f"{what} has shape {_shape(mask)} but {ref_what} has shape {_shape(ref)}")
+    if mask.device != ref.device:
+        raise ValueError(f"{what} is on {mask.device} but {ref_what} is on {ref.device}")
+
+
+def integer(value, what: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be an integer, not bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what} must be an integer, not {type(value).__name__}") from None
+
+
+def real(value, what: str, low: float | None = None, high: float | None = None,
+         *, high_open: bool = False) -> float:
+    """A finite real number in [low, high] (or [low, high) with high_open)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise ValueError(f"{what} must be a real number, not {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{what} must be a number or a one-element tensor")
+        value = value.item()
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value}")
+    if low is not None and value < low:
+        raise ValueError(f"{what} must be >= {low}, got {value}")
+    if high is not None and (value >= high if high_open else value > high):
+        bound = f"< {high}" if high_open else f"<= {high}"
+        raise ValueError(f"{what} must be {bound}, got {value}")
+    return value
+
+
+def sparsity(value) -> float:
+    return real(value, "sparsity", 0.0, 1.0, high_open=True)
+
+
+def scope(value) -> str:
+    if value not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(map(repr, SCOPES))}, got {value!r}")
+    return value
+
+
+def grad_scale(value, device: torch.device):
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
+        raise ValueError("grad_scale must be a one-element floating-point tensor or None")
+    if value.device != device:
+        raise ValueError(f"grad_scale is on {value.device} but params are on {device}")
+    return value.reshape(())

@@ -1,0 +1,74 @@
+"""Every dsd op, defined once: its schema and its fake (meta) implementation.
+
+Backends register kernels for these names per device (see `backends/`); the public
+functions in `dsd_kernels/__init__.py` validate input and then call `torch.ops.dsd.<op>`.
+The fake implementations let `torch.compile` and `torch.library.opcheck` trace the ops.
+
+Semantics every backend shares (DESIGN.md):
+- magnitudes are compared as fp32 |x| (exact for fp16/bf16/fp32 inputs);
+- `k = floor(sparsity * N)` entries are pruned, the k smallest |x|, ties broken by position
+  (lower flat index, then earlier tensor, pruned first); masks are True where kept;
+- a pruned position is written as +0.0 in the weight and in every optimizer state tensor;
+- optimizer math runs in fp32 and is cast once on store; `grad_scale` (GradScaler's scale)
+  divides the gradient inside the update.
+"""
+
+import torch
+
+NAMESPACE = "dsd"
+
+SCHEMAS = {
+    "kth_smallest_abs": "(Tensor[] xs, int k) -> Tensor",
+    "magnitude_masks": "(Tensor[] xs, float sparsity, str scope) -> Tensor[]",
+    "apply_masks_": "(Tensor(a!)[] xs, Tensor[] masks) -> ()",
+    "masked_sgd_": (
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] masks, "
+        "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+        "bool maximize, Tensor? grad_scale) -> ()"
+    ),
+    "masked_adam_": (
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor?[] masks, float[] steps, float lr, float beta1, float beta2, float eps, "
+        "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale) -> ()"
+    ),
+}
+OPS = tuple(SCHEMAS)
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)
+
+
+def magnitude_dtype(xs) -> torch.dtype:
+    """The dtype a threshold over `xs` is returned in: the promotion of their dtypes."""
+    dtype = xs[0].dtype
+    for x in xs[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
+@torch.library.register_fake(f"{NAMESPACE}::kth_smallest_abs")
+def _kth_smallest_abs_fake(xs, k):
+    return xs[0].new_empty((), dtype=magnitude_dtype(xs))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::magnitude_masks")
+def _magnitude_masks_fake(xs, sparsity, scope):
+    return [torch.empty(x.shape, dtype=torch.bool, device=x.device) for x in xs]
+
+
+@torch.library.register_fake(f"{NAMESPACE}::apply_masks_")
+def _apply_masks_fake(xs, masks):
+    return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::masked_sgd_")
+def _masked_sgd_fake(params, grads, momentum_buffers, masks, lr, momentum, dampening,
+                     weight_decay, nesterov, maximize, grad_scale):
+    return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::masked_adam_")
+def _masked_adam_fake(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2,
+                      eps, weight_decay, decoupled, maximize, grad_scale):
+    return None

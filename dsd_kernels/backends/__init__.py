@@ -1,0 +1,127 @@
+"""Backend selection: which kernels the dispatcher runs for each device.
+
+The pure-torch reference is registered once for every device (CompositeExplicitAutograd) and
+is the fallback. Selecting a backend registers its kernels for the dispatch keys it serves in
+a fresh `torch.library.Library` and destroys the previous selection's Library, so the
+dispatcher, not our code, decides which kernel runs.
+
+A backend module (`cpp`, `triton`) exposes `load() -> Backend` and raises
+`BackendUnavailable` with the reason when it cannot run here. Nothing is loaded at import:
+the first call of a public op selects `DSD_BACKEND` (default "auto").
+"""
+
+import importlib
+import logging
+import os
+from typing import Callable, NamedTuple
+
+import torch
+
+from .._ops import NAMESPACE, OPS
+from . import torch_ref
+
+logger = logging.getLogger("dsd_kernels")
+
+NAMES = ("triton", "cpp", "torch")
+CHOICES = ("auto",) + NAMES
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend cannot run on this machine; the message says why."""
+
+
+class Backend(NamedTuple):
+    kernels: dict[str, Callable]
+    dispatch_keys: tuple[str, ...]  # e.g. ("CUDA",), or ("CPU",)
+
+
+_reference_lib = torch.library.Library(NAMESPACE, "IMPL")
+for _op in OPS:
+    _reference_lib.impl(_op, torch_ref.KERNELS[_op], "CompositeExplicitAutograd")
+
+_loaded: dict[str, Backend | BackendUnavailable] = {}
+_selected_lib: torch.library.Library | None = None
+_plan: dict[str, str] | None = None  # dispatch key -> backend name, for keys not on torch
+_reported: set[str] = set()  # backends whose absence "auto" has already logged
+
+
+def _load(name: str) -> Backend | BackendUnavailable:
+    """Load a backend once; the outcome (kernels or the reason they are missing) is cached."""
+    if name not in _loaded:
+        if name == "torch":
+            _loaded[name] = Backend(dict(torch_ref.KERNELS), ("CompositeExplicitAutograd",))
+        else:
+            try:
+                _loaded[name] = importlib.import_module(f"{__name__}.{name}").load()
+            except BackendUnavailable as reason:
+                _loaded[name] = reason
+    return _loaded[name]
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run here (loads them: may build the C++ extension)."""
+    return [name for name in NAMES if isinstance(_load(name), Backend)]
+
+
+def _auto_plan() -> dict[str, str]:
+    plan = {}
+    candidates = [("CPU", "cpp")] + ([("CUDA", "triton")] if torch.cuda.is_available() else [])
+    for key, name in candidates:
+        backend = _load(name)
+        if isinstance(backend, Backend):
+            plan[key] = name
+        elif name not in _reported:
+            _reported.add(name)
+            logger.warning("dsd_kernels: %s backend unavailable (%s); %s tensors use the "
+                           "pure-torch backend", name, backend, key)
+    return plan
+
+
+def use_backend(name: str = "auto") -> None:
+    """Select the kernels for every op: "auto", "triton", "cpp" or "torch".
+
+    "auto" takes Triton on CUDA and C++ on CPU where they load, else pure torch. Naming a
+    backend puts it on every device it serves (Triton serves CPU tensors only under
+    TRITON_INTERPRET=1) and raises `BackendUnavailable` with the reason if it cannot run;
+    devices it does not serve keep the "auto" choice.
+    """
+    global _selected_lib, _plan
+    if name not in CHOICES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(CHOICES)}")
+    plan: dict[str, str] = {}
+    if name != "torch":
+        chosen = _load(name) if name != "auto" else None
+        if isinstance(chosen, BackendUnavailable):
+            raise BackendUnavailable(f"backend {name!r} is not available: {chosen}")
+        plan = _auto_plan()
+        if chosen is not None:
+            plan.update({key: name for key in chosen.dispatch_keys})
+    if _selected_lib is not None:
+        _selected_lib._destroy()
+        _selected_lib = None
+    if plan:
+        lib = torch.library.Library(NAMESPACE, "IMPL")
+        for key, backend_name in plan.items():
+            for op, kernel in _load(backend_name).kernels.items():
+                lib.impl(op, kernel, key)
+        _selected_lib = lib
+    _plan = plan
+
+
+def selected_backends() -> dict[str, str]:
+    """The backend serving each device type, e.g. {"cpu": "cpp", "cuda": "triton"}."""
+    ensure_selected()
+    devices = {"CPU": "cpu", "CUDA": "cuda"}
+    selected = {device: "torch" for device in devices.values()}
+    selected.update({devices[key]: name for key, name in _plan.items()})
+    return selected
+
+
+def ensure_selected() -> None:
+    """Select `DSD_BACKEND` (default "auto") unless a backend was already selected."""
+    if _plan is None:
+        name = os.environ.get("DSD_BACKEND", "auto")
+        if name not in CHOICES:
+            raise ValueError(f"DSD_BACKEND={name!r} is not a backend; choose one of "
+                             f"{', '.join(CHOICES)}")
+        use_backend(name)

@@ -1,0 +1,108 @@
+"""Pure-torch reference kernels: the fallback on every device and the oracle of the tests.
+
+Written for obvious correctness, not speed: each op is a few whole-tensor torch calls.
+Inputs arrive validated by the public API (`dsd_kernels/__init__.py`).
+"""
+
+import math
+
+import torch
+
+from .._ops import magnitude_dtype
+
+
+def _magnitudes(x: torch.Tensor) -> torch.Tensor:
+    """|x| as a flat fp32 tensor in logical (row-major) order; exact for fp16/bf16/fp32."""
+    return x.detach().reshape(-1).float().abs()
+
+
+def kth_smallest_abs(xs, k):
+    mags = torch.cat([_magnitudes(x) for x in xs])
+    return torch.kthvalue(mags, k).values.to(magnitude_dtype(xs))
+
+
+def _prune_masks(xs, k):
+    """Masks that prune the k smallest |x| over all of `xs`, ties by position."""
+    if k == 0:
+        return [torch.ones(x.shape, dtype=torch.bool, device=x.device) for x in xs]
+    mags = [_magnitudes(x) for x in xs]
+    threshold = torch.kthvalue(torch.cat(mags), k).values
+    ties_to_prune = k - sum((m < threshold).sum() for m in mags)
+    masks, ties_before = [], 0
+    for x, m in zip(xs, mags):
+        tied = m == threshold
+        tie_rank = torch.cumsum(tied, 0) + ties_before  # 1-based rank among all tied entries
+        pruned = (m < threshold) | (tied & (tie_rank <= ties_to_prune))
+        masks.append((~pruned).reshape(x.shape))
+        ties_before = ties_before + tied.sum()
+    return masks
+
+
+def magnitude_masks(xs, sparsity, scope):
+    if scope == "layer":
+        return [_prune_masks([x], math.floor(sparsity * x.numel()))[0] for x in xs]
+    return _prune_masks(xs, math.floor(sparsity * sum(x.numel() for x in xs)))
+
+
+def apply_masks_(xs, masks):
+    for x, mask in zip(xs, masks):
+        x.masked_fill_(~mask, 0)
+
+
+def _unscaled_grad(grad, grad_scale, maximize):
+    g = grad.float()
+    if grad_scale is not None:
+        g = g / grad_scale.float()
+    return -g if maximize else g
+
+
+def _store(dst, value, mask):
+    """dst <- value (fp32, cast to dst's dtype), with +0.0 at pruned positions."""
+    if mask is not None:
+        value = torch.where(mask, value, 0.0)
+    dst.copy_(value)
+
+
+def masked_sgd_(params, grads, momentum_buffers, masks, lr, momentum, dampening, weight_decay,
+                nesterov, maximize, grad_scale):
+    for i, (p, grad, mask) in enumerate(zip(params, grads, masks)):
+        g = _unscaled_grad(grad, grad_scale, maximize)
+        p32 = p.float()
+        if weight_decay != 0:
+            g = g + weight_decay * p32
+        if momentum != 0:
+            buf = momentum_buffers[i].float() * momentum + (1 - dampening) * g
+            g = g + momentum * buf if nesterov else buf
+            _store(momentum_buffers[i], buf, mask)
+        _store(p, p32 - lr * g, mask)
+
+
+def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps,
+                 weight_decay, decoupled, maximize, grad_scale):
+    for p, grad, exp_avg, exp_avg_sq, mask, step in zip(
+        params, grads, exp_avgs, exp_avg_sqs, masks, steps
+    ):
+        g = _unscaled_grad(grad, grad_scale, maximize)
+        p32 = p.float()
+        if weight_decay != 0:
+            if decoupled:
+                p32 = p32 * (1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p32
+        m = exp_avg.float().lerp(g, 1 - beta1)
+        v = exp_avg_sq.float() * beta2 + (1 - beta2) * g * g
+        step_size = lr / (1 - beta1**step)
+        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+        denom = v.sqrt() / bias_correction2_sqrt + eps
+        _store(exp_avg, m, mask)
+        _store(exp_avg_sq, v, mask)
+        _store(p, p32 - step_size * m / denom, mask)
+
+
+KERNELS = {
+    "kth_smallest_abs": kth_smallest_abs,
+    "magnitude_masks": magnitude_masks,
+    "apply_masks_": apply_masks_,
+    "masked_sgd_": masked_sgd_,
+    "masked_adam_": masked_adam_,
+}

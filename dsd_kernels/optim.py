@@ -1,0 +1,244 @@
+"""Drop-in masked versions of torch.optim.SGD, Adam and AdamW.
+
+Each subclasses its torch.optim class, so the constructor, defaults, param groups, state
+layout and state_dict format are torch's own, and LR schedulers, GradScaler and checkpoints
+work unchanged. `step` runs one fused masked update per device and param group: a pruned
+weight and its optimizer state are exactly 0 after every step, whatever the gradient.
+
+    opt = MaskedAdamW(model.parameters(), lr=1e-3)
+    opt.set_masks({model.fc.weight: mask})   # prunes now; the mask holds until cleared
+    opt.clear_masks()                        # pruned weights regrow from 0, with 0 state
+"""
+
+from collections import defaultdict
+from collections.abc import Mapping
+
+import torch
+
+from . import _checks, apply_masks_
+from .backends import ensure_selected
+
+_ops = torch.ops.dsd
+
+
+class _Masked:
+    """Mask bookkeeping shared by the masked optimizers (mixed in before the torch class)."""
+
+    # GradScaler hands over `grad_scale` and `found_inf`: the kernels unscale gradients as
+    # they read them, instead of a separate unscale pass over every gradient.
+    _step_supports_amp_scaling = True
+    _state_names: tuple[str, ...] = ()  # state tensors zeroed with the weight when pruned
+
+    @staticmethod
+    def _reject(**unsupported) -> None:
+        for flag, value in unsupported.items():
+            if value:
+                raise ValueError(f"{flag}=True is not supported by the masked optimizers")
+
+    @property
+    def masks(self) -> dict:
+        """The current masks, {param: bool mask (True = kept)}, as a new dict."""
+        return dict(self._masks)
+
+    def _params_in_order(self) -> list:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def set_masks(self, masks: Mapping) -> None:
+        """Fix the masks {param: bool mask, True = kept}, replacing all earlier ones.
+
+        Prunes at once: each masked parameter and its optimizer state are set to 0 where its
+        mask is False. Parameters without a mask are updated densely.
+        """
+        if not isinstance(masks, Mapping):
+            raise ValueError(f"set_masks takes a dict {{param: mask}}, not {type(masks).__name__}")
+        index = {id(p): i for i, p in enumerate(self._params_in_order())}
+        for p, mask in masks.items():
+            if not isinstance(p, torch.Tensor) or id(p) not in index:
+                raise ValueError("set_masks: a key is not a parameter of this optimizer")
+            what = f"parameter {index[id(p)]}"
+            _checks.mask_for(mask, p, f"the mask of {what}", what)
+            if p.dtype not in _checks.FLOAT_DTYPES:
+                raise ValueError(f"{what} has dtype {p.dtype}; supported: float32, float16, "
+                                 "bfloat16")
+        self._masks = dict(masks)
+        targets, target_masks = [], []
+        for p, mask in self._masks.items():
+            state = self.state.get(p, {})
+            for t in [p] + [state[name] for name in self._state_names if name in state]:
+                targets.append(t)
+                target_masks.append(mask)
+        if targets:
+            apply_masks_(targets, target_masks)
+
+    def clear_masks(self) -> None:
+        """Lift every mask: pruned weights (0, with 0 state) are free to regrow."""
+        self._masks = {}
+
+    def state_dict(self) -> dict:
+        """torch's optimizer state_dict plus "masks": {param index: bool mask}."""
+        state_dict = super().state_dict()
+        index = {id(p): i for i, p in enumerate(self._params_in_order())}
+        state_dict["masks"] = {index[id(p)]: mask for p, mask in self._masks.items()}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load torch's format; "masks", if present, are restored onto the parameters' devices."""
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("masks", {})
+        params = self._params_in_order()
+        masks = {}
+        for i, mask in saved.items():
+            if not (isinstance(i, int) and 0 <= i < len(params)):
+                raise ValueError(f"state_dict['masks'] has a mask for parameter {i!r}, but this "
+                                 f"optimizer has {len(params)} parameters")
+            p = params[i]
+            if isinstance(mask, torch.Tensor):
+                mask = mask.to(p.device)
+            _checks.mask_for(mask, p, f"state_dict['masks'][{i}]", f"parameter {i}")
+            masks[p] = mask
+        super().load_state_dict(state_dict)
+        self._masks = masks
+
+    def _amp_scale(self):
+        """(skip, grad_scale): GradScaler's found_inf means skip this step entirely."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and found_inf.item() != 0:
+            return True, None
+        return False, getattr(self, "grad_scale", None)
+
+    def _grads_by_device(self, group, make_state):
+        """Params of a group that have gradients, bucketed per (device, key from make_state)."""
+        buckets = defaultdict(lambda: defaultdict(list))
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError("masked optimizers need dense gradients; got a sparse one")
+            if p.dtype not in _checks.FLOAT_DTYPES:
+                raise ValueError(f"a parameter has dtype {p.dtype}; supported: float32, "
+                                 "float16, bfloat16")
+            mask = self._masks.get(p)
+            if mask is not None and mask.device != p.device:
+                raise ValueError(f"a mask is on {mask.device} but its parameter moved to "
+                                 f"{p.device}; call set_masks again after moving the model")
+            key, state = make_state(p)
+            bucket = buckets[(p.device, key)]
+            bucket["params"].append(p)
+            bucket["grads"].append(p.grad)
+            bucket["masks"].append(mask)
+            for name, value in state.items():
+                bucket[name].append(value)
+        return buckets
+
+
+def _scale_on(grad_scale, device):
+    return None if grad_scale is None else grad_scale.to(device).reshape(())
+
+
+class MaskedSGD(_Masked, torch.optim.SGD):
+    """torch.optim.SGD whose step keeps masked-out weights and momentum exactly 0."""
+
+    _state_names = ("momentum_buffer",)
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
+                 *, maximize=False, foreach=None, differentiable=False, fused=None):
+        # foreach/fused are accepted for drop-in use: the masked step is always one fused pass.
+        self._reject(differentiable=differentiable)
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov,
+                         maximize=maximize)
+        self._masks = {}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        skip, grad_scale = self._amp_scale()
+        if skip:
+            return loss
+        ensure_selected()
+        for group in self.param_groups:
+            momentum = float(group["momentum"])
+
+            def make_state(p):
+                # A new buffer is a copy of the first gradient in torch.optim, which is what a
+                # zero buffer gives on a step without dampening.
+                if momentum == 0:
+                    return False, {}
+                state = self.state[p]
+                fresh = state.get("momentum_buffer") is None
+                if fresh:
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format)
+                return fresh, {"momentum_buffers": state["momentum_buffer"]}
+
+            for (device, fresh), b in self._grads_by_device(group, make_state).items():
+                _ops.masked_sgd_(
+                    b["params"], b["grads"], b["momentum_buffers"], b["masks"],
+                    float(group["lr"]), momentum, 0.0 if fresh else float(group["dampening"]),
+                    float(group["weight_decay"]), bool(group["nesterov"]),
+                    bool(group["maximize"]), _scale_on(grad_scale, device))
+        return loss
+
+
+class _MaskedAdamStep(_Masked):
+    _state_names = ("exp_avg", "exp_avg_sq")
+
+    def _init_adam(self, amsgrad, capturable, differentiable):
+        self._reject(amsgrad=amsgrad, capturable=capturable, differentiable=differentiable)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        skip, grad_scale = self._amp_scale()
+        if skip:
+            return loss
+        ensure_selected()
+        for group in self.param_groups:
+
+            def make_state(p):
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                return None, {"exp_avgs": state["exp_avg"], "exp_avg_sqs": state["exp_avg_sq"],
+                              "steps": float(state["step"])}
+
+            beta1, beta2 = (float(beta) for beta in group["betas"])
+            decoupled = group.get("decoupled_weight_decay", isinstance(self, torch.optim.AdamW))
+            for (device, _), b in self._grads_by_device(group, make_state).items():
+                _ops.masked_adam_(
+                    b["params"], b["grads"], b["exp_avgs"], b["exp_avg_sqs"], b["masks"],
+                    b["steps"], float(group["lr"]), beta1, beta2, float(group["eps"]),
+                    float(group["weight_decay"]), bool(decoupled), bool(group["maximize"]),
+                    _scale_on(grad_scale, device))
+        return loss
+
+
+class MaskedAdam(_MaskedAdamStep, torch.optim.Adam):
+    """torch.optim.Adam whose step keeps masked-out weights and both moments exactly 0."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False):
+        self._init_adam(amsgrad, capturable, differentiable)
+        super().__init__(params, lr, betas, eps, weight_decay, maximize=maximize,
+                         decoupled_weight_decay=decoupled_weight_decay)
+        self._masks = {}
+
+
+class MaskedAdamW(_MaskedAdamStep, torch.optim.AdamW):
+    """torch.optim.AdamW whose step keeps masked-out weights and both moments exactly 0."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None):
+        self._init_adam(amsgrad, capturable, differentiable)
+        super().__init__(params, lr, betas, eps, weight_decay, maximize=maximize)
+        self._masks = {}
