@@ -1,0 +1,48 @@
+"""Independent references for the tests, built on torch.sort and torch.optim alone.
+
+They share no code with the backends: a backend bug cannot hide in its own oracle.
+"""
+
+import math
+
+import torch
+
+
+def make(shape, dtype, device, kind, seed=0):
+    """A test tensor: "normal" values, "ties" (few distinct values, both signs of zero),
+    "equal" (one value everywhere) or "close" (one radix bucket: equal high bits)."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "normal":
+        x = torch.randn(shape, generator=gen)
+    elif kind == "ties":
+        x = torch.randint(-3, 4, shape, generator=gen).float() / 4
+        x[torch.rand(shape, generator=gen) < 0.2] = -0.0
+    elif kind == "equal":
+        x = torch.full(shape, -0.75)
+    elif kind == "close":
+        # 1 + j * 2^-20: equal exponent and high mantissa bits, distinct low bits, with ties.
+        x = 1 + torch.randint(0, 8, shape, generator=gen).float() * 2.0**-20
+        x = x * torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
+    else:
+        raise ValueError(kind)
+    return x.to(dtype).to(device)
+
+
+def flat_magnitudes(xs):
+    return torch.cat([x.detach().reshape(-1).float().abs().cpu() for x in xs])
+
+
+def kth_smallest_abs(xs, k):
+    return torch.sort(flat_magnitudes(xs)).values[k - 1]
+
+
+def masks(xs, sparsity, scope):
+    """Keep-masks that prune floor(sparsity*N) smallest |x|, ties pruned in position order
+    (a stable sort keeps equal magnitudes in flat-index then tensor order)."""
+    if scope == "layer":
+        return [masks([x], sparsity, "global")[0] for x in xs]
+    mags = flat_magnitudes(xs)
+    k = math.floor(sparsity * mags.numel())
+    keep = torch.ones(mags.numel(), dtype=torch.bool)
+    keep[torch.argsort(mags, stable=True)[:k]] = False
+    return [m.reshape(x.shape) for m, x in zip(keep.split([x.numel() for x in xs]), xs)]

@@ -1,0 +1,97 @@
+"""magnitude_masks and apply_masks_ on every backend and device against a stable-sort oracle."""
+
+import math
+
+import pytest
+import torch
+
+import _oracle
+import dsd_kernels as dk
+from conftest import DTYPES
+
+SPARSITIES = [0.0, 0.1, 0.5, 0.9, 0.999]
+LIST_SHAPES = [(33, 17), (1,), (7,), (4, 3, 5, 7), (2, 1031)]
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "equal", "close"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masks_match_oracle(backend, device, dtype, scope, kind):
+    xs = [_oracle.make(shape, dtype, device, kind, seed=i) for i, shape in enumerate(LIST_SHAPES)]
+    before = [x.clone() for x in xs]
+    for sparsity in SPARSITIES:
+        got = dk.magnitude_masks(xs, sparsity, scope)
+        want = _oracle.masks(xs, sparsity, scope)
+        for i, (g, w, x) in enumerate(zip(got, want, xs)):
+            assert g.dtype == torch.bool and g.shape == x.shape and g.device == x.device
+            assert g.is_contiguous()
+            assert torch.equal(g.cpu(), w), f"sparsity={sparsity} tensor {i}"
+    assert all(torch.equal(x, b) for x, b in zip(xs, before))
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.29, 0.7, 0.5])
+def test_exact_prune_count_per_layer(backend, device, sparsity):
+    xs = [_oracle.make(shape, torch.float32, device, "ties", seed=i)
+          for i, shape in enumerate([(10,), (100,), (7, 13), (3,)])]
+    for x, mask in zip(xs, dk.magnitude_masks(xs, sparsity)):
+        assert int((~mask).sum()) == math.floor(sparsity * x.numel())
+
+
+def test_global_count_and_order(backend, device):
+    xs = [torch.ones(4, device=device), torch.ones(3, device=device)]
+    masks = dk.magnitude_masks(xs, 5 / 7 + 1e-9, "global")
+    # All tied: the first five positions in (tensor, flat index) order are pruned.
+    assert masks[0].tolist() == [False] * 4
+    assert masks[1].tolist() == [False, True, True]
+
+
+def test_tensor_in_mask_out(backend, device):
+    x = torch.tensor([[0.5, -2.0], [0.1, 3.0]], device=device)
+    mask = dk.magnitude_masks(x, 0.5)
+    assert isinstance(mask, torch.Tensor)
+    assert mask.tolist() == [[False, True], [False, True]]
+
+
+def test_negative_zero_ties_by_position(backend, device):
+    x = torch.tensor([0.0, 1.0, -0.0, 0.0, 2.0, -1.0], device=device)
+    assert dk.magnitude_masks(x, 0.5).tolist() == [False, True, False, False, True, True]
+    assert dk.magnitude_masks(x, 0.34).tolist() == [False, True, False, True, True, True]
+
+
+def test_non_contiguous_input_uses_logical_order(backend, device):
+    x = torch.ones(3, 4, device=device).t()  # logical order differs from memory order
+    mask = dk.magnitude_masks(x, 0.25)
+    assert torch.equal(mask.cpu(), _oracle.masks([x], 0.25, "layer")[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_apply_masks_zeroes_exactly(backend, device, dtype):
+    xs = [_oracle.make(shape, dtype, device, "normal", seed=i)
+          for i, shape in enumerate([(33, 17), (5,), (1,)])]
+    xs[0][0, :3] = torch.tensor([float("nan"), float("inf"), -5.0])
+    masks = [torch.rand(x.shape, generator=torch.Generator().manual_seed(i)) < 0.5
+             for i, x in enumerate(xs)]
+    masks[0][0, :3] = False
+    masks = [m.to(device) for m in masks]
+    before = [x.clone() for x in xs]
+    dk.apply_masks_(xs, masks)
+    for x, b, m in zip(xs, before, masks):
+        assert torch.equal(x[m], b[m])
+        assert (x[~m] == 0).all() and not torch.signbit(x[~m]).any()
+
+
+def test_apply_masks_non_contiguous(backend, device):
+    x = _oracle.make((6, 5), torch.float32, device, "normal").t()
+    mask = (torch.arange(30, device=device).reshape(5, 6) % 3) == 0
+    want = torch.where(mask, x, 0.0)
+    dk.apply_masks_(x, mask)
+    assert torch.equal(x, want)
+
+
+def test_opcheck(backend, device):
+    xs = [_oracle.make((5, 3), torch.float32, device, "ties"),
+          _oracle.make((4,), torch.bfloat16, device, "normal")]
+    torch.library.opcheck(torch.ops.dsd.magnitude_masks, (xs, 0.4, "global"))
+    torch.library.opcheck(torch.ops.dsd.magnitude_masks, (xs, 0.4, "layer"))
+    masks = [x > 0 for x in xs]
+    torch.library.opcheck(torch.ops.dsd.apply_masks_, ([x.clone() for x in xs], masks))

@@ -1,0 +1,330 @@
+"""Masked optimizers on every backend: against torch.optim, and exact zeros where pruned.
+
+torch.optim is the oracle. With all-True masks a masked optimizer must follow torch.optim;
+with random masks, pruned weights and state must stay exactly 0 while kept weights follow a
+torch.optim run whose gradients are masked (and whose pruned weights start at 0: then
+torch's own state stays 0 at pruned positions, so the two runs must agree everywhere).
+"""
+
+import copy
+import io
+
+import pytest
+import torch
+
+import dsd_kernels as dk
+from conftest import DTYPES, TOLERANCES
+
+SHAPES = [(33, 17), (7,), (4, 3, 5), (1,)]
+STEPS = 100
+# 100 steps, each within a few fp32 roundings of torch.optim's own op order (lerp vs
+# mul+add, a*b/c vs a/c*b): 100 * 4 ulp ~ 5e-5 relative, on values of order 1.
+TRAJECTORY = dict(rtol=5e-5, atol=5e-6)
+
+OPTIMIZERS = {
+    "sgd": (dk.MaskedSGD, torch.optim.SGD,
+            dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)),
+    "sgd_nesterov": (dk.MaskedSGD, torch.optim.SGD,
+                     dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=1e-3, maximize=True)),
+    "sgd_plain": (dk.MaskedSGD, torch.optim.SGD, dict(lr=0.1)),
+    "adam": (dk.MaskedAdam, torch.optim.Adam,
+             dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=1e-2)),
+    "adam_maximize": (dk.MaskedAdam, torch.optim.Adam, dict(lr=1e-2, maximize=True)),
+    "adamw": (dk.MaskedAdamW, torch.optim.AdamW,
+              dict(lr=1e-2, betas=(0.85, 0.99), eps=1e-7, weight_decay=0.1)),
+}
+
+
+def _state_names(opt):
+    """The state tensors the optimizer must keep per parameter."""
+    if isinstance(opt, torch.optim.SGD):
+        return ["momentum_buffer"] if opt.defaults["momentum"] else []
+    return ["exp_avg", "exp_avg_sq"]
+
+
+def _params(device, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to(device, dtype).requires_grad_() for s in SHAPES]
+
+
+def _fill_grads(params, step, masks=None):
+    """Gradients that depend on the step and on the weights (so trajectories feed back)."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    for i, p in enumerate(params):
+        noise = torch.randn(p.shape, generator=gen).to(p.device)
+        g = noise + 0.5 * p.detach().float() + 0.2 * torch.sin(3 * p.detach().float())
+        if masks is not None:
+            g = g * masks[i]
+        p.grad = g.to(p.dtype)
+
+
+def _random_masks(params, seed=7, density=0.6):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.rand(p.shape, generator=gen) < density).to(p.device) for p in params]
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_all_true_masks_match_torch_optim(backend, device, name):
+    masked_cls, torch_cls, kwargs = OPTIMIZERS[name]
+    ours, theirs = _params(device), _params(device)
+    opt = masked_cls(ours, **kwargs)
+    ref = torch_cls(theirs, **kwargs)
+    opt.set_masks({p: torch.ones_like(p, dtype=torch.bool) for p in ours})
+    for step in range(STEPS):
+        for params, o in ((ours, opt), (theirs, ref)):
+            _fill_grads(params, step)
+            o.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **TRAJECTORY)
+    for a, b in zip(ours, theirs):
+        for key in _state_names(opt):
+            torch.testing.assert_close(opt.state[a][key], ref.state[b][key], **TRAJECTORY)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_no_masks_param_groups_scheduler_and_missing_grads(backend, device, name):
+    """Two param groups with their own lr, a StepLR schedule, and a param without gradient."""
+    masked_cls, torch_cls, kwargs = OPTIMIZERS[name]
+    ours, theirs = _params(device), _params(device)
+
+    def groups(ps):
+        return [{"params": ps[:2]}, {"params": ps[2:], "lr": kwargs["lr"] / 3}]
+
+    opt, ref = masked_cls(groups(ours), **kwargs), torch_cls(groups(theirs), **kwargs)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=10, gamma=0.5) for o in (opt, ref)]
+    for step in range(40):
+        for params, o, sched in ((ours, opt, scheds[0]), (theirs, ref, scheds[1])):
+            o.zero_grad()
+            _fill_grads(params[1:], step)  # params[0] never gets a gradient
+            o.step()
+            sched.step()
+    assert ours[0].grad is None and len(opt.state[ours[0]]) == 0
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **TRAJECTORY)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_random_masks_keep_pruned_exactly_zero(backend, device, name):
+    masked_cls, torch_cls, kwargs = OPTIMIZERS[name]
+    ours, theirs = _params(device), _params(device)
+    masks = _random_masks(ours)
+    opt, ref = masked_cls(ours, **kwargs), torch_cls(theirs, **kwargs)
+    opt.set_masks(dict(zip(ours, masks)))
+    with torch.no_grad():
+        for p, m in zip(theirs, masks):
+            p.mul_(m)
+    for step in range(STEPS):
+        _fill_grads(ours, step)  # full gradients: the mask alone must keep pruned weights 0
+        opt.step()
+        _fill_grads(theirs, step, masks)
+        ref.step()
+        for p, m in zip(ours, masks):
+            for t in [p] + [opt.state[p][key] for key in _state_names(opt)]:
+                pruned = t.detach()[~m]
+                assert (pruned == 0).all() and not torch.signbit(pruned).any(), f"step {step}"
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **TRAJECTORY)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_dense_sparse_dense_regrows_from_zero(backend, device, name):
+    """Through dense, sparse and re-dense phases: pruned weights restart from 0 with 0 state,
+    exactly as a torch.optim run that masks gradients in the sparse phase."""
+    masked_cls, torch_cls, kwargs = OPTIMIZERS[name]
+    ours, theirs = _params(device), _params(device)
+    opt, ref = masked_cls(ours, **kwargs), torch_cls(theirs, **kwargs)
+    step = 0
+    for phase in ("dense", "sparse", "redense"):
+        if phase == "sparse":
+            masks = dk.magnitude_masks([p.detach() for p in ours], 0.5)
+            opt.set_masks(dict(zip(ours, masks)))
+            with torch.no_grad():
+                for p, m in zip(theirs, masks):
+                    p.mul_(m)
+                    for key in _state_names(ref):
+                        ref.state[p][key].mul_(m)
+        if phase == "redense":
+            opt.clear_masks()
+            assert opt.masks == {}
+        for _ in range(30):
+            _fill_grads(ours, step)
+            opt.step()
+            _fill_grads(theirs, step, masks if phase == "sparse" else None)
+            ref.step()
+            step += 1
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, **TRAJECTORY)
+    assert all((p != 0).float().mean() > 0.99 for p in ours[:1])  # pruned weights regrew
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_state_dict_round_trip_continues_identically(backend, device, name):
+    masked_cls, _, kwargs = OPTIMIZERS[name]
+    ours = _params(device)
+    opt = masked_cls(ours, **kwargs)
+    opt.set_masks({ours[0]: _random_masks(ours)[0]})
+    for step in range(50):
+        _fill_grads(ours, step)
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in ours], "opt": opt.state_dict()}, buffer)
+    for step in range(50, 100):
+        _fill_grads(ours, step)
+        opt.step()
+
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed = [p.clone().requires_grad_() for p in saved["params"]]
+    opt2 = masked_cls(resumed, **kwargs)
+    opt2.load_state_dict(saved["opt"])
+    assert set(opt2.masks) == {resumed[0]}
+    for step in range(50, 100):
+        _fill_grads(resumed, step)
+        opt2.step()
+    for a, b in zip(ours, resumed):
+        assert torch.equal(a, b)
+
+
+def test_loads_a_torch_optim_state_dict(backend, device):
+    theirs = _params(device)
+    ref = torch.optim.AdamW(theirs, lr=1e-2)
+    for step in range(5):
+        _fill_grads(theirs, step)
+        ref.step()
+    ours = [p.detach().clone().requires_grad_() for p in theirs]
+    opt = dk.MaskedAdamW(ours, lr=1e-2)
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+    for step in range(5, 10):
+        for params, o in ((ours, opt), (theirs, ref)):
+            _fill_grads(params, step)
+            o.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **TRAJECTORY)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_half_precision_matches_torch_backend(backend, device, dtype, name):
+    """fp16/bf16 params with fp32 math: every backend agrees with the reference backend."""
+    masked_cls, _, kwargs = OPTIMIZERS[name]
+    runs = []
+    for selected in (backend, "torch"):
+        dk.use_backend(selected)
+        params = _params(device, dtype)
+        opt = masked_cls(params, **kwargs)
+        opt.set_masks(dict(zip(params, _random_masks(params))))
+        for step in range(20):
+            _fill_grads(params, step)
+            opt.step()
+        runs.append((params, opt))
+    (ours, opt), (refs, ref) = runs
+    for a, b in zip(ours, refs):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, **TOLERANCES[dtype])
+        for key in _state_names(opt):
+            torch.testing.assert_close(opt.state[a][key], ref.state[b][key], **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+def test_half_precision_one_step_is_fp32_math_rounded_once(torch_backend, device, dtype):
+    """One reference step on fp16/bf16 equals torch.optim's fp32 step, rounded once."""
+    params = _params(device, dtype)
+    shadow = [p.detach().float().requires_grad_() for p in params]
+    opt = dk.MaskedAdamW(params, lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW(shadow, lr=1e-2, weight_decay=0.1)
+    _fill_grads(params, 0)
+    for p, s in zip(params, shadow):
+        s.grad = p.grad.float()
+    opt.step()
+    ref.step()
+    for p, s in zip(params, shadow):
+        assert torch.equal(p, s.detach().to(dtype))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_grad_scaler(backend, device, name):
+    """GradScaler hands grad_scale/found_inf to the step: same result as torch.optim with it;
+    an inf gradient skips the step (weights, state and step count unchanged)."""
+    masked_cls, torch_cls, kwargs = OPTIMIZERS[name]
+    ours, theirs = _params(device), _params(device)
+    opt, ref = masked_cls(ours, **kwargs), torch_cls(theirs, **kwargs)
+    scalers = [torch.amp.GradScaler(device, init_scale=1024.0) for _ in range(2)]
+    for step in range(10):
+        for params, o, scaler in ((ours, opt, scalers[0]), (theirs, ref, scalers[1])):
+            o.zero_grad()
+            loss = sum((p**2).sum() * (1 + 0.1 * i) for i, p in enumerate(params))
+            scaler.scale(loss).backward()
+            scaler.step(o)
+            scaler.update()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **TRAJECTORY)
+
+    before = [p.detach().clone() for p in ours]
+    state_before = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    scalers[0].scale(sum((p**2).sum() for p in ours)).backward()
+    ours[1].grad[0] = float("inf")
+    scalers[0].step(opt)
+    assert all(torch.equal(p, b) for p, b in zip(ours, before))
+    after = opt.state_dict()
+    for i, state in state_before["state"].items():
+        for key, value in state.items():
+            assert torch.equal(after["state"][i][key], value)
+
+
+def test_set_masks_prunes_params_and_state_at_once(backend, device):
+    ours = _params(device)
+    opt = dk.MaskedAdam(ours, lr=1e-2)
+    _fill_grads(ours, 0)
+    opt.step()
+    masks = _random_masks(ours)
+    opt.set_masks({ours[0]: masks[0]})
+    for t in (ours[0], opt.state[ours[0]]["exp_avg"], opt.state[ours[0]]["exp_avg_sq"]):
+        assert (t.detach()[~masks[0]] == 0).all() and (t.detach()[masks[0]] != 0).any()
+    assert (ours[1] != 0).all()  # unmasked params are untouched
+    assert set(opt.masks) == {ours[0]}
+    opt.set_masks({ours[1]: masks[1]})  # replaces: ours[0] is no longer masked
+    assert set(opt.masks) == {ours[1]}
+
+
+def test_functional_sgd_first_step_rule(backend, device):
+    """torch.optim starts momentum as a copy of the gradient: a zero buffer with dampening=0."""
+    p = torch.randn(50, device=device)
+    g = torch.randn(50, device=device)
+    buf = torch.zeros(50, device=device)
+    ref = p.clone().requires_grad_()
+    sgd = torch.optim.SGD([ref], lr=0.1, momentum=0.9, dampening=0.5)
+    ref.grad = g.clone()
+    sgd.step()
+    dk.masked_sgd_([p], [g], [buf], None, lr=0.1, momentum=0.9, dampening=0.0)
+    torch.testing.assert_close(p, ref.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(buf, sgd.state[ref]["momentum_buffer"], rtol=1e-6, atol=1e-7)
+
+
+def test_functional_adam_steps_per_tensor(backend, device):
+    """Each tensor uses its own step count for the bias corrections."""
+    ps = [torch.randn(20, device=device) for _ in range(2)]
+    gs = [torch.randn(20, device=device) for _ in range(2)]
+    ms = [torch.randn(20, device=device) * 0.1 for _ in range(2)]
+    vs = [torch.rand(20, device=device) * 0.01 for _ in range(2)]
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+    one_call = [[t.clone() for t in ts] for ts in (ps, ms, vs)]
+    dk.masked_adam_(one_call[0], gs, one_call[1], one_call[2], None, [3, 40], **hyper)
+    for i, step in enumerate([3, 40]):
+        p, m, v = ps[i].clone(), ms[i].clone(), vs[i].clone()
+        dk.masked_adam_([p], [gs[i]], [m], [v], None, step, **hyper)
+        torch.testing.assert_close(one_call[0][i], p, rtol=0, atol=0)
+    assert not torch.equal(one_call[0][0] - ps[0], one_call[0][1] - ps[1])
+
+
+def test_opcheck(backend, device):
+    p = torch.randn(6, 5, device=device)
+    g, buf = torch.randn_like(p), torch.randn_like(p)
+    mask = torch.rand(6, 5, device=device) < 0.5
+    scale = torch.tensor(4.0, device=device)
+    torch.library.opcheck(torch.ops.dsd.masked_sgd_, (
+        [p.clone(), p.clone()], [g, g], [buf.clone(), buf.clone()], [mask, None],
+        0.1, 0.9, 0.0, 1e-2, True, False, scale))
+    torch.library.opcheck(torch.ops.dsd.masked_adam_, (
+        [p.clone()], [g], [buf.clone()], [buf.abs()], [mask], [3.0],
+        0.1, 0.9, 0.99, 1e-8, 1e-2, True, False, None))
