@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _checks, _ops
+from . import _checks, _ops, distributed
 from .backends import BackendUnavailable, available_backends, selected_backends, use_backend
 from .backends import ensure_selected as _ensure_selected
 
@@ -24,12 +24,17 @@ __all__ = [
 _ops_ = torch.ops.dsd
 
 
-def kth_smallest_abs(xs, k: int, *, names: Sequence[str] | None = None) -> torch.Tensor:
+def kth_smallest_abs(xs, k: int, *, names: Sequence[str] | None = None,
+                     process_group=None) -> torch.Tensor:
     """The exact k-th smallest |x| (1 <= k <= N) over one tensor or a list of tensors.
 
     Returns a 0-dim tensor on the inputs' device, in their promoted dtype.
     `names` (one per tensor) only makes error messages name the offending tensor.
+    With a `process_group`, `xs` are this rank's shards and the result is over the gathered
+    tensors (see `dsd_kernels.distributed`); every rank of the group must call it.
     """
+    if process_group is not None:
+        return distributed.kth_smallest_abs(xs, k, process_group, names=names)
     xs = _checks.tensor_list(xs, "xs")
     label = _checks.names_for(names, xs, "xs")
     _checks.float_tensors(xs, label)
@@ -44,14 +49,19 @@ def kth_smallest_abs(xs, k: int, *, names: Sequence[str] | None = None) -> torch
 
 
 def magnitude_masks(xs, sparsity: float, scope: str = "layer", *,
-                    names: Sequence[str] | None = None):
+                    names: Sequence[str] | None = None, process_group=None):
     """Bool masks (True = kept) that prune exactly floor(sparsity * N) smallest-|x| entries.
 
     `scope="layer"` prunes each tensor on its own (the paper); `"global"` ranks all of them
     together. Ties are pruned in position order (lower flat index, then earlier tensor).
     A tensor in gives a mask out; a list in gives a list out.
+    With a `process_group`, `xs` are this rank's shards (rank order = position order) and the
+    masks returned are the local shards of the gathered tensors' masks; every rank must call it.
     """
     single = isinstance(xs, torch.Tensor)
+    if process_group is not None:
+        masks = distributed.magnitude_masks(xs, sparsity, scope, process_group, names=names)
+        return masks[0] if single else masks
     xs = _checks.tensor_list(xs, "xs")
     label = _checks.names_for(names, xs, "xs")
     _checks.float_tensors(xs, label)
