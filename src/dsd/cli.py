@@ -1,0 +1,136 @@
+"""The `dsd` command: `dsd train`, `dsd study`, `dsd info`."""
+
+import argparse
+import logging
+import platform
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import RunConfig
+from .trainer import RunError, default_run_dir, load_config, train
+
+
+def _comma_list(item_type):
+    def parse(text: str) -> list:
+        items = [part.strip() for part in text.split(",") if part.strip()]
+        try:
+            return [item_type(part) for part in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {item_type.__name__}s, got {text!r}") from None
+    return parse
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field; only the flags given end up in the namespace."""
+    group = parser.add_argument_group("run options (also config-file keys, with _ for -)")
+    for f in fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default_factory is MISSING else f.default_factory()
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS,
+                  "help": f"{f.metadata['help']} (default: {default})"}
+        if f.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif getattr(f.type, "__origin__", None) is list:
+            kwargs["type"] = _comma_list(f.type.__args__[0])
+            kwargs["metavar"] = "A,B,..."
+        else:
+            kwargs["type"] = f.type
+            if f.metadata["choices"]:
+                kwargs["choices"] = f.metadata["choices"]
+        group.add_argument(flag, **kwargs)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dsd", description="Dense-Sparse-Dense training (Han et al., ICLR 2017).")
+    parser.add_argument("--version", action="version", version=f"dsd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train_parser = commands.add_parser(
+        "train", help="run DSD on an embedded task",
+        description="Run DSD on an embedded task (no download). Options come from the "
+                    "defaults, then --config FILE (TOML), then flags.")
+    train_parser.add_argument("--config", type=Path, help="TOML file of run options")
+    train_parser.add_argument("--out", type=Path, help="run directory (default: "
+                              "runs/TASK-MODEL-sSEED-TIME); an existing one with the same "
+                              "config resumes")
+    train_parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                              help="resume the run in RUN_DIR with its own config")
+    train_parser.add_argument("--quiet", action="store_true",
+                              help="no progress bars or per-epoch lines; only the summary")
+    _add_config_flags(train_parser)
+
+    study_parser = commands.add_parser(
+        "study", help="DSD vs the equal-budget dense baseline over seeds (paired)")
+    study_parser.add_argument("--tasks", type=_comma_list(str), default=["mnist1d", "digits"])
+    study_parser.add_argument("--models", type=_comma_list(str),
+                              default=["mlp", "cnn", "gru", "lstm"])
+    study_parser.add_argument("--seeds", type=int, default=5, help="seeds per task and model")
+    study_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                              help="a run option for every run, as in a config file "
+                                   "(e.g. --set phases=[8,8,8]); repeatable")
+    study_parser.add_argument("--out", type=Path, required=True, help="results JSON file")
+    study_parser.add_argument("--work", type=Path, default=Path("runs/study"),
+                              help="directory for the runs (resumable)")
+
+    commands.add_parser("info", help="show the version, device and dsd_kernels backends")
+    return parser
+
+
+def _train(args) -> int:
+    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
+    if args.resume is not None:
+        if given or args.config or args.out:
+            raise RunError("--resume takes the run's own config: give no other run options")
+        config, out = load_config(args.resume), args.resume
+    else:
+        base = RunConfig.from_toml(args.config) if args.config else RunConfig()
+        config = RunConfig.from_mapping(given, base=base, source="command line")
+        out = args.out or default_run_dir(config)
+    try:
+        train(config, out, quiet=args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: dsd train --resume {out}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _info() -> int:
+    import dsd_kernels
+
+    print(f"dsd {__version__}, torch {torch.__version__}, Python {platform.python_version()}")
+    if torch.cuda.is_available():
+        print(f"device: cuda ({torch.cuda.get_device_name(0)}); training uses it by default")
+    else:
+        print(f"device: cpu ({torch.get_num_threads()} threads); no CUDA device visible")
+    print(f"dsd_kernels backends available: {', '.join(dsd_kernels.available_backends())}")
+    selected = dsd_kernels.selected_backends()
+    print("selected (DSD_BACKEND or auto): "
+          + ", ".join(f"{device} -> {name}" for device, name in selected.items()))
+    return 0
+
+
+def main(argv=None) -> int:
+    # dsd_kernels logs once which backends it falls back from; show it as a plain line.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "study":
+            from .study import run_study_command
+
+            return run_study_command(args)
+        return _info()
+    except ValueError as error:  # RunError, config and plan errors: the message says it all
+        print(f"dsd: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

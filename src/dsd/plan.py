@@ -1,0 +1,137 @@
+"""A DSD plan: the phases (dense / sparse), their lengths, sparsity, learning-rate scale, and
+which parameters are pruned. Plans are plain frozen data; `DSD` (runner.py) carries them out.
+"""
+
+import bisect
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+KINDS = ("dense", "sparse")
+UNITS = ("epochs", "steps")
+SCOPES = ("layer", "global")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase: `length` epochs or steps (the plan's unit) of dense or masked training.
+
+    `lr_scale` multiplies the optimizer's learning rates as they were when DSD took it over.
+    """
+
+    kind: str
+    length: int
+    sparsity: float = 0.0
+    lr_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"phase kind must be one of {KINDS}, got {self.kind!r}")
+        if isinstance(self.length, bool) or not isinstance(self.length, int) or self.length < 1:
+            raise ValueError(f"every phase needs at least 1 epoch or step, got {self.length!r}")
+        if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+        if self.kind == "dense" and self.sparsity != 0:
+            raise ValueError("a dense phase has no sparsity; use kind='sparse'")
+        if not (isinstance(self.lr_scale, (int, float)) and math.isfinite(self.lr_scale)
+                and self.lr_scale > 0):
+            raise ValueError(f"lr_scale must be a positive number, got {self.lr_scale!r}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Phases run back to back. Prunable parameters: by default the weights of Linear, Conv,
+    RNN/LSTM/GRU and Embedding layers; `include` (fnmatch patterns on parameter names, e.g.
+    "fc*.weight") replaces that default, `exclude` removes names from the selection."""
+
+    phases: tuple[Phase, ...]
+    unit: str = "epochs"
+    scope: str = "layer"
+    include: tuple[str, ...] = field(default=())
+    exclude: tuple[str, ...] = field(default=())
+
+    def __post_init__(self):
+        object.__setattr__(self, "phases", tuple(self.phases))
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if not self.phases:
+            raise ValueError("a plan needs at least one phase")
+        for phase in self.phases:
+            if not isinstance(phase, Phase):
+                raise ValueError(f"plan phases must be Phase objects, got {type(phase).__name__}")
+        if self.unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        for pattern in self.include + self.exclude:
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"include/exclude patterns must be non-empty strings, "
+                                 f"got {pattern!r}")
+
+    @classmethod
+    def dsd(cls, dense: int, sparse: int, redense: int, *, sparsity: float = 0.5,
+            iterations: int = 1, redense_lr_factor: float = 0.1, unit: str = "epochs",
+            scope: str = "layer", include=(), exclude=()) -> "Plan":
+        """Dense, then `iterations` x (sparse, re-dense): DSD, DSDSD, ...
+
+        Each re-dense phase multiplies the learning rate by `redense_lr_factor`; a sparse phase
+        keeps the rate of the phase before it.
+        """
+        return cls.from_lengths([dense] + [sparse, redense] * iterations, sparsity=sparsity,
+                                redense_lr_factor=redense_lr_factor, unit=unit, scope=scope,
+                                include=include, exclude=exclude)
+
+    @classmethod
+    def from_lengths(cls, lengths, *, sparsity: float = 0.5, redense_lr_factor: float = 0.1,
+                     unit: str = "epochs", scope: str = "layer", include=(),
+                     exclude=()) -> "Plan":
+        """Alternating phases starting dense: [10, 10, 10] is dense 10, sparse 10, re-dense 10."""
+        if not (isinstance(redense_lr_factor, (int, float)) and redense_lr_factor > 0):
+            raise ValueError(f"redense_lr_factor must be > 0, got {redense_lr_factor!r}")
+        lengths = list(lengths)
+        if not lengths:
+            raise ValueError("a plan needs at least one phase")
+        phases, lr_scale = [], 1.0
+        for i, length in enumerate(lengths):
+            if i % 2 == 0:
+                if i > 0:
+                    lr_scale *= redense_lr_factor
+                phases.append(Phase("dense", length, lr_scale=lr_scale))
+            else:
+                phases.append(Phase("sparse", length, sparsity=sparsity, lr_scale=lr_scale))
+        return cls(tuple(phases), unit=unit, scope=scope, include=include, exclude=exclude)
+
+    @property
+    def starts(self) -> list[int]:
+        """Where each phase begins (in epochs or steps from 0)."""
+        starts, total = [], 0
+        for phase in self.phases:
+            starts.append(total)
+            total += phase.length
+        return starts
+
+    @property
+    def total(self) -> int:
+        return sum(phase.length for phase in self.phases)
+
+    def phase_at(self, position: int) -> int:
+        """Index of the phase that the 0-based epoch or step `position` belongs to."""
+        if isinstance(position, bool) or not isinstance(position, int):
+            raise ValueError(f"the {self.unit[:-1]} must be an int, got {position!r}")
+        if not 0 <= position < self.total:
+            raise ValueError(f"{self.unit[:-1]} {position} is outside the plan's {self.total} "
+                             f"{self.unit} (0..{self.total - 1})")
+        return bisect.bisect_right(self.starts, position) - 1
+
+    def dense_baseline(self) -> "Plan":
+        """The fair baseline: the same phase lengths and learning-rate scales, all dense."""
+        return replace(self, phases=tuple(Phase("dense", p.length, lr_scale=p.lr_scale)
+                                          for p in self.phases))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        data = dict(data)
+        data["phases"] = tuple(Phase(**phase) for phase in data["phases"])
+        return cls(**data)

@@ -1,0 +1,128 @@
+"""What a finished run reports: the summary (dict and text table) and the plot."""
+
+import io
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+_FINAL_KEYS = ("train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "sparsity")
+
+
+def _phase_name(plan, index: int) -> str:
+    phase = plan.phases[index]
+    if phase.kind == "sparse":
+        return f"sparse {phase.sparsity:.0%}"
+    return "re-dense" if index > 0 else "dense"
+
+
+def full_history(history: dict, arm: str, branch_epoch: int) -> list[dict]:
+    """An arm's rows for every epoch: the baseline shares the DSD rows before the branch."""
+    if arm == "dsd":
+        return history["dsd"]
+    return [row for row in history["dsd"] if row["epoch"] <= branch_epoch] + history[arm]
+
+
+def summary(config, plan, history: dict, sparsity: dict, branch_epoch: int, seconds: float,
+            run_dir: Path) -> dict:
+    phases = [{"phase": i + 1, "name": _phase_name(plan, i), "kind": p.kind,
+               "first_epoch": start + 1, "last_epoch": start + p.length,
+               "sparsity": p.sparsity, "lr": config.lr * p.lr_scale}
+              for i, (p, start) in enumerate(zip(plan.phases, plan.starts))]
+    arms = {}
+    for arm in history:
+        rows = {row["epoch"]: row for row in full_history(history, arm, branch_epoch)}
+        arms[arm] = {
+            "final": {key: rows[plan.total][key] for key in _FINAL_KEYS},
+            "phase_end": [{key: rows[phase["last_epoch"]][key] for key in _FINAL_KEYS}
+                          for phase in phases],
+            "layer_sparsity_at_phase_end": [record["end"] for record in sparsity[arm]],
+            "model_file": str(run_dir / ("model.pt" if arm == "dsd" else "baseline_model.pt")),
+        }
+    result = {"config": config.to_dict(), "run_dir": str(run_dir), "phases": phases,
+              "arms": arms, "branch_epoch": branch_epoch if "baseline" in arms else None,
+              "train_seconds": round(seconds, 2)}
+    if "baseline" in arms:
+        result["test_acc_difference"] = (arms["dsd"]["final"]["test_acc"]
+                                         - arms["baseline"]["final"]["test_acc"])
+    return result
+
+
+def table(result: dict) -> str:
+    """The end-of-run text: per-phase accuracy of each arm, per-layer sparsity, the verdict."""
+    config = result["config"]
+    arms = result["arms"]
+    lines = [f"DSD on {config['task']} / {config['model']}, seed {config['seed']}: phases "
+             f"{','.join(map(str, config['phases']))} epochs, sparsity {config['sparsity']:.0%} "
+             f"({config['scope']} scope), {config['optimizer']} lr {config['lr']:g}"]
+    header = ["phase", "epochs", "lr", "DSD test acc", "DSD test loss"]
+    if "baseline" in arms:
+        header += ["dense test acc", "dense test loss"]
+    rows = []
+    for i, phase in enumerate(result["phases"]):
+        cells = [f"{phase['phase']} {phase['name']}",
+                 f"{phase['first_epoch']}-{phase['last_epoch']}", f"{phase['lr']:.3g}"]
+        for arm in arms:
+            end = arms[arm]["phase_end"][i]
+            cells += [f"{end['test_acc']:.2%}", f"{end['test_loss']:.4f}"]
+        rows.append(cells)
+    lines += _aligned([header] + rows)
+    final = arms["dsd"]["final"]
+    if "baseline" in arms:
+        dense = arms["baseline"]["final"]
+        lines.append(f"final test accuracy: DSD {final['test_acc']:.2%}, dense baseline "
+                     f"{dense['test_acc']:.2%} ({100 * result['test_acc_difference']:+.2f} "
+                     "points; one seed: bench/accuracy.py measures the seed noise)")
+    else:
+        lines.append(f"final test accuracy: DSD {final['test_acc']:.2%} (add --baseline for "
+                     "the equal-budget dense run)")
+    layers = arms["dsd"]["layer_sparsity_at_phase_end"]
+    if layers:
+        names = list(layers[0])
+        lines.append("zero weights per prunable layer at the end of each phase (DSD):")
+        grid = [["layer"] + [f"phase {p['phase']}" for p in result["phases"]]]
+        grid += [[name] + [f"{record[name]:.1%}" for record in layers] for name in names]
+        lines += _aligned(grid)
+    lines.append(f"run directory: {result['run_dir']} (plot.png, metrics.jsonl, model.pt)")
+    return "\n".join(lines) + "\n"
+
+
+def _aligned(grid: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in grid) for i in range(len(grid[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in grid]
+
+
+def plot(plan, history: dict, *, title: str, branch_epoch: int) -> bytes:
+    """PNG of loss and accuracy per epoch, phases shaded and labelled; the baseline dashed."""
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    loss_axes, acc_axes = figure.subplots(1, 2)
+    styles = {"dsd": ("C0", "-", "DSD"), "baseline": ("C1", "--", "dense baseline")}
+    for arm, rows in history.items():
+        rows = full_history(history, arm, branch_epoch)
+        if arm != "dsd":  # draw the baseline from the branch point on
+            rows = [row for row in rows if row["epoch"] >= max(branch_epoch, 1)]
+        color, line, label = styles[arm]
+        epochs = [row["epoch"] for row in rows]
+        loss_axes.plot(epochs, [row["train_loss"] for row in rows], color=color, linestyle=line,
+                       alpha=0.5, label=f"{label} train")
+        loss_axes.plot(epochs, [row["test_loss"] for row in rows], color=color, linestyle=line,
+                       label=f"{label} test")
+        acc_axes.plot(epochs, [100 * row["test_acc"] for row in rows], color=color,
+                      linestyle=line, label=f"{label} test")
+    for axes, ylabel in ((loss_axes, "cross-entropy loss"), (acc_axes, "accuracy (%)")):
+        for i, (phase, start) in enumerate(zip(plan.phases, plan.starts)):
+            if phase.kind == "sparse":
+                axes.axvspan(start + 0.5, start + phase.length + 0.5, color="0.85", zorder=0)
+            if i:
+                axes.axvline(start + 0.5, color="0.4", linewidth=0.8, linestyle=":")
+            axes.text(start + 0.5 + phase.length / 2, 1.01, _phase_name(plan, i),
+                      transform=axes.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(ylabel)
+        axes.legend(fontsize=8)
+    loss_axes.set_yscale("log")
+    figure.suptitle(title)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()

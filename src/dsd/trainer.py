@@ -1,0 +1,347 @@
+"""`dsd train`: run a DSD plan (and optionally its equal-budget dense baseline) on an embedded
+task, with a run directory, checkpoints that resume bit-exactly, metrics, a plot and a summary.
+
+Run directory:
+    config.toml           every choice of the run (`dsd train --config` reads it back)
+    metrics.jsonl         one row per arm and epoch
+    sparsity.json         per-layer sparsity at the start and end of each phase
+    plot.png              loss and accuracy over the phases (and the baseline's curves)
+    summary.json/.txt     final numbers; the table printed at the end
+    model.pt              the DSD model: a plain dense state_dict (baseline_model.pt likewise)
+    checkpoints/last.pt   resume point; checkpoints/branch.pt is where the baseline branches off
+
+Pairing: the baseline starts from the DSD run's state at the end of the first dense phase (same
+init, same optimizer state, same RNG), and every epoch's batch order depends only on the seed
+and the epoch, so the two arms differ only in the masks.
+"""
+
+import json
+import random
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import dsd_kernels
+from dsd_kernels.optim import MaskedAdam, MaskedAdamW, MaskedSGD
+
+from . import checkpoint, report
+from .config import RunConfig
+from .models import build_model
+from .runner import DSD, zero_fractions
+from .tasks import load_task
+
+FORMAT = 1  # checkpoint layout version
+_EVAL_BATCH = 1024
+
+
+class RunError(ValueError):
+    """A run cannot start or resume as asked (bad config, foreign checkpoint, ...)."""
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.task}-{config.model}-s{config.seed}-{stamp}"
+
+
+def train(config: RunConfig, run_dir=None, *, quiet: bool = False) -> dict:
+    """Run (or resume) `config` in `run_dir`; returns the summary dict.
+
+    A run directory that already holds this config resumes from its last checkpoint (or, if
+    finished, just reports). Everything is validated before the directory is created.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
+    device = _resolve_device(config.device)
+    try:
+        dsd_kernels.use_backend(config.backend)
+    except dsd_kernels.BackendUnavailable as reason:
+        raise RunError(str(reason)) from None
+    data = load_task(config.task, val_fraction=config.val_fraction,
+                     mnist1d_samples=config.mnist1d_samples)
+    # Build once before touching the disk: include/exclude patterns are checked on the model.
+    _Arm.build(config, data, "dsd", device)
+    _prepare_run_dir(config, run_dir)
+    return _Run(config, data, run_dir, device, quiet).execute()
+
+
+def load_config(run_dir) -> RunConfig:
+    """The config a run directory was started with."""
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise RunError(f"{run_dir} is not a dsd run directory (no config.toml)")
+    return RunConfig.from_toml(path)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("device 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _prepare_run_dir(config: RunConfig, run_dir: Path) -> None:
+    """Create the run directory with its config in one rename, or check an existing one."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        saved = load_config(run_dir)
+        if saved != config:
+            diff = ", ".join(f"{key}: {saved.to_dict()[key]!r} there, {value!r} here"
+                             for key, value in config.to_dict().items()
+                             if saved.to_dict()[key] != value)
+            raise RunError(f"{run_dir} holds a run with another config ({diff}); choose "
+                           "another --out, or `dsd train --resume` it as it is")
+        return
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = run_dir.parent / f".{run_dir.name}.staging"
+    staging.mkdir(exist_ok=True)
+    (staging / "checkpoints").mkdir(exist_ok=True)
+    checkpoint.save_text(config.to_toml(), staging / "config.toml")
+    if run_dir.exists():
+        run_dir.rmdir()  # empty: replace it by the staged directory
+    staging.rename(run_dir)
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Arm:
+    """One arm's live objects: the model, its masked optimizer and the DSD runner."""
+
+    def __init__(self, name, model, dsd):
+        self.name, self.model, self.dsd = name, model, dsd
+
+    @classmethod
+    def build(cls, config: RunConfig, data, name: str, device) -> "_Arm":
+        torch.manual_seed(config.seed)  # the same initial weights for both arms and devices
+        model = build_model(config.model, data.signal_shape, data.num_classes,
+                            mlp_hidden=config.mlp_hidden, cnn_channels=config.cnn_channels,
+                            rnn_hidden=config.rnn_hidden).to(device)
+        if config.optimizer == "sgd":
+            optimizer = MaskedSGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                  weight_decay=config.weight_decay)
+        else:
+            masked = MaskedAdam if config.optimizer == "adam" else MaskedAdamW
+            optimizer = masked(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        plan = config.plan()
+        return cls(name, model, DSD(model, optimizer, plan if name == "dsd"
+                                    else plan.dense_baseline()))
+
+    @property
+    def optimizer(self):
+        return self.dsd.optimizer
+
+
+class _Run:
+    def __init__(self, config: RunConfig, data, run_dir: Path, device, quiet: bool):
+        self.config, self.data, self.run_dir, self.device = config, data, run_dir, device
+        self.quiet = quiet
+        self.bars = not quiet and sys.stderr.isatty()
+        self.plan = config.plan()
+        self.arm_names = ["dsd", "baseline"] if config.baseline else ["dsd"]
+        first = self.plan.phases[0]
+        # The arms share the first dense phase; the baseline branches off after it.
+        self.branch_epoch = first.length if first.kind == "dense" else 0
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.history = {name: [] for name in self.arm_names}
+        self.sparsity = {name: [] for name in self.arm_names}
+        self.seconds = 0.0
+        self.data_on_device = {split: getattr(data, split).to(device) for split in
+                               ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def _state(self, arm: _Arm | None, next_epoch: int) -> dict:
+        return {"format": FORMAT, "config": self.config.to_dict(),
+                "arm": arm.name if arm else "done", "next_epoch": next_epoch,
+                "model": arm.model.state_dict() if arm else None,
+                "optimizer": arm.optimizer.state_dict() if arm else None,
+                "phase_index": arm.dsd.phase_index if arm else None,
+                "rng": _rng_state(), "history": self.history, "sparsity": self.sparsity,
+                "seconds": self.seconds}
+
+    def _restore(self, state: dict, name: str, *, records: bool = True) -> tuple[_Arm | None, int]:
+        """Rebuild arm `name` from a checkpoint; `records=False` keeps this run's metrics (to
+        branch the baseline off while keeping the DSD arm's history)."""
+        if state.get("format") != FORMAT or state.get("config") != self.config.to_dict():
+            raise RunError(f"the checkpoint in {self.ckpt_dir} belongs to another config or "
+                           "format; it cannot resume this run")
+        if records:
+            self.history, self.sparsity = state["history"], state["sparsity"]
+            self.seconds = state["seconds"]
+        if name == "done":
+            return None, 0
+        arm = _Arm.build(self.config, self.data, name, self.device)
+        arm.model.load_state_dict(state["model"])
+        arm.optimizer.load_state_dict(state["optimizer"])  # state, LRs and masks
+        # The arms' phases agree up to the branch, so a phase index carries across.
+        arm.dsd.load_state_dict({"phase_index": state["phase_index"],
+                                 "plan": arm.dsd.plan.to_dict()})
+        _set_rng_state(state["rng"])
+        return arm, state["next_epoch"]
+
+    def _save(self, arm: _Arm | None, next_epoch: int, filename: str = "last.pt") -> None:
+        checkpoint.save_torch(self._state(arm, next_epoch), self.ckpt_dir / filename)
+
+    # ---- the run -------------------------------------------------------------------------
+    def execute(self) -> dict:
+        self.ckpt_dir.mkdir(exist_ok=True)
+        checkpoint.remove_stale_temps(self.ckpt_dir)
+        checkpoint.remove_stale_temps(self.run_dir)
+        last = self.ckpt_dir / "last.pt"
+        if last.exists():
+            state = checkpoint.load_torch(last)
+            arm, next_epoch = self._restore(state, state["arm"])
+            if arm is not None:
+                self._say(f"resuming {self.run_dir}: {arm.name} arm at epoch {next_epoch + 1}")
+        else:
+            arm, next_epoch = _Arm.build(self.config, self.data, "dsd", self.device), 0
+        self._rewrite_metrics()
+        while arm is not None:
+            if arm.name == "dsd" and self.config.baseline and next_epoch == self.branch_epoch == 0:
+                self._save(arm, 0, "branch.pt")
+            self._train_arm(arm, next_epoch)
+            final = {k: v.detach().cpu().clone() for k, v in arm.model.state_dict().items()}
+            checkpoint.save_torch(final, self.run_dir / ("model.pt" if arm.name == "dsd"
+                                                         else "baseline_model.pt"))
+            following = self.arm_names.index(arm.name) + 1
+            if following < len(self.arm_names):
+                arm, next_epoch = self._restore(checkpoint.load_torch(self.ckpt_dir / "branch.pt"),
+                                                self.arm_names[following], records=False)
+                self._say(f"baseline: dense from epoch {next_epoch + 1}, branched from the DSD "
+                          "run after its first dense phase")
+            else:
+                arm = None
+            self._save(arm, next_epoch)
+        return self._write_outputs()
+
+    def _train_arm(self, arm: _Arm, start: int) -> None:
+        total = self.plan.total
+        epochs = tqdm(range(start, total), desc=arm.name, initial=start, total=total,
+                      disable=not self.bars, unit="epoch", leave=False)
+        for epoch in epochs:
+            began = time.perf_counter()
+            if arm.dsd.epoch_start(epoch):
+                self._phase_started(arm, epoch)
+            train_loss, train_acc = self._train_epoch(arm, epoch)
+            row = {"arm": arm.name, "epoch": epoch + 1, "phase": arm.dsd.phase_index,
+                   "kind": arm.dsd.phase.kind, "lr": arm.optimizer.param_groups[0]["lr"],
+                   "train_loss": train_loss, "train_acc": train_acc}
+            for split in ("val", "test"):
+                row[f"{split}_loss"], row[f"{split}_acc"] = self._evaluate(arm.model, split)
+            row["sparsity"] = self._overall_sparsity(arm)
+            self.seconds += time.perf_counter() - began
+            row["seconds"] = round(time.perf_counter() - began, 3)
+            self.history[arm.name].append(row)
+            phase_end = self.plan.starts[arm.dsd.phase_index] + arm.dsd.phase.length
+            if epoch + 1 == phase_end:
+                self.sparsity[arm.name][-1]["end"] = arm.dsd.sparsity()
+            at_branch = arm.name == "dsd" and self.config.baseline and epoch + 1 == self.branch_epoch
+            if at_branch:  # before last.pt: a resume past the branch must find branch.pt
+                self._save(arm, epoch + 1, "branch.pt")
+            if (epoch + 1) % self.config.checkpoint_every == 0 or epoch + 1 == total or at_branch:
+                self._save(arm, epoch + 1)
+            self._append_metrics(row)
+            self._say(f"{arm.name:8s} epoch {epoch + 1:3d}/{total}  {row['kind']:6s} "
+                      f"lr {row['lr']:.2g}  train loss {train_loss:.4f}  "
+                      f"val acc {row['val_acc']:.2%}  test acc {row['test_acc']:.2%}")
+        epochs.close()
+
+    def _phase_started(self, arm: _Arm, epoch: int) -> None:
+        index, phase = arm.dsd.phase_index, arm.dsd.phase
+        sparsity = arm.dsd.sparsity()
+        self.sparsity[arm.name].append({
+            "phase": index, "kind": phase.kind, "target_sparsity": phase.sparsity,
+            "first_epoch": self.plan.starts[index] + 1,
+            "last_epoch": self.plan.starts[index] + phase.length,
+            "lr_scale": phase.lr_scale, "start": sparsity, "end": None})
+        what = (f"pruned {phase.sparsity:.0%} ({self.plan.scope} scope)" if phase.kind == "sparse"
+                else "dense" + (", mask lifted" if index and arm.dsd.plan.phases[index - 1].kind
+                                == "sparse" else ""))
+        self._say(f"{arm.name:8s} phase {index + 1}/{len(self.plan.phases)} from epoch "
+                  f"{epoch + 1}: {what}, lr x{phase.lr_scale:g}")
+
+    def _train_epoch(self, arm: _Arm, epoch: int) -> tuple[float, float]:
+        x, y = self.data_on_device["x_train"], self.data_on_device["y_train"]
+        # The batch order depends only on (seed, epoch): both arms and a resumed run see the
+        # same batches without carrying a data-loader state.
+        order = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        perm = torch.randperm(len(y), generator=order).to(self.device)
+        batch = self.config.batch_size
+        starts = range(0, len(y), batch)
+        arm.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        for i in tqdm(starts, desc=f"epoch {epoch + 1}", disable=not self.bars, leave=False,
+                      unit="batch"):
+            index = perm[i:i + batch]
+            logits = arm.model(x[index])
+            loss = F.cross_entropy(logits, y[index])
+            arm.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            arm.optimizer.step()
+            loss_sum += loss.detach() * len(index)
+            correct += (logits.argmax(1) == y[index]).sum()
+        return loss_sum.item() / len(y), correct.item() / len(y)
+
+    @torch.no_grad()
+    def _evaluate(self, model, split: str) -> tuple[float, float]:
+        x, y = self.data_on_device[f"x_{split}"], self.data_on_device[f"y_{split}"]
+        model.eval()
+        loss_sum, correct = 0.0, 0
+        for i in range(0, len(y), _EVAL_BATCH):
+            logits = model(x[i:i + _EVAL_BATCH])
+            loss_sum += F.cross_entropy(logits, y[i:i + _EVAL_BATCH], reduction="sum").item()
+            correct += (logits.argmax(1) == y[i:i + _EVAL_BATCH]).sum().item()
+        return loss_sum / len(y), correct / len(y)
+
+    @staticmethod
+    def _overall_sparsity(arm: _Arm) -> float:
+        zeros = sum((p.detach() == 0).sum().item() for _, p in arm.dsd.named_prunable)
+        return zeros / sum(p.numel() for _, p in arm.dsd.named_prunable)
+
+    # ---- outputs -------------------------------------------------------------------------
+    def _append_metrics(self, row: dict) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as file:
+            file.write(json.dumps(row) + "\n")
+
+    def _rewrite_metrics(self) -> None:
+        """metrics.jsonl as of the checkpoint: rows written after it are dropped, rows a kill
+        kept from being written are restored."""
+        rows = [row for name in self.arm_names for row in self.history[name]]
+        checkpoint.save_text("".join(json.dumps(row) + "\n" for row in rows),
+                             self.run_dir / "metrics.jsonl")
+
+    def _write_outputs(self) -> dict:
+        summary = report.summary(self.config, self.plan, self.history, self.sparsity,
+                                 self.branch_epoch, self.seconds, self.run_dir)
+        checkpoint.save_json(self.sparsity, self.run_dir / "sparsity.json")
+        checkpoint.save_json(summary, self.run_dir / "summary.json")
+        table = report.table(summary)
+        checkpoint.save_text(table, self.run_dir / "summary.txt")
+        png = report.plot(self.plan, self.history, branch_epoch=self.branch_epoch,
+                          title=f"DSD on {self.config.task} / {self.config.model} "
+                                f"(sparsity {self.config.sparsity:g}, seed {self.config.seed})")
+        checkpoint.save_bytes(png, self.run_dir / "plot.png")
+        print(table, end="")
+        return summary
+
+    def _say(self, message: str) -> None:
+        if not self.quiet:
+            tqdm.write(message)
