@@ -1,7 +1,32 @@
-"""Triton kernels for CUDA (not written yet: issue 3)."""
+"""Triton kernels: exact thresholds and masks, and fused masked optimizer steps.
 
-from .. import BackendUnavailable
+Registered for CUDA tensors; with TRITON_INTERPRET=1 also for CPU tensors, which Triton's
+interpreter runs (slowly, but it exercises every kernel without a GPU). Each op is one module
+(threshold.py, mask.py, optim.py); tables.py holds the multi-tensor launch tables they share.
+"""
+
+import os
+
+import torch
+
+from .. import Backend, BackendUnavailable
 
 
-def load():
-    raise BackendUnavailable("the Triton kernels are not part of this version yet")
+def load() -> Backend:
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        raise BackendUnavailable(f"triton cannot be imported ({error})") from None
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if not (torch.cuda.is_available() or interpreted):
+        raise BackendUnavailable("no CUDA device, and TRITON_INTERPRET=1 is not set")
+    from . import mask, optim, threshold
+
+    kernels = {
+        "kth_smallest_abs": threshold.kth_smallest_abs,
+        "magnitude_masks": mask.magnitude_masks,
+        "apply_masks_": mask.apply_masks_,
+        "masked_sgd_": optim.masked_sgd_,
+        "masked_adam_": optim.masked_adam_,
+    }
+    return Backend(kernels, ("CUDA",) + (("CPU",) if interpreted else ()))

@@ -1,0 +1,160 @@
+"""Magnitude masks with the exact tie rule, and in-place mask application.
+
+A segment (one tensor for scope="layer", all of them for "global") prunes its k smallest |x|:
+every entry below the threshold t (its k-th smallest |x|, from `threshold.radix_select`) and
+the first r entries equal to t in position order (lower flat index, then earlier tensor),
+r = k - count(|x| < t). To give each tie its rank in that order, the chunks of all tensors
+are numbered in position order: one pass counts the ties per chunk, an exclusive scan over
+the chunks of each segment gives the ties before a chunk, and the writing pass adds the rank
+within the chunk (a block cumsum). Masks are bool, contiguous, True = kept.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import tables
+from .threshold import radix_select
+
+BLOCK = 2048  # elements per step of a program
+CHUNK = 16 * BLOCK  # elements per program; the unit the tie ranks are scanned over
+NUM_WARPS = 8
+
+# Columns of the per-tensor row table of the mask kernel (int64).
+_ADDRESS: tl.constexpr = 0
+_MASK: tl.constexpr = 1
+_NUMEL: tl.constexpr = 2
+_SEGMENT: tl.constexpr = 3
+_PRUNES: tl.constexpr = 4  # 0 when the segment prunes nothing (k = 0)
+_FIRST_CHUNK: tl.constexpr = 5  # position-order number of the tensor's first chunk
+_COLUMNS: tl.constexpr = 6
+
+
+@triton.jit
+def _pointers(row, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The chunk's typed pointers into x and into its mask (bool, read as int8)."""
+    x_address = tl.load(row + _ADDRESS)
+    mask_address = tl.load(row + _MASK)
+    if ALIGNED:
+        x_address = tl.multiple_of(x_address, 16)
+        mask_address = tl.multiple_of(mask_address, 16)
+    x_ptr = x_address.to(tl.pointer_type(DTYPE)) + start
+    return x_ptr, mask_address.to(tl.pointer_type(tl.int8)) + start
+
+
+@triton.jit
+def _mask_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, thresholds_ptr, ties_to_prune_ptr,
+                 tie_counts_ptr, ties_before_ptr, DTYPE: tl.constexpr, WRITE: tl.constexpr,
+                 ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """WRITE=False: count one chunk's entries equal to its segment's threshold.
+    WRITE=True: write the chunk's mask, ranking its ties after the segment's earlier ones."""
+    chunk = tl.program_id(0)
+    row = rows_ptr + tl.load(chunk_rows_ptr + chunk).to(tl.int64) * _COLUMNS
+    start = tl.load(chunk_starts_ptr + chunk)
+    x_ptr, mask_ptr = _pointers(row, start, DTYPE, ALIGNED)
+    remaining = tl.load(row + _NUMEL) - start
+    segment = tl.load(row + _SEGMENT)
+    chunk_id = tl.load(row + _FIRST_CHUNK) + start // CHUNK
+    # Patterns are >= 0: a threshold of -1 makes a segment with k = 0 keep everything.
+    threshold = tl.where(tl.load(row + _PRUNES) != 0, tl.load(thresholds_ptr + segment), -1)
+    if WRITE:
+        ties_to_prune = tl.load(ties_to_prune_ptr + segment)
+        ties_seen = tl.load(ties_before_ptr + chunk_id)
+    else:
+        ties_seen = tl.zeros([], dtype=tl.int64)
+
+    for offset in range(0, CHUNK, BLOCK):
+        index = offset + tl.arange(0, BLOCK)
+        inside = index < remaining
+        x = tl.load(x_ptr + index, mask=inside, other=0.0).to(tl.float32)
+        pattern = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        tie = inside & (pattern == threshold)
+        if WRITE:
+            rank = ties_seen + tl.cumsum(tie.to(tl.int32), 0)  # 1-based among the segment's ties
+            pruned = (pattern < threshold) | (tie & (rank <= ties_to_prune))
+            tl.store(mask_ptr + index, (~pruned).to(tl.int8), mask=inside)
+        ties_seen += tl.sum(tie.to(tl.int32), 0)
+    if not WRITE:
+        tl.store(tie_counts_ptr + chunk_id, ties_seen)
+
+
+def magnitude_masks(xs, sparsity, scope):
+    device = xs[0].device
+    # Ties are ranked by logical flat index, which is memory order only when contiguous.
+    xs_logical = [x.contiguous() for x in xs]
+    masks = [torch.empty(x.shape, dtype=torch.bool, device=device) for x in xs]
+    if scope == "layer":
+        prune = [math.floor(sparsity * x.numel()) for x in xs]
+        segments = list(range(len(xs)))
+    else:
+        prune = [math.floor(sparsity * sum(x.numel() for x in xs))]
+        segments = [0] * len(xs)
+    if not any(prune):
+        return [mask.fill_(True) for mask in masks]
+    thresholds, ties_to_prune = radix_select(xs_logical, [max(k, 1) for k in prune], segments)
+
+    chunks = [math.ceil(x.numel() / CHUNK) for x in xs]
+    first_chunk = [sum(chunks[:i]) for i in range(len(xs))]
+    # For the scan: the position-order number of the first chunk of each chunk's segment.
+    segment_first_chunk = torch.tensor(
+        [first_chunk[i] if scope == "layer" else 0 for i in range(len(xs)) for _ in range(chunks[i])],
+        dtype=torch.int64)
+    tie_counts = torch.empty(sum(chunks), dtype=torch.int64, device=device)
+    groups, (segment_first_chunk,) = tables.grouped(
+        device, xs_logical,
+        lambda i: [xs_logical[i].data_ptr(), masks[i].data_ptr(), xs[i].numel(), segments[i],
+                   int(prune[segments[i]] > 0), first_chunk[i]],
+        2, CHUNK, segment_first_chunk)
+
+    def launch(write, ties_before):
+        for group in groups:
+            if group.programs:
+                _mask_kernel[(group.programs,)](
+                    group.rows, group.chunk_rows, group.chunk_starts, thresholds, ties_to_prune,
+                    tie_counts, ties_before, DTYPE=group.dtype, WRITE=write,
+                    ALIGNED=group.aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+    with tables.on_device(device):
+        launch(False, tie_counts)
+        ties_before_in_list = torch.cumsum(tie_counts, 0) - tie_counts
+        launch(True, ties_before_in_list - ties_before_in_list[segment_first_chunk])
+    return masks
+
+
+# The apply kernel's rows are the mask kernel's first three columns: address, mask, numel.
+_APPLY_COLUMNS: tl.constexpr = 3
+
+
+@triton.jit
+def _apply_masks_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, DTYPE: tl.constexpr,
+                        ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """x = +0.0 where the mask is False: reads only the mask, writes only pruned entries."""
+    chunk = tl.program_id(0)
+    row = rows_ptr + tl.load(chunk_rows_ptr + chunk).to(tl.int64) * _APPLY_COLUMNS
+    start = tl.load(chunk_starts_ptr + chunk)
+    x_ptr, mask_ptr = _pointers(row, start, DTYPE, ALIGNED)
+    remaining = tl.load(row + _NUMEL) - start
+    for offset in range(0, CHUNK, BLOCK):
+        index = offset + tl.arange(0, BLOCK)
+        inside = index < remaining
+        keep = tl.load(mask_ptr + index, mask=inside, other=1)
+        tl.store(x_ptr + index, tl.zeros([BLOCK], dtype=DTYPE), mask=inside & (keep == 0))
+
+
+def apply_masks_(xs, masks):
+    device = xs[0].device
+    staging = tables.Staging()
+    targets = [staging.dense(x, written=True) for x in xs]
+    masks = [staging.like(mask, x, written=False) for mask, x in zip(masks, targets)]
+    groups, _ = tables.grouped(
+        device, targets, lambda i: [targets[i].data_ptr(), masks[i].data_ptr(), targets[i].numel()],
+        2, CHUNK)
+    with tables.on_device(device):
+        for group in groups:
+            if group.programs:
+                _apply_masks_kernel[(group.programs,)](
+                    group.rows, group.chunk_rows, group.chunk_starts, DTYPE=group.dtype,
+                    ALIGNED=group.aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    staging.finish()

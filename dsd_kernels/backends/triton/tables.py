@@ -1,0 +1,132 @@
+"""Multi-tensor launch tables shared by the Triton kernels.
+
+One launch covers a whole list of tensors. Tensors are grouped by dtype (a kernel's element
+type is a constexpr, so at most three launches per list), and each group gets:
+- a row table, int64 [tensors, columns]: raw data addresses, element counts and whatever the
+  op needs per tensor; the kernel casts an address to a typed pointer;
+- a chunk table: program i works on `CHUNK` elements of tensor `chunk_rows[i]`, starting at
+  `chunk_starts[i]`, so big tensors spread over many programs and small ones cost one.
+All tables of a call travel in ONE host-to-device copy from pinned memory (`upload`), without
+synchronising with the device. Elements are visited in memory order: each tensor must be
+dense in memory (`dense_in_memory`); callers stage other tensors through a dense copy.
+"""
+
+import contextlib
+import math
+from typing import NamedTuple
+
+import torch
+import triton.language as tl
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+# 16-byte aligned base addresses let the compiler use 128-bit loads; the allocator gives
+# 512-byte aligned storage, so only views at odd offsets miss it.
+VECTOR_ALIGNMENT = 16
+
+
+class Group(NamedTuple):
+    """The tensors of one dtype in a launch list, with their tables on the device."""
+    dtype: tl.dtype  # the kernel's element type
+    indices: list[int]  # positions of the group's tensors in the caller's list
+    rows: torch.Tensor  # int64 [tensors, columns]
+    chunk_rows: torch.Tensor  # int32 [programs]: the row each program works on
+    chunk_starts: torch.Tensor  # int64 [programs]: the program's first element in that row
+    aligned: bool  # every address of the group is 16-byte aligned
+
+    @property
+    def programs(self) -> int:
+        return self.chunk_rows.numel()
+
+
+def grouped(device, tensors, row_of, addresses: int, chunk: int, *extra: torch.Tensor):
+    """Group `tensors` by dtype and build each group's tables; `row_of(i)` is tensor i's row
+    (a list of ints, beginning with `addresses` data addresses). The groups' tables and the
+    `extra` host tables reach the device in one copy. Returns (groups, extra device tables)."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    host, aligned = list(extra), []
+    for indices in by_dtype.values():
+        rows = torch.tensor([row_of(i) for i in indices], dtype=torch.int64)
+        host += [rows, *chunk_table([tensors[i].numel() for i in indices], chunk)]
+        aligned.append(bool((rows[:, :addresses] % VECTOR_ALIGNMENT == 0).all()))
+    on_device = upload(device, *host)
+    tables, groups = on_device[len(extra):], []
+    for g, (dtype, indices) in enumerate(by_dtype.items()):
+        groups.append(Group(TL_DTYPES[dtype], indices, *tables[3 * g:3 * g + 3], aligned[g]))
+    return groups, on_device[:len(extra)]
+
+
+def chunk_table(numels: list[int], chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index int32, first element int64) of every CHUNK-sized piece of every tensor."""
+    counts = torch.tensor([math.ceil(n / chunk) for n in numels], dtype=torch.int64)
+    rows = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
+    first_chunk = torch.cumsum(counts, 0) - counts
+    starts = (torch.arange(int(counts.sum())) - first_chunk.repeat_interleave(counts)) * chunk
+    return rows, starts
+
+
+def upload(device: torch.device, *tables: torch.Tensor) -> list[torch.Tensor]:
+    """Host tables as device tensors, moved in one non-blocking copy from pinned memory."""
+    if device.type != "cuda":
+        return [t.contiguous() for t in tables]
+    pieces, spans, offset = [], [], 0
+    for t in tables:
+        raw = t.contiguous().reshape(-1).view(torch.uint8)
+        pad = -raw.numel() % 8  # keep every table 8-byte aligned for its typed view
+        pieces += [raw, torch.zeros(pad, dtype=torch.uint8)]
+        spans.append((offset, raw.numel()))
+        offset += raw.numel() + pad
+    staged = torch.cat(pieces).pin_memory().to(device, non_blocking=True)
+    return [staged[start:start + size].view(t.dtype).view(t.shape)
+            for t, (start, size) in zip(tables, spans)]
+
+
+def on_device(device: torch.device):
+    """Launch on the tensors' GPU (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def dense_in_memory(t: torch.Tensor) -> bool:
+    """Every element at its own address, with no gaps: a permutation of a contiguous layout."""
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+class Staging:
+    """Tensors laid out like a dense reference, so one memory-order pass serves them all.
+
+    A tensor whose strides differ from the reference is copied into the reference's layout;
+    `finish()` copies the staged tensors that the kernel wrote back to the caller's tensors.
+    """
+
+    def __init__(self):
+        self._write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def dense(self, t: torch.Tensor, written: bool) -> torch.Tensor:
+        if dense_in_memory(t):
+            return t
+        staged = t.contiguous()
+        if written:
+            self._write_back.append((t, staged))
+        return staged
+
+    def like(self, t: torch.Tensor, ref: torch.Tensor, written: bool) -> torch.Tensor:
+        """`t` in the layout of `ref` (which is dense in memory)."""
+        if t.stride() == ref.stride():
+            return t
+        staged = torch.empty_like(ref, dtype=t.dtype).copy_(t)
+        if written:
+            self._write_back.append((t, staged))
+        return staged
+
+    def finish(self) -> None:
+        for original, staged in self._write_back:
+            original.copy_(staged)
