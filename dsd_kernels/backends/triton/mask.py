@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import tables
-from .threshold import radix_select
+from .threshold import magnitude_pattern, radix_select
 
 BLOCK = 2048  # elements per step of a program
 CHUNK = 16 * BLOCK  # elements per program; the unit the tie ranks are scanned over
@@ -68,8 +68,7 @@ def _mask_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, thresholds_ptr, tie
     for offset in range(0, CHUNK, BLOCK):
         index = offset + tl.arange(0, BLOCK)
         inside = index < remaining
-        x = tl.load(x_ptr + index, mask=inside, other=0.0).to(tl.float32)
-        pattern = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        pattern = magnitude_pattern(tl.load(x_ptr + index, mask=inside, other=0.0))
         tie = inside & (pattern == threshold)
         if WRITE:
             rank = ties_seen + tl.cumsum(tie.to(tl.int32), 0)  # 1-based among the segment's ties

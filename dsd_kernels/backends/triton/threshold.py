@@ -41,6 +41,17 @@ _COLUMNS: tl.constexpr = 3
 
 
 @triton.jit
+def magnitude_pattern(x):
+    """The fp32 bit pattern of |x| as int32, by integer operations only (exact for subnormals;
+    no float op can flush them). bf16 is the top half of an fp32, so its bits are widened."""
+    if x.dtype == tl.bfloat16:
+        pattern = x.to(tl.int16, bitcast=True).to(tl.int32) << 16
+    else:
+        pattern = x.to(tl.float32).to(tl.int32, bitcast=True)
+    return pattern & 0x7FFFFFFF
+
+
+@triton.jit
 def _threshold_histogram_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, prefix_ptr,
                                 histograms_ptr, DTYPE: tl.constexpr, SHIFT: tl.constexpr,
                                 WIDTH: tl.constexpr, BINS: tl.constexpr, ALIGNED: tl.constexpr,
@@ -62,8 +73,7 @@ def _threshold_histogram_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, pref
     for offset in range(0, CHUNK, BLOCK):
         index = offset + tl.arange(0, BLOCK)
         inside = index < remaining
-        x = tl.load(x_ptr + index, mask=inside, other=0.0).to(tl.float32)
-        pattern = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        pattern = magnitude_pattern(tl.load(x_ptr + index, mask=inside, other=0.0))
         candidate = inside & ((pattern >> (SHIFT + WIDTH)) == prefix)
         digit = (pattern >> SHIFT) & ((1 << WIDTH) - 1)
         counts += tl.histogram(digit, BINS, mask=candidate)

@@ -1,0 +1,391 @@
+"""The Triton backend beyond the shared op tests: radix-select corner cases (tied buckets,
+every digit, denormals, signed zeros), lists that stress the multi-tensor tables, layouts,
+the optimizer classes against torch.optim, no recompiles, compile/opcheck and loading.
+
+Runs on CUDA when a GPU is present, else on CPU tensors in Triton's interpreter (conftest
+sets TRITON_INTERPRET=1). The pure-torch backend is the oracle.
+"""
+
+import inspect
+import os
+import sys
+
+import pytest
+import torch
+
+import dsd_kernels as dk
+from conftest import DTYPES, TOLERANCES
+from dsd_kernels.backends import BackendUnavailable, torch_ref
+
+triton_backend = pytest.importorskip("dsd_kernels.backends.triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def triton_selected():
+    try:
+        dk.use_backend("triton")
+    except BackendUnavailable as reason:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(reason))
+    yield
+    dk.use_backend("auto")
+
+
+def _bits(t: torch.Tensor) -> int:
+    """The fp32 bit pattern of a 0-dim tensor: tells -0.0 from +0.0."""
+    return t.float().reshape(1).view(torch.int32).item()
+
+
+def _from_patterns(patterns: torch.Tensor, dtype) -> torch.Tensor:
+    """Values with the given bit patterns of `dtype` (int32 for fp32, int16 for 16-bit)."""
+    if dtype == torch.float32:
+        return patterns.to(torch.int32).view(torch.float32)
+    return patterns.to(torch.int16).view(dtype)
+
+
+def _random_signs(x: torch.Tensor, seed: int) -> torch.Tensor:
+    signs = torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.where(signs.bool(), -x, x)
+
+
+def _check_threshold_and_masks(xs, ks, sparsities=(0.3, 0.5, 0.77)):
+    """Exact threshold for each k, and identical masks in both scopes, against torch_ref."""
+    for k in ks:
+        got = dk.kth_smallest_abs(xs, k)
+        expected = torch_ref.kth_smallest_abs(xs, k)
+        assert got.dtype == expected.dtype and got.shape == ()
+        assert _bits(got) == _bits(expected), f"k={k}: {got.item()} != {expected.item()}"
+    for sparsity in sparsities:
+        for scope in ("layer", "global"):
+            got = dk.magnitude_masks(xs, sparsity, scope)
+            expected = torch_ref.magnitude_masks(xs, sparsity, scope)
+            for i, (g, e) in enumerate(zip(got, expected)):
+                assert g.dtype == torch.bool and g.is_contiguous() and g.shape == e.shape
+                assert torch.equal(g, e), f"{scope} sparsity={sparsity}: mask {i} differs"
+
+
+# One 16-bit or 32-bit pattern near 1.0 per dtype, and how many low mantissa bits it has.
+_BASES = {torch.float32: (0x3F800000, 23), torch.float16: (0x3C00, 10),
+          torch.bfloat16: (0x3F80, 7)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_k_inside_a_heavily_tied_bucket(dtype):
+    # 40,000 values that share every bit above the lowest 4 of the mantissa: all land in one
+    # bucket of every pass but the last, 16 distinct values each tied ~2,500 times.
+    base, _ = _BASES[dtype]
+    low = torch.randint(0, 16, (40_000,), generator=torch.Generator().manual_seed(0))
+    x = _random_signs(_from_patterns(base + low, dtype), seed=1).to(DEVICE)
+    _check_threshold_and_masks([x], ks=[1, 2_499, 2_500, 20_001, 39_999, 40_000])
+
+
+@pytest.mark.parametrize("digit", range(4))
+def test_every_pass_narrows_its_digit(digit):
+    # fp32 patterns equal except in one radix digit: only that pass can tell them apart, so
+    # skipping or mis-shifting any of the four passes gives a wrong threshold.
+    from dsd_kernels.backends.triton.threshold import DIGITS
+    shift, width = DIGITS[digit]
+    # digit 0 is the top of the exponent: stay below the all-ones exponent (Inf/NaN)
+    high = (1 << width) - 1 if digit == 0 else 1 << width
+    values = torch.randint(0, high, (20_000,), generator=torch.Generator().manual_seed(digit))
+    base = 0x00800000 if digit == 0 else 0x3F000000
+    patterns = (base & ~(((1 << width) - 1) << shift)) | (values << shift)
+    x = _random_signs(_from_patterns(patterns, torch.float32), seed=digit).to(DEVICE)
+    _check_threshold_and_masks([x], ks=[1, 777, 10_000, 19_999], sparsities=(0.5,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lowest_mantissa_bit_decides(dtype):
+    # Two values one unit in the last place apart: fp16's last bit is in the third digit,
+    # fp32's in the fourth, so a dtype given too few passes merges them.
+    base, _ = _BASES[dtype]
+    x = _from_patterns(torch.tensor([base + 1, base, base + 1, base]), dtype).to(DEVICE)
+    _check_threshold_and_masks([x], ks=[1, 2, 3, 4], sparsities=(0.5,))
+
+
+def test_list_of_very_different_sizes_and_dtypes():
+    # Sizes around the block (2048) and chunk (32768) boundaries, single elements, an empty
+    # tensor and 0-dim; integer values make ties across tensors (and across dtype groups,
+    # which are launched separately), so the position order of ties is exercised.
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(1,), (2047,), (), (2048,), (0,), (2049,), (1,), (32_769,), (7, 3), (33, 1000)]
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    xs = [torch.randint(-6, 7, shape, generator=generator).to(dtypes[i % 3]).to(DEVICE)
+          for i, shape in enumerate(shapes)]
+    n = sum(x.numel() for x in xs)
+    _check_threshold_and_masks(xs, ks=[1, 5_000, n // 2, n], sparsities=(0.0, 0.42, 0.999))
+
+
+def test_signed_zeros_are_one_value():
+    # -0.0 and +0.0 tie as |x| = 0 (pattern 0): the threshold is +0.0 and the first zeros in
+    # position order are pruned whatever their sign.
+    x = torch.tensor([-0.0, 0.0, 2.0, -0.0, -1.0, 0.0, 0.0, -0.0] * 500, device=DEVICE)
+    _check_threshold_and_masks([x], ks=[1, 1_000, 3_000], sparsities=(0.3, 0.6))
+    assert _bits(dk.kth_smallest_abs(x, 1)) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_denormals(dtype):
+    # The smallest subnormals of each dtype (and zeros): patterns 1..63 at the very bottom.
+    patterns = torch.randint(0, 64, (10_000,), generator=torch.Generator().manual_seed(4))
+    x = _random_signs(_from_patterns(patterns, dtype), seed=5).to(DEVICE)
+    assert (x != 0).any() and (x.float().abs().max() < torch.finfo(dtype).tiny)
+    _check_threshold_and_masks([x], ks=[1, 200, 5_000, 10_000])
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
+def test_layouts_rank_ties_by_logical_index(layout):
+    # Ties must be ranked by logical flat index, not by memory order.
+    base = torch.randint(-3, 4, (6, 5, 4, 3), generator=torch.Generator().manual_seed(6)).float()
+    x = {"transposed": base.transpose(0, 3),
+         "channels_last": base.to(memory_format=torch.channels_last),
+         "sliced": base[:, ::2, 1:]}[layout].to(DEVICE)
+    _check_threshold_and_masks([x, x.flip(0)], ks=[1, 50], sparsities=(0.5,))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_apply_masks_zeroes_pruned_entries_even_nan(dtype, layout):
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(5, 6, 7, 9, generator=generator).to(dtype)
+    made = {"contiguous": lambda t: t, "channels_last": lambda t: t.to(
+        memory_format=torch.channels_last), "sliced": lambda t: t[:, 1:, ::2]}[layout]
+    x = made(base.to(DEVICE))
+    x[0, 0, 0, 0], x[1, 1, 1, 1] = float("nan"), -1.0
+    mask = (torch.rand(x.shape, generator=generator) > 0.5).to(DEVICE)
+    mask[0, 0, 0, 0] = mask[1, 1, 1, 1] = False
+    expected = x.clone()
+    torch_ref.apply_masks_([expected], [mask])
+    strides = x.stride()
+    dk.apply_masks_([x, x.new_ones(3)], [mask, torch.tensor([True, False, True], device=DEVICE)])
+    assert x.stride() == strides
+    assert torch.equal(x.float().view(torch.int32), expected.float().view(torch.int32))
+    assert _bits(x[0, 0, 0, 0]) == 0 and _bits(x[1, 1, 1, 1]) == 0  # +0.0, not NaN or -0.0
+
+
+def _params(dtypes, seed):
+    """Mixed shapes and layouts: channels_last conv weights, a transposed matrix, a bias."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(8, 3, 3, 3), (2049,), (7, 11), (1,), (4, 5, 2, 2)]
+    params = []
+    for i, shape in enumerate(shapes):
+        p = torch.randn(shape, generator=generator).to(dtypes[i % len(dtypes)]).to(DEVICE)
+        if p.dim() == 4:
+            p = p.to(memory_format=torch.channels_last)
+        elif p.dim() == 2:
+            p = p.t()
+        params.append(p)
+    return params
+
+
+def _clones(tensors):
+    return [None if t is None else t.clone(memory_format=torch.preserve_format) for t in tensors]
+
+
+def _assert_close(got, expected, masks=None):
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g.stride() == e.stride(), f"tensor {i} changed layout"
+        torch.testing.assert_close(g, e, **TOLERANCES[g.dtype], msg=f"tensor {i}")
+        if masks is not None and masks[i] is not None:
+            assert (g[~masks[i]].float().view(torch.int32) == 0).all(), f"tensor {i}: not +0.0"
+
+
+def _masks_for(params, seed):
+    generator = torch.Generator().manual_seed(seed)
+    masks = [(torch.rand(p.shape, generator=generator) > 0.4).to(DEVICE) for p in params]
+    masks[3] = None  # a parameter without a mask is updated densely
+    return masks
+
+
+@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.float16], [torch.bfloat16], DTYPES])
+@pytest.mark.parametrize("config", [
+    dict(lr=0.1),
+    dict(lr=0.05, momentum=0.9, dampening=0.2, weight_decay=0.01),
+    dict(lr=0.05, momentum=0.9, nesterov=True, maximize=True, weight_decay=0.1),
+])
+def test_masked_sgd_matches_reference(dtypes, config):
+    params = _params(dtypes, seed=8)
+    masks = _masks_for(params, seed=9)
+    grads = [torch.randn_like(p) * 100 for p in params]
+    buffers = [torch.randn_like(p) for p in params] if config.get("momentum") else []
+    grad_scale = torch.tensor(100.0, device=DEVICE)
+    outputs = {}
+    for backend in ("torch", "triton"):
+        dk.use_backend(backend)
+        ps, bs = _clones(params), _clones(buffers)
+        dk.masked_sgd_(ps, _clones(grads), bs, masks, **config, grad_scale=grad_scale)
+        outputs[backend] = ps + bs
+    _assert_close(outputs["triton"], outputs["torch"], masks * 2)
+
+
+@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.float16], [torch.bfloat16], DTYPES])
+@pytest.mark.parametrize("config", [
+    dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8),
+    dict(lr=1e-2, beta1=0.3, beta2=0.99, eps=1e-6, weight_decay=0.1, maximize=True),
+    dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=True),
+])
+def test_masked_adam_matches_reference(dtypes, config):
+    params = _params(dtypes, seed=10)
+    masks = _masks_for(params, seed=11)
+    grads = [torch.randn_like(p) for p in params]
+    exp_avgs = [torch.randn_like(p) * 0.1 for p in params]
+    exp_avg_sqs = [torch.rand_like(p) * 0.01 for p in params]
+    steps = [1, 2, 10, 1000, 3]  # per-tensor steps give per-tensor bias corrections
+    outputs = {}
+    for backend in ("torch", "triton"):
+        dk.use_backend(backend)
+        ps, ms, vs = _clones(params), _clones(exp_avgs), _clones(exp_avg_sqs)
+        dk.masked_adam_(ps, _clones(grads), ms, vs, masks, steps, **config)
+        outputs[backend] = ps + ms + vs
+    _assert_close(outputs["triton"], outputs["torch"], masks * 3)
+
+
+def _model():
+    torch.manual_seed(12)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 6 * 6, 10))
+    return model.to(DEVICE).to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("optimizers", [
+    (dk.MaskedSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.1,
+                                         weight_decay=1e-3)),
+    (dk.MaskedSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+    (dk.MaskedAdam, torch.optim.Adam, dict(lr=1e-3, weight_decay=1e-2)),
+    (dk.MaskedAdamW, torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
+], ids=["sgd", "sgd-nesterov", "adam", "adamw"])
+def test_optimizer_classes_match_torch_optim(optimizers):
+    # Channels-last conv weights give channels-last state (zeros_like preserves the format);
+    # all-True masks must reproduce torch.optim, and an LR schedule runs in between.
+    masked_class, torch_class, config = optimizers
+    ours, theirs = _model(), _model()
+    opt_ours = masked_class(ours.parameters(), **config)
+    opt_theirs = torch_class(theirs.parameters(), **config, foreach=False)
+    opt_ours.set_masks({p: torch.ones_like(p, dtype=torch.bool) for p in ours.parameters()})
+    schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)
+                 for o in (opt_ours, opt_theirs)]
+    inputs = torch.randn(4, 3, 8, 8, device=DEVICE).to(memory_format=torch.channels_last)
+    for _ in range(5):
+        for model, opt, schedule in ((ours, opt_ours, schedules[0]),
+                                     (theirs, opt_theirs, schedules[1])):
+            opt.zero_grad()
+            model(inputs).square().mean().backward()
+            opt.step()
+            schedule.step()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, **TOLERANCES[torch.float32])
+        for name, value in opt_theirs.state[q].items():
+            torch.testing.assert_close(opt_ours.state[p][name], value,
+                                       **TOLERANCES[torch.float32], msg=name)
+
+
+def test_masked_optimizer_keeps_pruned_weights_and_state_zero():
+    model = _model()
+    opt = dk.MaskedAdamW(model.parameters(), lr=1e-2)
+    weights = [model[0].weight, model[3].weight]
+    masks = dk.magnitude_masks(weights, 0.6, "global")
+    opt.set_masks(dict(zip(weights, masks)))
+    inputs = torch.randn(4, 3, 8, 8, device=DEVICE).to(memory_format=torch.channels_last)
+    for _ in range(3):
+        opt.zero_grad()
+        model(inputs).square().mean().backward()
+        opt.step()
+    for w, mask in zip(weights, masks):
+        for t in (w, opt.state[w]["exp_avg"], opt.state[w]["exp_avg_sq"]):
+            assert (t[~mask] == 0).all() and (t[mask] != 0).any()
+
+
+def _launch_spy(monkeypatch, kernel):
+    """Record each launch's constexpr arguments and its runtime arguments."""
+    constexprs = {name for name, parameter in inspect.signature(kernel.fn).parameters.items()
+                  if "constexpr" in str(parameter.annotation)}
+    launches = []
+    run = kernel.run
+
+    def spy(*args, **kwargs):
+        launches.append(({k: v for k, v in kwargs.items() if k in constexprs},
+                         {k: v for k, v in kwargs.items() if k not in constexprs}))
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", spy)
+    return launches
+
+
+def test_lr_schedule_does_not_recompile(monkeypatch):
+    from dsd_kernels.backends.triton import optim as triton_optim
+    kernel = triton_optim._masked_optim_kernel
+    launches = _launch_spy(monkeypatch, kernel)
+    compiled = (lambda: len(kernel.device_caches[torch.cuda.current_device()][0])) \
+        if DEVICE == "cuda" else (lambda: 0)
+    p = torch.randn(1000, device=DEVICE)
+    ms, vs = torch.zeros_like(p), torch.zeros_like(p)
+    for step, lr in enumerate([1e-3, 5e-4, 2.5e-4], start=1):
+        dk.masked_adam_([p], [torch.randn_like(p)], [ms], [vs], None, step, lr=lr,
+                        beta1=0.9 - step * 0.01, beta2=0.999, eps=1e-8, weight_decay=lr)
+        if step == 1:
+            compiled_after_first = compiled()
+    assert [runtime["lr"] for _, runtime in launches] == [1e-3, 5e-4, 2.5e-4]
+    assert all(constexprs == launches[0][0] for constexprs, _ in launches)
+    assert compiled() == compiled_after_first
+
+
+def test_ops_pass_opcheck():
+    x = torch.randn(300, device=DEVICE)
+    ys = [torch.randn(40, device=DEVICE), torch.randn(3, 5, device=DEVICE).half()]
+    mask = x.abs() > 0.5
+    p, g = torch.randn(300, device=DEVICE), torch.randn(300, device=DEVICE)
+    m, v = torch.zeros(300, device=DEVICE), torch.zeros(300, device=DEVICE)
+    ops = torch.ops.dsd
+    cases = [
+        (ops.kth_smallest_abs, ([x, *ys], 100)),
+        (ops.magnitude_masks, ([x, *ys], 0.5, "global")),
+        (ops.apply_masks_, ([x], [mask])),
+        (ops.masked_sgd_, ([p], [g], [m], [mask], 0.1, 0.9, 0.0, 0.0, False, False, None)),
+        (ops.masked_adam_, ([p], [g], [m], [v], [None], [2.0], 1e-3, 0.9, 0.999, 1e-8, 0.0,
+                            True, False, torch.tensor(2.0, device=DEVICE))),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_ops_inside_torch_compile():
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def prune_and_step(ws, grads, buffers):
+        masks = torch.ops.dsd.magnitude_masks(ws, 0.5, "layer")
+        torch.ops.dsd.masked_sgd_(ws, grads, buffers, masks, 0.1, 0.9, 0.0, 0.0, False, False,
+                                  None)
+        return masks
+
+    ws = [torch.randn(100, device=DEVICE), torch.randn(7, 9, device=DEVICE)]
+    grads = [torch.randn_like(w) for w in ws]
+    expected_ws, buffers = _clones(ws), [torch.zeros_like(w) for w in ws]
+    expected_buffers = _clones(buffers)
+    masks = prune_and_step(ws, grads, buffers)
+    expected_masks = torch_ref.magnitude_masks(expected_ws, 0.5, "layer")
+    torch_ref.masked_sgd_(expected_ws, grads, expected_buffers, expected_masks, 0.1, 0.9, 0.0,
+                          0.0, False, False, None)
+    assert all(torch.equal(a, b) for a, b in zip(masks, expected_masks))
+    _assert_close(ws + buffers, expected_ws + expected_buffers)
+
+
+def test_load_serves_cuda_and_interpreted_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_backend.load().dispatch_keys == ("CUDA", "CPU")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    backend = triton_backend.load()
+    assert backend.dispatch_keys == ("CUDA",)
+    assert set(backend.kernels) == set(torch_ref.KERNELS)
+
+
+def test_load_explains_why_it_cannot_run(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackendUnavailable, match="no CUDA device"):
+        triton_backend.load()
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
+    with pytest.raises(BackendUnavailable, match="triton cannot be imported"):
+        triton_backend.load()
