@@ -31,8 +31,11 @@ def kth_smallest_abs(xs, k: int, *, names: Sequence[str] | None = None,
     Returns a 0-dim tensor on the inputs' device, in their promoted dtype.
     `names` (one per tensor) only makes error messages name the offending tensor.
     With a `process_group`, `xs` are this rank's shards and the result is over the gathered
-    tensors (see `dsd_kernels.distributed`); every rank of the group must call it.
+    tensors (see `dsd_kernels.distributed`); every rank of the group must call it. FSDP2
+    parameters (DTensors) are recognised and use their mesh's group.
     """
+    xs, mesh_group = distributed.unshard(xs)
+    process_group = process_group if process_group is not None else mesh_group
     if process_group is not None:
         return distributed.kth_smallest_abs(xs, k, process_group, names=names)
     xs = _checks.tensor_list(xs, "xs")
@@ -57,8 +60,11 @@ def magnitude_masks(xs, sparsity: float, scope: str = "layer", *,
     A tensor in gives a mask out; a list in gives a list out.
     With a `process_group`, `xs` are this rank's shards (rank order = position order) and the
     masks returned are the local shards of the gathered tensors' masks; every rank must call it.
+    FSDP2 parameters (DTensors) are recognised: their local masks are returned.
     """
     single = isinstance(xs, torch.Tensor)
+    xs, mesh_group = distributed.unshard(xs)
+    process_group = process_group if process_group is not None else mesh_group
     if process_group is not None:
         masks = distributed.magnitude_masks(xs, sparsity, scope, process_group, names=names)
         return masks[0] if single else masks
@@ -75,8 +81,9 @@ def magnitude_masks(xs, sparsity: float, scope: str = "layer", *,
 
 
 def apply_masks_(xs, masks) -> None:
-    """In place: x[~mask] = 0 (as +0.0) for each tensor and its bool mask."""
-    xs = _checks.tensor_list(xs, "xs")
+    """In place: x[~mask] = 0 (as +0.0) for each tensor and its bool mask (for a DTensor, the
+    mask of its local shard)."""
+    xs = [distributed.local_tensor(x) for x in _checks.tensor_list(xs, "xs")]
     masks = _checks.tensor_list(masks, "masks")
     _checks.same_length(masks, "masks", xs, "xs")
     label = _checks.Names("xs")

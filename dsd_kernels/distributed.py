@@ -23,6 +23,42 @@ from . import _checks, _ops
 _PASS_BITS = (11, 10, 10)  # high to low; 31 bits in all: the sign bit of |x| is always 0
 
 
+def _dtensor_class():
+    if not dist.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def local_tensor(t):
+    """The local shard of a DTensor (a view: writes reach the DTensor); other tensors as is."""
+    dtensor = _dtensor_class()
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def unshard(xs):
+    """FSDP2 parameters (DTensors sharded on dim 0 of a 1-D mesh) -> (their local shards, the
+    mesh's process group); anything else -> (xs, None)."""
+    dtensor = _dtensor_class()
+    items = [xs] if isinstance(xs, torch.Tensor) else xs
+    if dtensor is None or not isinstance(items, (list, tuple)) or not any(
+            isinstance(x, dtensor) for x in items):
+        return xs, None
+    from torch.distributed.tensor import Shard
+
+    mesh = next(x for x in items if isinstance(x, dtensor)).device_mesh
+    for i, x in enumerate(items):
+        if not isinstance(x, dtensor) or x.device_mesh != mesh:
+            raise ValueError(f"xs[{i}] is not a DTensor on the same device mesh as the others; "
+                             "pass all shards of one mesh, or plain tensors")
+        if mesh.ndim != 1 or tuple(x.placements) != (Shard(0),):
+            raise ValueError(f"xs[{i}] has placements {tuple(x.placements)} on a {mesh.ndim}-D "
+                             "mesh; only dim-0 sharding on a 1-D mesh (FSDP2) is supported")
+    local = [x.to_local() for x in items]
+    return (local[0] if isinstance(xs, torch.Tensor) else local), mesh.get_group()
+
+
 def _magnitude_bits(x: torch.Tensor) -> torch.Tensor:
     """The fp32 bit pattern of |x|, flat, as int64 (ordered like the magnitudes)."""
     return x.detach().reshape(-1).float().abs().view(torch.int32).long()

@@ -17,6 +17,7 @@ import torch
 
 from . import _checks, apply_masks_
 from .backends import ensure_selected
+from .distributed import local_tensor
 
 _ops = torch.ops.dsd
 
@@ -56,7 +57,7 @@ class _Masked:
             if not isinstance(p, torch.Tensor) or id(p) not in index:
                 raise ValueError("set_masks: a key is not a parameter of this optimizer")
             what = f"parameter {index[id(p)]}"
-            _checks.mask_for(mask, p, f"the mask of {what}", what)
+            _checks.mask_for(mask, local_tensor(p), f"the mask of {what}", what)
             if p.dtype not in _checks.FLOAT_DTYPES:
                 raise ValueError(f"{what} has dtype {p.dtype}; supported: float32, float16, "
                                  "bfloat16")
@@ -94,7 +95,7 @@ class _Masked:
             p = params[i]
             if isinstance(mask, torch.Tensor):
                 mask = mask.to(p.device)
-            _checks.mask_for(mask, p, f"state_dict['masks'][{i}]", f"parameter {i}")
+            _checks.mask_for(mask, local_tensor(p), f"state_dict['masks'][{i}]", f"parameter {i}")
             masks[p] = mask
         super().load_state_dict(state_dict)
         self._masks = masks
@@ -107,7 +108,8 @@ class _Masked:
         return False, getattr(self, "grad_scale", None)
 
     def _grads_by_device(self, group, make_state):
-        """Params of a group that have gradients, bucketed per (device, key from make_state)."""
+        """Params of a group that have gradients, bucketed per (device, key from make_state).
+        The kernels see plain tensors: an FSDP2 (DTensor) parameter updates its local shard."""
         buckets = defaultdict(lambda: defaultdict(list))
         for p in group["params"]:
             if p.grad is None:
@@ -123,11 +125,11 @@ class _Masked:
                                  f"{p.device}; call set_masks again after moving the model")
             key, state = make_state(p)
             bucket = buckets[(p.device, key)]
-            bucket["params"].append(p)
-            bucket["grads"].append(p.grad)
+            bucket["params"].append(local_tensor(p))
+            bucket["grads"].append(local_tensor(p.grad))
             bucket["masks"].append(mask)
             for name, value in state.items():
-                bucket[name].append(value)
+                bucket[name].append(local_tensor(value))
         return buckets
 
 

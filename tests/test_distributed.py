@@ -1,6 +1,8 @@
 """Sharded thresholds and masks (gloo, 2-4 processes) equal the single-process result bit
 for bit: uneven and empty shards, ties across shard boundaries, both scopes."""
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -77,6 +79,44 @@ def _check_errors_raise_on_every_rank(rank, world):
         dk.kth_smallest_abs(shards, total + 1, process_group=group)
 
 
+def _check_fsdp2_masked_training(rank, world):
+    """FSDP2 parameters: masks from DTensors are the local shards of the masks of the gathered
+    weights, and masked SGD on the shards follows a single-process run with the same masks."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.ReLU(), torch.nn.Linear(9, 3))
+    reference = copy.deepcopy(model)
+    fully_shard(model)
+    opts = [dk.MaskedSGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, reference)]
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+               for _ in range(8)]
+
+    def train(step_batches):
+        for x, y in step_batches:
+            for m, opt, (xb, yb) in ((model, opts[0], (x[rank::world], y[rank::world])),
+                                     (reference, opts[1], (x, y))):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(m(xb), yb).backward()
+                opt.step()
+
+    train(batches[:4])
+    weights = [model[0].weight, model[2].weight]
+    local_masks = dk.magnitude_masks(weights, 0.5)
+    full_masks = dk.magnitude_masks([w.full_tensor() for w in weights], 0.5)
+    for w, local, full in zip(weights, local_masks, full_masks):
+        start = min(rank * -(-w.shape[0] // world), w.shape[0])  # FSDP2 shards like chunk()
+        assert torch.equal(local, full[start: start + local.shape[0]])
+    opts[0].set_masks(dict(zip(weights, local_masks)))
+    opts[1].set_masks({reference[0].weight: full_masks[0], reference[2].weight: full_masks[1]})
+    train(batches[4:])
+    for w, local in zip(weights, local_masks):
+        assert (w.to_local()[~local] == 0).all()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
 def _spawn(check, world, tmp_path):
     mp.spawn(_worker, args=(world, str(tmp_path / "init"), check), nprocs=world, join=True)
 
@@ -84,6 +124,10 @@ def _spawn(check, world, tmp_path):
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_sharded_masks_equal_single_process(world, tmp_path):
     _spawn(_check_masks_and_thresholds, world, tmp_path)
+
+
+def test_fsdp2_masks_and_masked_training(tmp_path):
+    _spawn(_check_fsdp2_masked_training, 2, tmp_path)
 
 
 def test_sharded_errors_raise_on_every_rank(tmp_path):
