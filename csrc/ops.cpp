@@ -1,0 +1,19 @@
+// The dsd ops under a private namespace, `dsd_cpp`: the schemas are those of dsd_kernels/_ops.py.
+// Python registers these kernels into `dsd` when the C++ backend is selected
+// (dsd_kernels/backends/cpp.py), so switching backends never touches a permanent registration.
+#include <torch/library.h>
+
+TORCH_LIBRARY(dsd_cpp, m) {
+  m.def("kth_smallest_abs(Tensor[] xs, int k) -> Tensor");
+  m.def("magnitude_masks(Tensor[] xs, float sparsity, str scope) -> Tensor[]");
+  m.def("apply_masks_(Tensor(a!)[] xs, Tensor[] masks) -> ()");
+  m.def(
+      "masked_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor?[] masks, float lr, float momentum, float dampening, float weight_decay, "
+      "bool nesterov, bool maximize, Tensor? grad_scale) -> ()");
+  m.def(
+      "masked_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor?[] masks, float[] steps, float lr, float beta1, "
+      "float beta2, float eps, float weight_decay, bool decoupled, bool maximize, "
+      "Tensor? grad_scale) -> ()");
+}
