@@ -53,6 +53,8 @@ class RunConfig:
     mlp_hidden: list[int] = _option([300, 100], "hidden widths of the MLP")
     cnn_channels: list[int] = _option([32, 32], "channels of the CNN's stride-2 convolutions")
     rnn_hidden: int = _option(64, "hidden size of the GRU/LSTM")
+    dropout: float = _option(0.0, "dropout on the MLP's hidden activations, or before the "
+                             "classifier of the CNN and RNN")
     device: str = _option("auto", "where to train (auto: cuda if available)", DEVICES)
     backend: str = _option("auto", "dsd_kernels backend (auto: the fastest that loads)", BACKENDS)
     checkpoint_every: int = _option(1, "save a resumable checkpoint every N epochs")
@@ -79,6 +81,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0.0 < self.val_fraction < 1.0:

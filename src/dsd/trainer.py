@@ -133,7 +133,7 @@ class _Arm:
         torch.manual_seed(config.seed)  # the same initial weights for both arms and devices
         model = build_model(config.model, data.signal_shape, data.num_classes,
                             mlp_hidden=config.mlp_hidden, cnn_channels=config.cnn_channels,
-                            rnn_hidden=config.rnn_hidden).to(device)
+                            rnn_hidden=config.rnn_hidden, dropout=config.dropout).to(device)
         if config.optimizer == "sgd":
             optimizer = MaskedSGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                   weight_decay=config.weight_decay)
