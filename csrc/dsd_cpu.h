@@ -68,12 +68,16 @@ inline void store_fp32(scalar_t* ptr, const fVec& lo, const fVec& hi, int64_t co
 }
 
 // All-ones bits where the mask keeps, 0 where it prunes: `value & keep` writes a pruned
-// position as +0.0 whatever the value (NaN included), which a multiply would not.
+// position as +0.0 whatever the value (NaN included), which a multiply would not. The integer
+// loop compiles to byte-to-int widening instructions.
 inline std::pair<fVec, fVec> keep_bits(const bool* mask, int64_t count = kStep) {
-  using Mask = at::vec::VecMask<float, 1>;
-  if (count == kStep) return {fVec(Mask::from(mask)), fVec(Mask::from(mask + fVec::size()))};
-  int64_t lo = std::min<int64_t>(count, fVec::size());
-  return {fVec(Mask::from(mask, lo)), fVec(Mask::from(mask + fVec::size(), count - lo))};
+  alignas(64) int32_t bits[kStep];
+  if (count == kStep) {
+    for (int64_t j = 0; j < kStep; ++j) bits[j] = -static_cast<int32_t>(mask[j]);
+  } else {
+    for (int64_t j = 0; j < kStep; ++j) bits[j] = j < count ? -static_cast<int32_t>(mask[j]) : 0;
+  }
+  return {fVec::loadu(bits), fVec::loadu(bits + fVec::size())};
 }
 
 // Elementwise kernels walk every operand of a parameter linearly in memory, so the operands
@@ -95,9 +99,11 @@ inline void write_back(const at::Tensor& computed, const at::Tensor& target) {
 }
 
 // ---- magnitude keys -----------------------------------------------------------------------
-// A magnitude is compared as the fp32 bit pattern of |x|: for non-negative floats the order
-// of the bit patterns is the order of the values, +0.0 and -0.0 both give key 0, and fp16/bf16
-// convert to fp32 exactly. Keys of finite inputs are < 2^31.
+// A magnitude is compared by its key: the fp32 bit pattern of x without the sign bit, which is
+// the bit pattern of |x|. For non-negative floats the order of the bit patterns is the order of
+// the values, +0.0 and -0.0 both give key 0, and fp16/bf16 convert to fp32 exactly. Keys of
+// finite inputs are < 2^31.
+constexpr uint32_t kKeyMask = 0x7FFFFFFF;
 
 // One tensor of a threshold search, placed in the virtual concatenation of all of them.
 struct Segment {
@@ -129,48 +135,47 @@ inline int64_t total_numel(const std::vector<Segment>& segments) {
   return segments.empty() ? 0 : segments.back().start + segments.back().numel;
 }
 
+// fp16/bf16 are converted to fp32 bits in blocks this long (4 KiB: they stay in L1 until used).
+constexpr int64_t kConvertBlock = 1024;
+
 template <typename scalar_t>
-inline void magnitude_keys(const scalar_t* src, int64_t n, uint32_t* keys) {
+inline void fp32_bits(const scalar_t* src, int64_t n, uint32_t* bits) {
   int64_t i = 0;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    for (; i + fVec::size() <= n; i += fVec::size()) {
-      fVec::loadu(src + i).abs().store(keys + i);
-    }
-  } else {
-    for (; i + kStep <= n; i += kStep) {
-      auto [lo, hi] = load_fp32(src + i);
-      lo.abs().store(keys + i);
-      hi.abs().store(keys + i + fVec::size());
-    }
+  for (; i + kStep <= n; i += kStep) {
+    auto [lo, hi] = load_fp32(src + i);
+    lo.store(bits + i);
+    hi.store(bits + i + fVec::size());
   }
   for (; i < n; ++i) {
-    float magnitude = std::abs(static_cast<float>(src[i]));
-    std::memcpy(keys + i, &magnitude, sizeof(float));
+    const float value = static_cast<float>(src[i]);
+    std::memcpy(bits + i, &value, sizeof(float));
   }
 }
 
-// Elements converted per block: 4 KiB of keys stays in L1 between conversion and use.
-constexpr int64_t kKeyBlock = 1024;
-
-// Calls f(segment, local index of the block's first element, keys, n) for the elements with
-// flat indices [begin, end) of the concatenation, in order, in blocks of at most kKeyBlock.
+// Calls f(segment, local index of the first element, bits, n) over the elements with flat
+// indices [begin, end) of the concatenation, in order; `bits[j] & kKeyMask` is the key of the
+// j-th. fp32 tensors are read in place, fp16/bf16 ones converted block by block.
 template <typename F>
 void for_each_key_block(const std::vector<Segment>& segments, int64_t begin, int64_t end,
                         const F& f) {
-  uint32_t keys[kKeyBlock];
+  uint32_t converted[kConvertBlock];
   auto it = std::upper_bound(segments.begin(), segments.end(), begin,
                              [](int64_t pos, const Segment& s) { return pos < s.start; });
   for (--it; it != segments.end() && it->start < end; ++it) {
     const Segment& segment = *it;
-    int64_t lo = std::max(begin, segment.start) - segment.start;
-    int64_t hi = std::min(end, segment.start + segment.numel) - segment.start;
+    const int64_t lo = std::max(begin, segment.start) - segment.start;
+    const int64_t hi = std::min(end, segment.start + segment.numel) - segment.start;
     dispatch_float_dtype(segment.dtype, [&](auto zero) {
       using scalar_t = decltype(zero);
-      const auto* src = static_cast<const scalar_t*>(segment.data);
-      for (int64_t i = lo; i < hi; i += kKeyBlock) {
-        int64_t n = std::min(kKeyBlock, hi - i);
-        magnitude_keys(src + i, n, keys);
-        f(segment, i, keys, n);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        f(segment, lo, static_cast<const uint32_t*>(segment.data) + lo, hi - lo);
+      } else {
+        const auto* src = static_cast<const scalar_t*>(segment.data);
+        for (int64_t i = lo; i < hi; i += kConvertBlock) {
+          const int64_t n = std::min(kConvertBlock, hi - i);
+          fp32_bits(src + i, n, converted);
+          f(segment, i, converted, n);
+        }
       }
     });
   }

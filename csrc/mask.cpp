@@ -36,9 +36,9 @@ void write_masks(const std::vector<Segment>& segments, int64_t k) {
   if (ties_to_prune == selected.equal) {
     at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
       for_each_key_block(segments, begin, end,
-                         [&](const Segment& s, int64_t i, const uint32_t* keys, int64_t n) {
+                         [&](const Segment& s, int64_t i, const uint32_t* bits, int64_t n) {
                            bool* out = s.mask + i;
-                           for (int64_t j = 0; j < n; ++j) out[j] = keys[j] > threshold;
+                           for (int64_t j = 0; j < n; ++j) out[j] = (bits[j] & kKeyMask) > threshold;
                          });
     });
     return;
@@ -50,8 +50,8 @@ void write_masks(const std::vector<Segment>& segments, int64_t k) {
     for (int64_t c = first; c < last; ++c) {
       int64_t ties = 0;
       for_each_key_block(segments, c * kTieChunk, chunk_end(c),
-                         [&](const Segment&, int64_t, const uint32_t* keys, int64_t n) {
-                           for (int64_t j = 0; j < n; ++j) ties += keys[j] == threshold;
+                         [&](const Segment&, int64_t, const uint32_t* bits, int64_t n) {
+                           for (int64_t j = 0; j < n; ++j) ties += (bits[j] & kKeyMask) == threshold;
                          });
       ties_before[c + 1] = ties;
     }
@@ -61,12 +61,13 @@ void write_masks(const std::vector<Segment>& segments, int64_t k) {
     for (int64_t c = first; c < last; ++c) {
       int64_t rank = ties_before[c];  // 1-based rank of the last tie seen
       for_each_key_block(segments, c * kTieChunk, chunk_end(c),
-                         [&](const Segment& s, int64_t i, const uint32_t* keys, int64_t n) {
+                         [&](const Segment& s, int64_t i, const uint32_t* bits, int64_t n) {
                            bool* out = s.mask + i;
                            for (int64_t j = 0; j < n; ++j) {
-                             const bool tied = keys[j] == threshold;
+                             const uint32_t key = bits[j] & kKeyMask;
+                             const bool tied = key == threshold;
                              rank += tied;
-                             out[j] = keys[j] > threshold || (tied && rank > ties_to_prune);
+                             out[j] = key > threshold || (tied && rank > ties_to_prune);
                            }
                          });
     }

@@ -1,23 +1,88 @@
 // Exact k-th smallest |x| over a list of tensors: a parallel histogram radix select on the fp32
 // bit patterns of |x| (dsd_cpu.h), reading each tensor where it is, never concatenating them.
+//
+// Each pass counts the next digit of every key that still shares the digits chosen so far,
+// then chooses the digit whose bucket holds the k-th smallest.
 #include "dsd_cpu.h"
 
 #include <torch/library.h>
 
+#include <span>
+
 namespace dsd_cpp {
 namespace {
 
-// Three passes of 11, 11 and 9 bits cover the 31 bits of a key. 2^11 int64 counts (16 KiB)
-// per thread stay in L1 while the tensors stream through.
 struct RadixPass {
-  int shift;
+  int shift;  // the digit is (key >> shift) & (2^bits - 1)
   int bits;
 };
-constexpr RadixPass kPasses[] = {{20, 11}, {9, 11}, {0, 9}};
-constexpr int64_t kBins = int64_t{1} << 11;
+
+// The 31 bits of a key in digits. Wide digits leave fewer candidates after the first pass, so
+// later passes only skim memory, but each thread's histograms take 1 MiB: worth it for large
+// inputs; small ones (one tensor of many, per layer) take 32 KiB histograms that stay in L1.
+constexpr RadixPass kWidePasses[] = {{15, 16}, {0, 15}};
+constexpr RadixPass kNarrowPasses[] = {{20, 11}, {9, 11}, {0, 9}};
+constexpr int64_t kWideMinNumel = int64_t{1} << 22;
 
 // Elements per parallel task.
 constexpr int64_t kGrain = int64_t{1} << 16;
+
+// Each thread counts into kCopies interleaved 32-bit histograms (runs of equal digits would
+// otherwise serialize on one counter), added to its 64-bit histogram before a 32-bit count
+// could overflow.
+constexpr int64_t kCopies = 4;
+constexpr int64_t kFlushEvery = int64_t{1} << 31;
+
+using iVec = at::vec::Vectorized<int32_t>;
+
+// Adds to `histogram` the digit counts of the keys in [begin, end) that are still candidates.
+void count_digits(const std::vector<Segment>& segments, int64_t begin, int64_t end,
+                  const RadixPass& pass, uint32_t prefix, int prefix_shift, int64_t* histogram) {
+  const int64_t bins = int64_t{1} << pass.bits;
+  const uint32_t digit_mask = static_cast<uint32_t>(bins - 1);
+  const int shift = pass.shift;
+  std::vector<uint32_t> copies(kCopies * bins);
+  uint32_t* counts = copies.data();
+  auto count = [=](int64_t j, uint32_t key) {
+    ++counts[(j & (kCopies - 1)) * bins + ((key >> shift) & digit_mask)];
+  };
+  const bool every_key = prefix_shift == 31;  // the first pass
+  // Keys are < 2^31, so they shift and compare alike as int32.
+  const iVec key_mask_vec(static_cast<int32_t>(kKeyMask));
+  const iVec prefix_vec(static_cast<int32_t>(prefix));
+  const iVec prefix_shift_vec(prefix_shift);
+  for (int64_t lo = begin; lo < end; lo += kFlushEvery) {
+    std::fill(copies.begin(), copies.end(), 0);
+    for_each_key_block(
+        segments, lo, std::min(end, lo + kFlushEvery),
+        [&](const Segment&, int64_t, const uint32_t* bits, int64_t n) {
+          if (every_key) {
+            for (int64_t j = 0; j < n; ++j) count(j, bits[j] & kKeyMask);
+            return;
+          }
+          // Later passes: few keys are candidates, so test a vector of keys at once and look
+          // at single keys only where one matched.
+          int64_t j = 0;
+          for (; j + iVec::size() <= n; j += iVec::size()) {
+            const iVec keys = iVec::loadu(bits + j) & key_mask_vec;
+            if (at::vec::VecMask<int32_t, 1>((keys >> prefix_shift_vec) == prefix_vec).all_zero()) {
+              continue;
+            }
+            for (int64_t i = j; i < j + iVec::size(); ++i) {
+              const uint32_t key = bits[i] & kKeyMask;
+              if ((key >> prefix_shift) == prefix) count(i, key);
+            }
+          }
+          for (; j < n; ++j) {
+            const uint32_t key = bits[j] & kKeyMask;
+            if ((key >> prefix_shift) == prefix) count(j, key);
+          }
+        });
+    for (int64_t c = 0; c < kCopies; ++c) {
+      for (int64_t b = 0; b < bins; ++b) histogram[b] += counts[c * bins + b];
+    }
+  }
+}
 
 at::Tensor kth_smallest_abs(at::TensorList xs, int64_t k) {
   std::vector<at::Tensor> keep_alive;
@@ -27,39 +92,35 @@ at::Tensor kth_smallest_abs(at::TensorList xs, int64_t k) {
   at::ScalarType dtype = xs[0].scalar_type();
   for (const auto& x : xs) dtype = c10::promoteTypes(dtype, x.scalar_type());
   // The k-th smallest is one of the inputs' magnitudes, so the promoted dtype holds it exactly.
-  return at::scalar_tensor(key_to_float(select_kth(segments, k).key), at::TensorOptions().dtype(dtype));
+  return at::scalar_tensor(key_to_float(select_kth(segments, k).key),
+                           at::TensorOptions().dtype(dtype));
 }
 
 }  // namespace
 
 Selection select_kth(const std::vector<Segment>& segments, int64_t k) {
   const int64_t total = total_numel(segments);
+  const std::span<const RadixPass> passes =
+      total >= kWideMinNumel ? std::span<const RadixPass>(kWidePasses) : kNarrowPasses;
   const int64_t threads = std::max(1, at::get_num_threads());
-  std::vector<int64_t> histograms(threads * kBins);
-  std::vector<int64_t> counts(kBins);
+  const int64_t bins = int64_t{1} << passes[0].bits;  // the widest digit comes first
+  std::vector<int64_t> histograms(threads * bins);
+  std::vector<int64_t> counts(bins);
   uint32_t prefix = 0;    // the digits chosen so far, most significant first
   int prefix_shift = 31;  // a key is still a candidate iff (key >> prefix_shift) == prefix
   int64_t rank = k;       // the answer's rank among the candidates
-  int64_t less = 0;       // keys already known to be below the answer
+  int64_t less = 0;       // keys known to be below the answer
   int64_t equal = 0;
-  for (const RadixPass& pass : kPasses) {
+  for (const RadixPass& pass : passes) {
     std::fill(histograms.begin(), histograms.end(), 0);
-    const uint32_t digit_mask = (uint32_t{1} << pass.bits) - 1;
     at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
-      int64_t* histogram = histograms.data() + at::get_thread_num() * kBins;
-      for_each_key_block(segments, begin, end,
-                         [&](const Segment&, int64_t, const uint32_t* keys, int64_t n) {
-                           for (int64_t j = 0; j < n; ++j) {
-                             const uint32_t key = keys[j];
-                             if ((key >> prefix_shift) == prefix) {
-                               ++histogram[(key >> pass.shift) & digit_mask];
-                             }
-                           }
-                         });
+      count_digits(segments, begin, end, pass, prefix, prefix_shift,
+                   histograms.data() + at::get_thread_num() * bins);
     });
+    const int64_t pass_bins = int64_t{1} << pass.bits;
     std::fill(counts.begin(), counts.end(), 0);
     for (int64_t t = 0; t < threads; ++t) {
-      for (int64_t b = 0; b < kBins; ++b) counts[b] += histograms[t * kBins + b];
+      for (int64_t b = 0; b < pass_bins; ++b) counts[b] += histograms[t * bins + b];
     }
     uint32_t digit = 0;
     for (; counts[digit] < rank; ++digit) {
