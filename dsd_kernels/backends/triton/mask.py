@@ -94,13 +94,13 @@ def magnitude_masks(xs, sparsity, scope):
         return [mask.fill_(True) for mask in masks]
     thresholds, ties_to_prune = radix_select(xs_logical, [max(k, 1) for k in prune], segments)
 
-    chunks = [math.ceil(x.numel() / CHUNK) for x in xs]
-    first_chunk = [sum(chunks[:i]) for i in range(len(xs))]
-    # For the scan: the position-order number of the first chunk of each chunk's segment.
-    segment_first_chunk = torch.tensor(
-        [first_chunk[i] if scope == "layer" else 0 for i in range(len(xs)) for _ in range(chunks[i])],
-        dtype=torch.int64)
-    tie_counts = torch.empty(sum(chunks), dtype=torch.int64, device=device)
+    chunks = torch.tensor([math.ceil(x.numel() / CHUNK) for x in xs], dtype=torch.int64)
+    first_chunk = torch.cumsum(chunks, 0) - chunks  # chunks are numbered in position order
+    # For the scan: the number of the first chunk of each chunk's segment.
+    segment_starts = first_chunk if scope == "layer" else torch.zeros_like(first_chunk)
+    segment_first_chunk = segment_starts.repeat_interleave(chunks)
+    first_chunk = first_chunk.tolist()
+    tie_counts = torch.empty(int(chunks.sum()), dtype=torch.int64, device=device)
     groups, (segment_first_chunk,) = tables.grouped(
         device, xs_logical,
         lambda i: [xs_logical[i].data_ptr(), masks[i].data_ptr(), xs[i].numel(), segments[i],

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from . import tables
+from .convert import from_fp32, to_fp32
 
 BLOCK = 2048  # elements per step of a program: 8 per thread, 128-bit fp32 accesses
 CHUNK = 8 * BLOCK  # elements per program
@@ -51,8 +52,9 @@ def _fp32_column(row, column):
 
 
 @triton.jit
-def _masked_optim_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, grad_scale_ptr, lr, weight_decay, decay_factor, momentum,
-                         one_minus_dampening, one_minus_beta1, beta2, one_minus_beta2, eps,
+def _masked_optim_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, grad_scale_ptr,
+                         lr, weight_decay, decay_factor, momentum, one_minus_dampening,
+                         one_minus_beta1, beta2, one_minus_beta2, eps,
                          DTYPE: tl.constexpr, ADAM: tl.constexpr, DECOUPLED: tl.constexpr,
                          HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                          MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
@@ -80,8 +82,8 @@ def _masked_optim_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, grad_scale_
         index = offset + tl.arange(0, BLOCK)
         inside = index < remaining
         keep = tl.load(mask_ptr + index, mask=index < masked, other=1) != 0
-        g = tl.load(g_ptr + index, mask=inside, other=0.0).to(tl.float32)
-        p = tl.load(p_ptr + index, mask=inside, other=0.0).to(tl.float32)
+        g = to_fp32(tl.load(g_ptr + index, mask=inside, other=0.0))
+        p = to_fp32(tl.load(p_ptr + index, mask=inside, other=0.0))
         if HAS_GRAD_SCALE:
             g = tl.div_rn(g, grad_scale)
         if MAXIMIZE:
@@ -92,8 +94,8 @@ def _masked_optim_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, grad_scale_
             else:
                 g = g + weight_decay * p
         if ADAM:
-            m = tl.load(state1_ptr + index, mask=inside, other=0.0).to(tl.float32)
-            v = tl.load(state2_ptr + index, mask=inside, other=0.0).to(tl.float32)
+            m = to_fp32(tl.load(state1_ptr + index, mask=inside, other=0.0))
+            v = to_fp32(tl.load(state2_ptr + index, mask=inside, other=0.0))
             # torch.lerp(m, g, 1 - beta1), with torch's two formulas for small and large weights
             if one_minus_beta1 < 0.5:
                 m = m + one_minus_beta1 * (g - m)
@@ -102,19 +104,20 @@ def _masked_optim_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, grad_scale_
             v = v * beta2 + one_minus_beta2 * g * g
             denominator = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
             p = p - tl.div_rn(step_size * m, denominator)
-            tl.store(state1_ptr + index, tl.where(keep, m, 0.0).to(DTYPE), mask=inside)
-            tl.store(state2_ptr + index, tl.where(keep, v, 0.0).to(DTYPE), mask=inside)
+            tl.store(state1_ptr + index, from_fp32(tl.where(keep, m, 0.0), DTYPE), mask=inside)
+            tl.store(state2_ptr + index, from_fp32(tl.where(keep, v, 0.0), DTYPE), mask=inside)
         else:
             if HAS_MOMENTUM:
-                buf = tl.load(state1_ptr + index, mask=inside, other=0.0).to(tl.float32)
+                buf = to_fp32(tl.load(state1_ptr + index, mask=inside, other=0.0))
                 buf = buf * momentum + one_minus_dampening * g
                 if NESTEROV:
                     g = g + momentum * buf
                 else:
                     g = buf
-                tl.store(state1_ptr + index, tl.where(keep, buf, 0.0).to(DTYPE), mask=inside)
+                tl.store(state1_ptr + index, from_fp32(tl.where(keep, buf, 0.0), DTYPE),
+                         mask=inside)
             p = p - lr * g
-        tl.store(p_ptr + index, tl.where(keep, p, 0.0).to(DTYPE), mask=inside)
+        tl.store(p_ptr + index, from_fp32(tl.where(keep, p, 0.0), DTYPE), mask=inside)
 
 
 def _step(params, grads, states, masks, corrections, grad_scale, hyper, **flags):

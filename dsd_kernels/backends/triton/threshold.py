@@ -20,6 +20,7 @@ import triton.language as tl
 
 from ..._ops import magnitude_dtype
 from . import tables
+from .convert import to_fp32
 
 # (shift, width) of each digit, most significant first: bits 30..24, 23..16, 15..8, 7..0.
 # At most 256 bins: tl.histogram costs log2(bins) warp ballots plus bins/32 popcounts per
@@ -42,13 +43,9 @@ _COLUMNS: tl.constexpr = 3
 
 @triton.jit
 def magnitude_pattern(x):
-    """The fp32 bit pattern of |x| as int32, by integer operations only (exact for subnormals;
-    no float op can flush them). bf16 is the top half of an fp32, so its bits are widened."""
-    if x.dtype == tl.bfloat16:
-        pattern = x.to(tl.int16, bitcast=True).to(tl.int32) << 16
-    else:
-        pattern = x.to(tl.float32).to(tl.int32, bitcast=True)
-    return pattern & 0x7FFFFFFF
+    """The fp32 bit pattern of |x| as int32. The sign is cleared on the bits: no float op
+    touches x, so no subnormal can be flushed to zero."""
+    return to_fp32(x).to(tl.int32, bitcast=True) & 0x7FFFFFFF
 
 
 @triton.jit
