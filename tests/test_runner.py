@@ -1,6 +1,7 @@
 """The DSD runner inside a user's own loop: phase switches, exact sparsity, re-dense restart,
 optimizer conversion, prunable-parameter selection, plan validation."""
 
+import copy
 import math
 
 import pytest
@@ -195,6 +196,7 @@ def test_phases_only_go_forward_within_the_plan():
     (lambda: Plan(()), "at least one phase"),
     (lambda: Plan.dsd(5, 5, 5, scope="model"), "scope must be"),
     (lambda: Plan.dsd(5, 5, 5, redense_lr_factor=0), "redense_lr_factor"),
+    (lambda: Plan.dsd(5, 5, 5, iterations=0), "iterations must be"),
 ])
 def test_plan_validation(make, message):
     with pytest.raises(ValueError, match=message):
@@ -227,3 +229,34 @@ def test_user_epoch_loop_with_a_dataloader():
     assert list(model.state_dict()) == keys  # no masks or hooks left in the model
     accuracy = (model(x).argmax(1) == y).float().mean().item()
     assert accuracy > 0.9
+
+
+def test_user_checkpoint_mid_sparse_phase_restores_the_masks():
+    torch.manual_seed(4)
+    model = Net()
+    plan = Plan.dsd(1, 3, 1, sparsity=0.4, unit="steps")
+    dsd = DSD(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), plan)
+    for step in range(2):
+        dsd.step_start(step)
+        _train_step(model, dsd.optimizer, step)
+    # deepcopy stands for the trip through a file: state_dicts share the live tensors
+    saved = copy.deepcopy({"model": model.state_dict(), "optimizer": dsd.optimizer.state_dict(),
+                           "dsd": dsd.state_dict()})
+
+    restored_model = Net()
+    restored_model.load_state_dict(saved["model"])
+    restored = DSD(restored_model, torch.optim.SGD(restored_model.parameters(), lr=0.1,
+                                                   momentum=0.9), plan)
+    restored.optimizer.load_state_dict(saved["optimizer"])
+    restored.load_state_dict(saved["dsd"])
+    for step in range(2, plan.total):
+        for runner, net in ((dsd, model), (restored, restored_model)):
+            runner.step_start(step)
+            _train_step(net, runner.optimizer, step)
+        if step < 4:  # still sparse after the restore: the same entries stay exactly zero
+            assert restored.sparsity() == dsd.sparsity()
+            assert all(abs(s - 0.4) < 0.01 for s in restored.sparsity().values())
+    for a, b in zip(model.parameters(), restored_model.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="different plan"):
+        restored.load_state_dict({**saved["dsd"], "plan": Plan.dsd(1, 1, 1).to_dict()})

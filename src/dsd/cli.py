@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, report
 from .config import RunConfig
 from .trainer import RunError, default_run_dir, load_config, train
 
@@ -93,10 +93,11 @@ def _train(args) -> int:
         config = RunConfig.from_mapping(given, base=base, source="command line")
         out = args.out or default_run_dir(config)
     try:
-        train(config, out, quiet=args.quiet)
+        summary = train(config, out, quiet=args.quiet)
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: dsd train --resume {out}", file=sys.stderr)
         return 130
+    print(report.table(summary), end="")
     return 0
 
 

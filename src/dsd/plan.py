@@ -76,6 +76,8 @@ class Plan:
         Each re-dense phase multiplies the learning rate by `redense_lr_factor`; a sparse phase
         keeps the rate of the phase before it.
         """
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
         return cls.from_lengths([dense] + [sparse, redense] * iterations, sparsity=sparsity,
                                 redense_lr_factor=redense_lr_factor, unit=unit, scope=scope,
                                 include=include, exclude=exclude)

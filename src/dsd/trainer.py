@@ -33,7 +33,7 @@ from dsd_kernels.optim import MaskedAdam, MaskedAdamW, MaskedSGD
 from . import checkpoint, report
 from .config import RunConfig
 from .models import build_model
-from .runner import DSD, zero_fractions
+from .runner import DSD
 from .tasks import load_task
 
 FORMAT = 1  # checkpoint layout version
@@ -333,13 +333,11 @@ class _Run:
                                  self.branch_epoch, self.seconds, self.run_dir)
         checkpoint.save_json(self.sparsity, self.run_dir / "sparsity.json")
         checkpoint.save_json(summary, self.run_dir / "summary.json")
-        table = report.table(summary)
-        checkpoint.save_text(table, self.run_dir / "summary.txt")
+        checkpoint.save_text(report.table(summary), self.run_dir / "summary.txt")
         png = report.plot(self.plan, self.history, branch_epoch=self.branch_epoch,
                           title=f"DSD on {self.config.task} / {self.config.model} "
                                 f"(sparsity {self.config.sparsity:g}, seed {self.config.seed})")
         checkpoint.save_bytes(png, self.run_dir / "plot.png")
-        print(table, end="")
         return summary
 
     def _say(self, message: str) -> None:

@@ -1,0 +1,71 @@
+"""Accuracy study: DSD against the equal-budget dense baseline, paired over seeds, on every
+embedded task and model (the fair comparison of shared/paper-notes.md).
+
+    python bench/accuracy.py                        # both experiments, ~15 min on 2 CPU cores
+    python bench/accuracy.py --seeds 3 --tasks digits --experiments main
+
+Experiments:
+- main: the `dsd train` defaults (DSD 12+12+12 epochs, sparsity 0.5, Adam lr 2e-3, LR x0.1 at
+  re-dense); the baseline trains densely for the same 36 epochs with the same LR drop, from
+  the same state after the first dense phase, on the same batches.
+- unconverged: the same 36 epochs, but a first dense phase of 2 epochs (2+17+17): DSD prunes
+  a network that has not converged, which the paper assumes it has.
+
+Writes bench/results/accuracy_<experiment>.json (every run's numbers, the paired statistics,
+the machine and commit) and prints a markdown table. Runs are resumable: they live in
+runs/study/ and an interrupted study picks up where it stopped.
+"""
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import environment  # noqa: E402
+
+from dsd.study import run_study, table  # noqa: E402
+
+EXPERIMENTS = {
+    # checkpoint_every only sets how often a run saves; it does not change the numbers.
+    "main": {"settings": {"checkpoint_every": 12}, "models": ["mlp", "cnn", "gru", "lstm"]},
+    "unconverged": {"settings": {"checkpoint_every": 12, "phases": [2, 17, 17]},
+                    "models": ["mlp", "cnn"], "tasks": ["mnist1d"]},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiments", nargs="+", choices=list(EXPERIMENTS),
+                        default=list(EXPERIMENTS))
+    parser.add_argument("--tasks", nargs="+", default=["mnist1d", "digits"])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: tiny models gain nothing from more, and "
+                             "the machine is shared)")
+    parser.add_argument("--work", type=Path, default=Path("runs/study"))
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    for name in args.experiments:
+        experiment = EXPERIMENTS[name]
+        tasks = [t for t in args.tasks if t in experiment.get("tasks", args.tasks)]
+        began = time.perf_counter()
+        result = run_study(tasks, experiment["models"], args.seeds, experiment["settings"],
+                           args.work)
+        result.update(experiment=name, environment=environment("cpu"),
+                      wall_seconds=round(time.perf_counter() - began, 1),
+                      command=" ".join(["python", "bench/accuracy.py", *sys.argv[1:]]))
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / f"accuracy_{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"\n{name}: {args.seeds} seeds, {result['wall_seconds']:.0f} s")
+        print(table(result))
+
+
+if __name__ == "__main__":
+    main()
