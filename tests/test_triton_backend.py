@@ -169,7 +169,7 @@ def test_apply_masks_zeroes_pruned_entries_even_nan(dtype, layout):
 def _params(dtypes, seed):
     """Mixed shapes and layouts: channels_last conv weights, a transposed matrix, a bias."""
     generator = torch.Generator().manual_seed(seed)
-    shapes = [(8, 3, 3, 3), (2049,), (7, 11), (1,), (4, 5, 2, 2)]
+    shapes = [(8, 3, 3, 3), (16_900,), (7, 11), (1,), (4, 5, 2, 2)]  # 16,900: full + tail chunk
     params = []
     for i, shape in enumerate(shapes):
         p = torch.randn(shape, generator=generator).to(dtypes[i % len(dtypes)]).to(DEVICE)

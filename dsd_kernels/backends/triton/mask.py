@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from . import tables
+from .tables import lanes
 from .threshold import magnitude_pattern, radix_select
 
 BLOCK = 2048  # elements per step of a program
@@ -23,36 +24,36 @@ CHUNK = 16 * BLOCK  # elements per program; the unit the tie ranks are scanned o
 NUM_WARPS = 8
 
 # Columns of the per-tensor row table of the mask kernel (int64).
-_ADDRESS: tl.constexpr = 0
-_MASK: tl.constexpr = 1
-_NUMEL: tl.constexpr = 2
-_SEGMENT: tl.constexpr = 3
-_PRUNES: tl.constexpr = 4  # 0 when the segment prunes nothing (k = 0)
-_FIRST_CHUNK: tl.constexpr = 5  # position-order number of the tensor's first chunk
-_COLUMNS: tl.constexpr = 6
+_ADDRESS = tl.constexpr(0)
+_MASK = tl.constexpr(1)
+_NUMEL = tl.constexpr(2)
+_SEGMENT = tl.constexpr(3)
+_PRUNES = tl.constexpr(4)  # 0 when the segment prunes nothing (k = 0)
+_FIRST_CHUNK = tl.constexpr(5)  # position-order number of the tensor's first chunk
+_COLUMNS = tl.constexpr(6)
 
 
 @triton.jit
 def _pointers(row, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """The chunk's typed pointers into x and into its mask (bool, read as int8)."""
-    x_address = tl.load(row + _ADDRESS)
-    mask_address = tl.load(row + _MASK)
-    if ALIGNED:
-        x_address = tl.multiple_of(x_address, 16)
-        mask_address = tl.multiple_of(mask_address, 16)
-    x_ptr = x_address.to(tl.pointer_type(DTYPE)) + start
-    return x_ptr, mask_address.to(tl.pointer_type(tl.int8)) + start
+    x_ptr = tl.load(row + _ADDRESS).to(tl.pointer_type(DTYPE))
+    mask_ptr = tl.load(row + _MASK).to(tl.pointer_type(tl.int8))
+    if ALIGNED:  # the hint must sit on the pointer itself, not on the integer address
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        mask_ptr = tl.multiple_of(mask_ptr, 16)
+    return x_ptr + start, mask_ptr + start
 
 
 @triton.jit
 def _mask_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, thresholds_ptr, ties_to_prune_ptr,
                  tie_counts_ptr, ties_before_ptr, DTYPE: tl.constexpr, WRITE: tl.constexpr,
-                 ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                 ALIGNED: tl.constexpr, FULL: tl.constexpr, CHUNK: tl.constexpr,
+                 BLOCK: tl.constexpr):
     """WRITE=False: count one chunk's entries equal to its segment's threshold.
     WRITE=True: write the chunk's mask, ranking its ties after the segment's earlier ones."""
     chunk = tl.program_id(0)
     row = rows_ptr + tl.load(chunk_rows_ptr + chunk).to(tl.int64) * _COLUMNS
-    start = tl.load(chunk_starts_ptr + chunk)
+    start = tl.multiple_of(tl.load(chunk_starts_ptr + chunk), CHUNK)  # chunks start aligned
     x_ptr, mask_ptr = _pointers(row, start, DTYPE, ALIGNED)
     remaining = tl.load(row + _NUMEL) - start
     segment = tl.load(row + _SEGMENT)
@@ -67,7 +68,7 @@ def _mask_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, thresholds_ptr, tie
 
     for offset in range(0, CHUNK, BLOCK):
         index = offset + tl.arange(0, BLOCK)
-        inside = index < remaining
+        inside = lanes(index, remaining, FULL, BLOCK)
         pattern = magnitude_pattern(tl.load(x_ptr + index, mask=inside, other=0.0))
         tie = inside & (pattern == threshold)
         if WRITE:
@@ -109,11 +110,12 @@ def magnitude_masks(xs, sparsity, scope):
 
     def launch(write, ties_before):
         for group in groups:
-            if group.programs:
-                _mask_kernel[(group.programs,)](
-                    group.rows, group.chunk_rows, group.chunk_starts, thresholds, ties_to_prune,
+            for full, chunk_rows, chunk_starts in group.launches():
+                _mask_kernel[(chunk_rows.numel(),)](
+                    group.rows, chunk_rows, chunk_starts, thresholds, ties_to_prune,
                     tie_counts, ties_before, DTYPE=group.dtype, WRITE=write,
-                    ALIGNED=group.aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                    ALIGNED=group.aligned, FULL=full, CHUNK=CHUNK, BLOCK=BLOCK,
+                    num_warps=NUM_WARPS)
 
     with tables.on_device(device):
         launch(False, tie_counts)
@@ -123,21 +125,22 @@ def magnitude_masks(xs, sparsity, scope):
 
 
 # The apply kernel's rows are the mask kernel's first three columns: address, mask, numel.
-_APPLY_COLUMNS: tl.constexpr = 3
+_APPLY_COLUMNS = tl.constexpr(3)
 
 
 @triton.jit
 def _apply_masks_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, DTYPE: tl.constexpr,
-                        ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                        ALIGNED: tl.constexpr, FULL: tl.constexpr, CHUNK: tl.constexpr,
+                        BLOCK: tl.constexpr):
     """x = +0.0 where the mask is False: reads only the mask, writes only pruned entries."""
     chunk = tl.program_id(0)
     row = rows_ptr + tl.load(chunk_rows_ptr + chunk).to(tl.int64) * _APPLY_COLUMNS
-    start = tl.load(chunk_starts_ptr + chunk)
+    start = tl.multiple_of(tl.load(chunk_starts_ptr + chunk), CHUNK)  # chunks start aligned
     x_ptr, mask_ptr = _pointers(row, start, DTYPE, ALIGNED)
     remaining = tl.load(row + _NUMEL) - start
     for offset in range(0, CHUNK, BLOCK):
         index = offset + tl.arange(0, BLOCK)
-        inside = index < remaining
+        inside = lanes(index, remaining, FULL, BLOCK)
         keep = tl.load(mask_ptr + index, mask=inside, other=1)
         tl.store(x_ptr + index, tl.zeros([BLOCK], dtype=DTYPE), mask=inside & (keep == 0))
 
@@ -152,8 +155,9 @@ def apply_masks_(xs, masks):
         2, CHUNK)
     with tables.on_device(device):
         for group in groups:
-            if group.programs:
-                _apply_masks_kernel[(group.programs,)](
-                    group.rows, group.chunk_rows, group.chunk_starts, DTYPE=group.dtype,
-                    ALIGNED=group.aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            for full, chunk_rows, chunk_starts in group.launches():
+                _apply_masks_kernel[(chunk_rows.numel(),)](
+                    group.rows, chunk_rows, chunk_starts, DTYPE=group.dtype,
+                    ALIGNED=group.aligned, FULL=full, CHUNK=CHUNK, BLOCK=BLOCK,
+                    num_warps=NUM_WARPS)
     staging.finish()

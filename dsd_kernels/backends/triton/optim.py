@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from . import tables
+from .tables import lanes
 from .convert import from_fp32, to_fp32
 
 BLOCK = 2048  # elements per step of a program: 8 per thread, 128-bit fp32 accesses
@@ -25,25 +26,25 @@ CHUNK = 8 * BLOCK  # elements per program
 NUM_WARPS = 8
 
 # Columns of the per-tensor row table (int64): data addresses, then the element count.
-_PARAM: tl.constexpr = 0
-_GRAD: tl.constexpr = 1
-_STATE1: tl.constexpr = 2  # SGD: momentum buffer; Adam: exp_avg
-_STATE2: tl.constexpr = 3  # Adam: exp_avg_sq
-_MASK: tl.constexpr = 4  # 0 when the tensor has no mask
-_NUMEL: tl.constexpr = 5
+_PARAM = tl.constexpr(0)
+_GRAD = tl.constexpr(1)
+_STATE1 = tl.constexpr(2)  # SGD: momentum buffer; Adam: exp_avg
+_STATE2 = tl.constexpr(3)  # Adam: exp_avg_sq
+_MASK = tl.constexpr(4)  # 0 when the tensor has no mask
+_NUMEL = tl.constexpr(5)
 # Adam's per-tensor bias corrections, fp32 values stored as their bit patterns.
-_STEP_SIZE: tl.constexpr = 6  # lr / (1 - beta1**step)
-_BIAS_CORRECTION2_SQRT: tl.constexpr = 7  # sqrt(1 - beta2**step)
-_COLUMNS: tl.constexpr = 8
+_STEP_SIZE = tl.constexpr(6)  # lr / (1 - beta1**step)
+_BIAS_CORRECTION2_SQRT = tl.constexpr(7)  # sqrt(1 - beta2**step)
+_COLUMNS = tl.constexpr(8)
 _ADDRESSES = 5
 
 
 @triton.jit
 def _typed(row, column, TYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    address = tl.load(row + column)
-    if ALIGNED:
-        address = tl.multiple_of(address, 16)
-    return address.to(tl.pointer_type(TYPE))
+    pointer = tl.load(row + column).to(tl.pointer_type(TYPE))
+    if ALIGNED:  # the hint must sit on the pointer itself, not on the integer address
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
 
 
 @triton.jit
@@ -58,12 +59,13 @@ def _masked_optim_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, grad_scale_
                          DTYPE: tl.constexpr, ADAM: tl.constexpr, DECOUPLED: tl.constexpr,
                          HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                          MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                         ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                         ALIGNED: tl.constexpr, FULL: tl.constexpr, CHUNK: tl.constexpr,
+                         BLOCK: tl.constexpr):
     """One masked SGD (ADAM=False) or Adam/AdamW (ADAM=True) step on one chunk of a tensor."""
     chunk = tl.program_id(0)
     tensor = tl.load(chunk_rows_ptr + chunk).to(tl.int64)
     row = rows_ptr + tensor * _COLUMNS
-    start = tl.load(chunk_starts_ptr + chunk)
+    start = tl.multiple_of(tl.load(chunk_starts_ptr + chunk), CHUNK)  # chunks start aligned
     remaining = tl.load(row + _NUMEL) - start
     p_ptr = _typed(row, _PARAM, DTYPE, ALIGNED) + start
     g_ptr = _typed(row, _GRAD, DTYPE, ALIGNED) + start
@@ -80,7 +82,7 @@ def _masked_optim_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, grad_scale_
 
     for offset in range(0, CHUNK, BLOCK):
         index = offset + tl.arange(0, BLOCK)
-        inside = index < remaining
+        inside = lanes(index, remaining, FULL, BLOCK)
         keep = tl.load(mask_ptr + index, mask=index < masked, other=1) != 0
         g = to_fp32(tl.load(g_ptr + index, mask=inside, other=0.0))
         p = to_fp32(tl.load(p_ptr + index, mask=inside, other=0.0))
@@ -143,12 +145,12 @@ def _step(params, grads, states, masks, corrections, grad_scale, hyper, **flags)
     groups, _ = tables.grouped(device, params, row_of, _ADDRESSES, CHUNK)
     with tables.on_device(device):
         for group in groups:
-            if group.programs:
-                _masked_optim_kernel[(group.programs,)](
-                    group.rows, group.chunk_rows, group.chunk_starts,
+            for full, chunk_rows, chunk_starts in group.launches():
+                _masked_optim_kernel[(chunk_rows.numel(),)](
+                    group.rows, chunk_rows, chunk_starts,
                     group.rows if grad_scale is None else grad_scale, **hyper, DTYPE=group.dtype,
-                    HAS_GRAD_SCALE=grad_scale is not None, ALIGNED=group.aligned, CHUNK=CHUNK,
-                    BLOCK=BLOCK, num_warps=NUM_WARPS, **flags)
+                    HAS_GRAD_SCALE=grad_scale is not None, ALIGNED=group.aligned, FULL=full,
+                    CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS, **flags)
     staging.finish()
 
 

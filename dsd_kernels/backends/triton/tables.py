@@ -16,6 +16,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import triton
 import triton.language as tl
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -30,13 +31,25 @@ class Group(NamedTuple):
     dtype: tl.dtype  # the kernel's element type
     indices: list[int]  # positions of the group's tensors in the caller's list
     rows: torch.Tensor  # int64 [tensors, columns]
-    chunk_rows: torch.Tensor  # int32 [programs]: the row each program works on
-    chunk_starts: torch.Tensor  # int64 [programs]: the program's first element in that row
+    full_chunks: tuple[torch.Tensor, torch.Tensor]  # chunks of CHUNK elements: rows, starts
+    tail_chunks: tuple[torch.Tensor, torch.Tensor]  # each tensor's last, shorter chunk
     aligned: bool  # every address of the group is 16-byte aligned
 
-    @property
-    def programs(self) -> int:
-        return self.chunk_rows.numel()
+    def launches(self):
+        """(FULL, chunk rows, chunk starts) of the one or two launches the group needs: full
+        chunks are launched apart so that their kernel needs no bounds check."""
+        for full, (rows, starts) in ((True, self.full_chunks), (False, self.tail_chunks)):
+            if rows.numel():
+                yield full, rows, starts
+
+
+@triton.jit
+def lanes(index, remaining, FULL: tl.constexpr, BLOCK: tl.constexpr):
+    """Which lanes of a block hold elements. In a full chunk the answer is a constant the
+    compiler sees, so loads and stores become 128-bit; in a tail chunk it depends on the size."""
+    if FULL:
+        return tl.full([BLOCK], 1, tl.int1)
+    return index < remaining
 
 
 def grouped(device, tensors, row_of, addresses: int, chunk: int, *extra: torch.Tensor):
@@ -54,17 +67,22 @@ def grouped(device, tensors, row_of, addresses: int, chunk: int, *extra: torch.T
     on_device = upload(device, *host)
     tables, groups = on_device[len(extra):], []
     for g, (dtype, indices) in enumerate(by_dtype.items()):
-        groups.append(Group(TL_DTYPES[dtype], indices, *tables[3 * g:3 * g + 3], aligned[g]))
+        rows, full_rows, full_starts, tail_rows, tail_starts = tables[5 * g:5 * g + 5]
+        groups.append(Group(TL_DTYPES[dtype], indices, rows, (full_rows, full_starts),
+                            (tail_rows, tail_starts), aligned[g]))
     return groups, on_device[:len(extra)]
 
 
-def chunk_table(numels: list[int], chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row index int32, first element int64) of every CHUNK-sized piece of every tensor."""
-    counts = torch.tensor([math.ceil(n / chunk) for n in numels], dtype=torch.int64)
+def chunk_table(numels: list[int], chunk: int) -> list[torch.Tensor]:
+    """Row index (int32) and first element (int64) of every CHUNK-sized piece of every
+    tensor: for the full pieces, then for the shorter last pieces."""
+    sizes = torch.tensor(numels, dtype=torch.int64)
+    counts = (sizes + chunk - 1) // chunk
     rows = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
     first_chunk = torch.cumsum(counts, 0) - counts
     starts = (torch.arange(int(counts.sum())) - first_chunk.repeat_interleave(counts)) * chunk
-    return rows, starts
+    full = starts + chunk <= sizes[rows.long()]
+    return [rows[full], starts[full], rows[~full], starts[~full]]
 
 
 def upload(device: torch.device, *tables: torch.Tensor) -> list[torch.Tensor]:

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from ..._ops import magnitude_dtype
 from . import tables
+from .tables import lanes
 from .convert import to_fp32
 
 # (shift, width) of each digit, most significant first: bits 30..24, 23..16, 15..8, 7..0.
@@ -35,10 +36,10 @@ CHUNK = 16 * BLOCK  # elements per program; its local histogram is flushed once
 NUM_WARPS = 8
 
 # Columns of the per-tensor row table (int64).
-_ADDRESS: tl.constexpr = 0
-_NUMEL: tl.constexpr = 1
-_SEGMENT: tl.constexpr = 2
-_COLUMNS: tl.constexpr = 3
+_ADDRESS = tl.constexpr(0)
+_NUMEL = tl.constexpr(1)
+_SEGMENT = tl.constexpr(2)
+_COLUMNS = tl.constexpr(3)
 
 
 @triton.jit
@@ -52,16 +53,17 @@ def magnitude_pattern(x):
 def _threshold_histogram_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, prefix_ptr,
                                 histograms_ptr, DTYPE: tl.constexpr, SHIFT: tl.constexpr,
                                 WIDTH: tl.constexpr, BINS: tl.constexpr, ALIGNED: tl.constexpr,
-                                CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                                FULL: tl.constexpr, CHUNK: tl.constexpr,
+                                BLOCK: tl.constexpr):
     """Count digit (pattern >> SHIFT) % 2**WIDTH of one chunk's patterns whose higher bits
     equal their segment's prefix, into histograms[segment]."""
     chunk = tl.program_id(0)
     row = rows_ptr + tl.load(chunk_rows_ptr + chunk).to(tl.int64) * _COLUMNS
-    start = tl.load(chunk_starts_ptr + chunk)
-    address = tl.load(row + _ADDRESS)
-    if ALIGNED:
-        address = tl.multiple_of(address, 16)
-    x_ptr = address.to(tl.pointer_type(DTYPE)) + start
+    start = tl.multiple_of(tl.load(chunk_starts_ptr + chunk), CHUNK)  # chunks start aligned
+    x_ptr = tl.load(row + _ADDRESS).to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # the hint must sit on the pointer itself, not on the integer address
+        x_ptr = tl.multiple_of(x_ptr, 16)
+    x_ptr += start
     remaining = tl.load(row + _NUMEL) - start
     segment = tl.load(row + _SEGMENT)
     prefix = tl.load(prefix_ptr + segment)
@@ -69,7 +71,7 @@ def _threshold_histogram_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, pref
     counts = tl.zeros([BINS], dtype=tl.int32)
     for offset in range(0, CHUNK, BLOCK):
         index = offset + tl.arange(0, BLOCK)
-        inside = index < remaining
+        inside = lanes(index, remaining, FULL, BLOCK)
         pattern = magnitude_pattern(tl.load(x_ptr + index, mask=inside, other=0.0))
         candidate = inside & ((pattern >> (SHIFT + WIDTH)) == prefix)
         digit = (pattern >> SHIFT) & ((1 << WIDTH) - 1)
@@ -112,11 +114,12 @@ def radix_select(xs, ranks, segments):
     with tables.on_device(device):
         for shift, width in DIGITS[:passes]:
             for group in groups:
-                if group.programs:
-                    _threshold_histogram_kernel[(group.programs,)](
-                        group.rows, group.chunk_rows, group.chunk_starts, prefix, histograms,
+                for full, chunk_rows, chunk_starts in group.launches():
+                    _threshold_histogram_kernel[(chunk_rows.numel(),)](
+                        group.rows, chunk_rows, chunk_starts, prefix, histograms,
                         DTYPE=group.dtype, SHIFT=shift, WIDTH=width, BINS=BINS,
-                        ALIGNED=group.aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                        ALIGNED=group.aligned, FULL=full, CHUNK=CHUNK, BLOCK=BLOCK,
+                        num_warps=NUM_WARPS)
             _threshold_select_kernel[(len(ranks),)](histograms, prefix, rank, WIDTH=width,
                                                     BINS=BINS)
     return prefix << DIGITS[passes - 1][0], rank
