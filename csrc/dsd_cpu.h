@@ -216,12 +216,12 @@ inline std::vector<Span> split_spans(const std::vector<int64_t>& numels, int64_t
   return spans;
 }
 
-// Runs f(i) for i in [0, n) on every thread, each taking the next index when it is free:
-// tensors of very different sizes still share the work evenly.
+// Runs f(i) for i in [0, n) on every thread, each taking the next index when it is free: work
+// of uneven size, or a thread slowed down by another process, does not hold the others up.
 template <typename F>
 void parallel_dynamic(int64_t n, const F& f) {
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n), 1, [&](int64_t, int64_t) {
     for (int64_t i; (i = next.fetch_add(1)) < n;) f(i);
   });
 }

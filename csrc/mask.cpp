@@ -13,12 +13,9 @@
 namespace dsd_cpp {
 namespace {
 
-// Elements per parallel task.
-constexpr int64_t kGrain = int64_t{1} << 16;
-
-// Tied entries are ranked in fixed chunks of this many elements: counting the ties of every
-// chunk first tells each chunk the rank of its first tie, whatever thread runs it.
-constexpr int64_t kTieChunk = int64_t{1} << 16;
+// Elements per parallel task. Tied entries are ranked chunk by chunk: counting the ties of
+// every chunk first tells each chunk the rank of its first tie, whatever thread runs it.
+constexpr int64_t kChunk = int64_t{1} << 16;
 
 // Per-layer masks: a tensor this large is split across threads; smaller ones go one per thread.
 constexpr int64_t kSplitNumel = int64_t{1} << 20;
@@ -33,44 +30,39 @@ void write_masks(const std::vector<Segment>& segments, int64_t k) {
   const Selection selected = select_kth(segments, k);
   const uint32_t threshold = selected.key;
   const int64_t ties_to_prune = k - selected.less;  // in [1, selected.equal]
+  const int64_t chunks = (total + kChunk - 1) / kChunk;
+  auto for_each_in_chunk = [&](int64_t c, const auto& f) {
+    for_each_key_block(segments, c * kChunk, std::min(total, (c + 1) * kChunk), f);
+  };
   if (ties_to_prune == selected.equal) {
-    at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
-      for_each_key_block(segments, begin, end,
-                         [&](const Segment& s, int64_t i, const uint32_t* bits, int64_t n) {
-                           bool* out = s.mask + i;
-                           for (int64_t j = 0; j < n; ++j) out[j] = (bits[j] & kKeyMask) > threshold;
-                         });
+    parallel_dynamic(chunks, [&](int64_t c) {
+      for_each_in_chunk(c, [&](const Segment& s, int64_t i, const uint32_t* bits, int64_t n) {
+        bool* out = s.mask + i;
+        for (int64_t j = 0; j < n; ++j) out[j] = (bits[j] & kKeyMask) > threshold;
+      });
     });
     return;
   }
-  const int64_t chunks = (total + kTieChunk - 1) / kTieChunk;
-  auto chunk_end = [&](int64_t c) { return std::min(total, (c + 1) * kTieChunk); };
   std::vector<int64_t> ties_before(chunks + 1, 0);  // ties in the chunks before chunk c
-  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      int64_t ties = 0;
-      for_each_key_block(segments, c * kTieChunk, chunk_end(c),
-                         [&](const Segment&, int64_t, const uint32_t* bits, int64_t n) {
-                           for (int64_t j = 0; j < n; ++j) ties += (bits[j] & kKeyMask) == threshold;
-                         });
-      ties_before[c + 1] = ties;
-    }
+  parallel_dynamic(chunks, [&](int64_t c) {
+    int64_t ties = 0;
+    for_each_in_chunk(c, [&](const Segment&, int64_t, const uint32_t* bits, int64_t n) {
+      for (int64_t j = 0; j < n; ++j) ties += (bits[j] & kKeyMask) == threshold;
+    });
+    ties_before[c + 1] = ties;
   });
   std::partial_sum(ties_before.begin(), ties_before.end(), ties_before.begin());
-  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      int64_t rank = ties_before[c];  // 1-based rank of the last tie seen
-      for_each_key_block(segments, c * kTieChunk, chunk_end(c),
-                         [&](const Segment& s, int64_t i, const uint32_t* bits, int64_t n) {
-                           bool* out = s.mask + i;
-                           for (int64_t j = 0; j < n; ++j) {
-                             const uint32_t key = bits[j] & kKeyMask;
-                             const bool tied = key == threshold;
-                             rank += tied;
-                             out[j] = key > threshold || (tied && rank > ties_to_prune);
-                           }
-                         });
-    }
+  parallel_dynamic(chunks, [&](int64_t c) {
+    int64_t rank = ties_before[c];  // 1-based rank of the last tie seen
+    for_each_in_chunk(c, [&](const Segment& s, int64_t i, const uint32_t* bits, int64_t n) {
+      bool* out = s.mask + i;
+      for (int64_t j = 0; j < n; ++j) {
+        const uint32_t key = bits[j] & kKeyMask;
+        const bool tied = key == threshold;
+        rank += tied;
+        out[j] = key > threshold || (tied && rank > ties_to_prune);
+      }
+    });
   });
 }
 
@@ -125,18 +117,16 @@ void apply_masks_(at::TensorList xs, at::TensorList masks) {
     keeps.push_back(in_layout(masks[i], targets.back()));
     numels.push_back(xs[i].numel());
   }
-  const std::vector<Span> spans = split_spans(numels, kGrain);
-  at::parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t first, int64_t last) {
-    for (int64_t s = first; s < last; ++s) {
-      const Span& span = spans[s];
-      const at::Tensor& x = targets[span.tensor];
-      const bool* keep = keeps[span.tensor].data_ptr<bool>() + span.begin;
-      const int64_t n = span.end - span.begin;
-      if (x.element_size() == 4) {
-        zero_pruned(static_cast<uint32_t*>(x.data_ptr()) + span.begin, keep, n);
-      } else {
-        zero_pruned(static_cast<uint16_t*>(x.data_ptr()) + span.begin, keep, n);
-      }
+  const std::vector<Span> spans = split_spans(numels, kChunk);
+  parallel_dynamic(static_cast<int64_t>(spans.size()), [&](int64_t s) {
+    const Span& span = spans[s];
+    const at::Tensor& x = targets[span.tensor];
+    const bool* keep = keeps[span.tensor].data_ptr<bool>() + span.begin;
+    const int64_t n = span.end - span.begin;
+    if (x.element_size() == 4) {
+      zero_pruned(static_cast<uint32_t*>(x.data_ptr()) + span.begin, keep, n);
+    } else {
+      zero_pruned(static_cast<uint16_t*>(x.data_ptr()) + span.begin, keep, n);
     }
   });
   for (size_t i = 0; i < xs.size(); ++i) write_back(targets[i], xs[i]);

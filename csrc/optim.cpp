@@ -51,14 +51,11 @@ void for_each_span(const std::vector<Operands>& operands, const Kernel& kernel) 
   std::vector<int64_t> numels;
   for (const auto& o : operands) numels.push_back(o.param.numel());
   const std::vector<Span> spans = split_spans(numels, kChunk);
-  at::parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t first, int64_t last) {
-    for (int64_t s = first; s < last; ++s) {
-      const Span& span = spans[s];
-      const Operands& o = operands[span.tensor];
-      dispatch_float_dtype(o.param.scalar_type(), [&](auto zero) {
-        kernel(zero, span.tensor, span.begin, span.end - span.begin);
-      });
-    }
+  parallel_dynamic(static_cast<int64_t>(spans.size()), [&](int64_t s) {
+    const Span& span = spans[s];
+    dispatch_float_dtype(operands[span.tensor].param.scalar_type(), [&](auto zero) {
+      kernel(zero, span.tensor, span.begin, span.end - span.begin);
+    });
   });
 }
 

@@ -25,63 +25,55 @@ constexpr RadixPass kNarrowPasses[] = {{20, 11}, {9, 11}, {0, 9}};
 constexpr int64_t kWideMinNumel = int64_t{1} << 22;
 
 // Elements per parallel task.
-constexpr int64_t kGrain = int64_t{1} << 16;
+constexpr int64_t kChunk = int64_t{1} << 16;
 
-// Each thread counts into kCopies interleaved 32-bit histograms (runs of equal digits would
-// otherwise serialize on one counter), added to its 64-bit histogram before a 32-bit count
-// could overflow.
+// Each thread counts into kCopies interleaved 32-bit histograms: runs of equal digits would
+// otherwise serialize on one counter. They are added up into 64-bit counts after each
+// kFlushEvery elements, before any 32-bit count could overflow.
 constexpr int64_t kCopies = 4;
-constexpr int64_t kFlushEvery = int64_t{1} << 31;
+constexpr int64_t kFlushEvery = int64_t{1} << 32;
 
 using iVec = at::vec::Vectorized<int32_t>;
 
-// Adds to `histogram` the digit counts of the keys in [begin, end) that are still candidates.
+// Adds to `copies` (kCopies histograms of 2^pass.bits bins) the digits of the keys in
+// [begin, end) that are still candidates.
 void count_digits(const std::vector<Segment>& segments, int64_t begin, int64_t end,
-                  const RadixPass& pass, uint32_t prefix, int prefix_shift, int64_t* histogram) {
+                  const RadixPass& pass, uint32_t prefix, int prefix_shift, uint32_t* copies) {
   const int64_t bins = int64_t{1} << pass.bits;
   const uint32_t digit_mask = static_cast<uint32_t>(bins - 1);
   const int shift = pass.shift;
-  std::vector<uint32_t> copies(kCopies * bins);
-  uint32_t* counts = copies.data();
   auto count = [=](int64_t j, uint32_t key) {
-    ++counts[(j & (kCopies - 1)) * bins + ((key >> shift) & digit_mask)];
+    ++copies[(j & (kCopies - 1)) * bins + ((key >> shift) & digit_mask)];
   };
   const bool every_key = prefix_shift == 31;  // the first pass
   // Keys are < 2^31, so they shift and compare alike as int32.
   const iVec key_mask_vec(static_cast<int32_t>(kKeyMask));
   const iVec prefix_vec(static_cast<int32_t>(prefix));
   const iVec prefix_shift_vec(prefix_shift);
-  for (int64_t lo = begin; lo < end; lo += kFlushEvery) {
-    std::fill(copies.begin(), copies.end(), 0);
-    for_each_key_block(
-        segments, lo, std::min(end, lo + kFlushEvery),
-        [&](const Segment&, int64_t, const uint32_t* bits, int64_t n) {
-          if (every_key) {
-            for (int64_t j = 0; j < n; ++j) count(j, bits[j] & kKeyMask);
-            return;
-          }
-          // Later passes: few keys are candidates, so test a vector of keys at once and look
-          // at single keys only where one matched.
-          int64_t j = 0;
-          for (; j + iVec::size() <= n; j += iVec::size()) {
-            const iVec keys = iVec::loadu(bits + j) & key_mask_vec;
-            if (at::vec::VecMask<int32_t, 1>((keys >> prefix_shift_vec) == prefix_vec).all_zero()) {
-              continue;
-            }
-            for (int64_t i = j; i < j + iVec::size(); ++i) {
-              const uint32_t key = bits[i] & kKeyMask;
-              if ((key >> prefix_shift) == prefix) count(i, key);
-            }
-          }
-          for (; j < n; ++j) {
-            const uint32_t key = bits[j] & kKeyMask;
-            if ((key >> prefix_shift) == prefix) count(j, key);
-          }
-        });
-    for (int64_t c = 0; c < kCopies; ++c) {
-      for (int64_t b = 0; b < bins; ++b) histogram[b] += counts[c * bins + b];
+  for_each_key_block(segments, begin, end, [&](const Segment&, int64_t, const uint32_t* bits,
+                                               int64_t n) {
+    if (every_key) {
+      for (int64_t j = 0; j < n; ++j) count(j, bits[j] & kKeyMask);
+      return;
     }
-  }
+    // Later passes: few keys are candidates, so test a vector of keys at once and look at
+    // single keys only where one matched.
+    int64_t j = 0;
+    for (; j + iVec::size() <= n; j += iVec::size()) {
+      const iVec keys = iVec::loadu(bits + j) & key_mask_vec;
+      if (at::vec::VecMask<int32_t, 1>((keys >> prefix_shift_vec) == prefix_vec).all_zero()) {
+        continue;
+      }
+      for (int64_t i = j; i < j + iVec::size(); ++i) {
+        const uint32_t key = bits[i] & kKeyMask;
+        if ((key >> prefix_shift) == prefix) count(i, key);
+      }
+    }
+    for (; j < n; ++j) {
+      const uint32_t key = bits[j] & kKeyMask;
+      if ((key >> prefix_shift) == prefix) count(j, key);
+    }
+  });
 }
 
 at::Tensor kth_smallest_abs(at::TensorList xs, int64_t k) {
@@ -102,9 +94,10 @@ Selection select_kth(const std::vector<Segment>& segments, int64_t k) {
   const int64_t total = total_numel(segments);
   const std::span<const RadixPass> passes =
       total >= kWideMinNumel ? std::span<const RadixPass>(kWidePasses) : kNarrowPasses;
-  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t chunks = (std::min(total, kFlushEvery) + kChunk - 1) / kChunk;
+  const int64_t threads = std::min<int64_t>(std::max(1, at::get_num_threads()), chunks);
   const int64_t bins = int64_t{1} << passes[0].bits;  // the widest digit comes first
-  std::vector<int64_t> histograms(threads * bins);
+  std::vector<uint32_t> copies(threads * kCopies * bins);  // per thread
   std::vector<int64_t> counts(bins);
   uint32_t prefix = 0;    // the digits chosen so far, most significant first
   int prefix_shift = 31;  // a key is still a candidate iff (key >> prefix_shift) == prefix
@@ -112,15 +105,19 @@ Selection select_kth(const std::vector<Segment>& segments, int64_t k) {
   int64_t less = 0;       // keys known to be below the answer
   int64_t equal = 0;
   for (const RadixPass& pass : passes) {
-    std::fill(histograms.begin(), histograms.end(), 0);
-    at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
-      count_digits(segments, begin, end, pass, prefix, prefix_shift,
-                   histograms.data() + at::get_thread_num() * bins);
-    });
     const int64_t pass_bins = int64_t{1} << pass.bits;
     std::fill(counts.begin(), counts.end(), 0);
-    for (int64_t t = 0; t < threads; ++t) {
-      for (int64_t b = 0; b < pass_bins; ++b) counts[b] += histograms[t * bins + b];
+    for (int64_t lo = 0; lo < total; lo += kFlushEvery) {
+      const int64_t hi = std::min(total, lo + kFlushEvery);
+      std::fill(copies.begin(), copies.end(), 0);
+      parallel_dynamic((hi - lo + kChunk - 1) / kChunk, [&](int64_t c) {
+        count_digits(segments, lo + c * kChunk, std::min(hi, lo + (c + 1) * kChunk), pass,
+                     prefix, prefix_shift, copies.data() + at::get_thread_num() * kCopies * bins);
+      });
+      for (int64_t t = 0; t < threads; ++t) {
+        const uint32_t* thread_copies = copies.data() + t * kCopies * bins;
+        for (int64_t b = 0; b < kCopies * pass_bins; ++b) counts[b % pass_bins] += thread_copies[b];
+      }
     }
     uint32_t digit = 0;
     for (; counts[digit] < rank; ++digit) {

@@ -1,0 +1,122 @@
+"""What the bench scripts share besides timing: the command line, the sizes, the rows.
+
+A size is a number of elements in one tensor ("16e6") or "resnet50": the 161 parameter
+tensors of torchvision's ResNet-50 (25.6M elements), the "many small tensors" case.
+Every row of a run carries the environment (_timing.environment), the measured copy
+bandwidth, and `x_dsd`: the row's time over the time of the dsd row it is compared with.
+"""
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+import torch
+
+import dsd_kernels as dk
+from _timing import copy_bandwidth, environment, median_seconds, print_table, write_rows
+
+DEFAULT_SIZES = {"cpu": "1e5,1e6,16e6,resnet50", "cuda": "1e5,1e6,1e7,1e8,1e9,resnet50"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+COLUMNS = ["case", "impl", "ms", "GB/s", "%copy", "x_dsd"]
+
+
+def parser(description: str, op: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--backend", choices=["auto", "triton", "cpp", "torch"], default="auto",
+                   help="dsd_kernels backend for the dsd rows (default: auto)")
+    p.add_argument("--sizes", help="comma-separated element counts and/or 'resnet50' "
+                   f"(default: {DEFAULT_SIZES['cpu']} on cpu, {DEFAULT_SIZES['cuda']} on cuda)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--threads", type=int, help="torch.set_num_threads for every row (CPU)")
+    p.add_argument("--min-time", type=float, default=0.5,
+                   help="seconds each measurement runs at least (CPU)")
+    p.add_argument("--out", help=f"JSON rows (default: bench/results/<device>_{op}.json)")
+    return p
+
+
+def resnet50_shapes() -> list[tuple[int, ...]]:
+    """torchvision ResNet-50's parameter shapes, in named_parameters() order."""
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    inplanes = 64
+    for planes, blocks in [(64, 3), (128, 4), (256, 6), (512, 3)]:
+        for block in range(blocks):
+            shapes += [(planes, inplanes, 1, 1), (planes,), (planes,),
+                       (planes, planes, 3, 3), (planes,), (planes,),
+                       (planes * 4, planes, 1, 1), (planes * 4,), (planes * 4,)]
+            if block == 0:
+                shapes += [(planes * 4, inplanes, 1, 1), (planes * 4,), (planes * 4,)]
+            inplanes = planes * 4
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def cases(args) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """(label, shapes) for each requested size."""
+    out = []
+    for size in (args.sizes or DEFAULT_SIZES[args.device]).split(","):
+        if size == "resnet50":
+            shapes = resnet50_shapes()
+            out.append((f"resnet50 ({len(shapes)} tensors)", shapes))
+        else:
+            out.append((size, [(int(float(size)),)]))
+    return out
+
+
+def make(shapes, args, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator(device=args.device).manual_seed(seed)
+    return [torch.randn(shape, generator=gen, device=args.device, dtype=DTYPES[args.dtype])
+            for shape in shapes]
+
+
+class Run:
+    """Times the impls of one script, case after case, and collects the rows."""
+
+    def __init__(self, args, op: str):
+        self.args, self.op = args, op
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        dk.use_backend(args.backend)
+        self.env = environment(args.device)
+        self.env["dsd_backend"] = dk.selected_backends()[args.device]
+        self.copy_gbps = copy_bandwidth(args.device)
+        print(f"{op}: {self.env['device_name']}, {self.env['cpu_threads']} threads, "
+              f"dsd backend {self.env['dsd_backend']}, copy bandwidth {self.copy_gbps:.1f} GB/s")
+        self.rows: list[dict] = []
+
+    def time(self, case: str, numel: int, impl: str, fn, nbytes: int, reference: str) -> None:
+        """One row: `fn`'s median time; `nbytes` is what the task must move at the least;
+        `reference` names the dsd impl of the same case that x_dsd divides by."""
+        try:
+            seconds = median_seconds(fn, self.args.device, min_time=self.args.min_time)
+        except torch.OutOfMemoryError:
+            seconds = None
+            torch.cuda.empty_cache()
+        gbps = nbytes / seconds / 1e9 if seconds else None
+        row = dict(self.env, op=self.op, case=case, numel=numel, dtype=self.args.dtype,
+                   sparsity=self.args.sparsity, impl=impl, reference=reference,
+                   seconds=seconds, bytes=nbytes, gbps=gbps, copy_gbps=self.copy_gbps,
+                   pct_copy=100 * gbps / self.copy_gbps if gbps else None,
+                   load_avg_1min=os.getloadavg()[0], error=None if seconds else "out of memory")
+        ref = next((r for r in self.rows if r["case"] == case and r["impl"] == reference), row)
+        row["x_dsd"] = seconds / ref["seconds"] if seconds and ref["seconds"] else None
+        self.rows.append(row)
+        print(f"  {case:>22}  {impl:<44} {_ms(seconds)} ms", flush=True)
+
+    def finish(self) -> None:
+        path = Path(self.args.out or Path(__file__).parent / "results" /
+                    f"{self.args.device}_{self.op}.json")
+        write_rows(path, self.rows)
+        print_table([{"case": r["case"], "impl": r["impl"], "ms": _ms(r["seconds"]),
+                      "GB/s": r["gbps"], "%copy": r["pct_copy"], "x_dsd": r["x_dsd"]}
+                     for r in self.rows], COLUMNS)
+        print(f"rows written to {path}")
+
+
+def pruned_count(sparsity: float, numel: int) -> int:
+    return math.floor(sparsity * numel)
+
+
+def _ms(seconds):
+    return None if seconds is None else f"{seconds * 1e3:.3f}"
