@@ -109,3 +109,32 @@ def test_info_names_device_and_backends(capsys):
     assert "device: " in printed
     assert "dsd_kernels backends available: " in printed and "torch" in printed
     assert "cpu -> " in printed
+
+
+def test_paired_test_matches_a_hand_computed_example():
+    from dsd.study import paired_test
+
+    result = paired_test([0.81, 0.72, 0.93], [0.80, 0.70, 0.90])  # differences 1, 2, 3 points
+    assert result["mean_diff"] == pytest.approx(0.02)
+    assert result["sd_diff"] == pytest.approx(0.01)
+    # t = 0.02 / (0.01 / sqrt 3) = 3.4641 on 2 degrees of freedom; t_0.975 = 4.3027
+    assert result["p_value"] == pytest.approx(0.07418, abs=1e-4)
+    assert result["ci95"] == pytest.approx([0.02 - 0.024841, 0.02 + 0.024841], abs=1e-5)
+    assert result["outside_noise"] is False
+    constant = paired_test([0.75, 0.5, 1.0], [0.5, 0.25, 0.75])  # +25 points on every pair
+    assert constant["p_value"] is None and constant["outside_noise"] is None
+
+
+def test_study_command_pairs_runs_per_seed(tmp_path, capsys):
+    out = tmp_path / "study.json"
+    assert main(["study", "--tasks", "digits", "--models", "mlp", "--seeds", "2",
+                 "--set", "phases=[1,1,1]", "--set", "mlp_hidden=[16]",
+                 "--set", 'backend="torch"', "--out", str(out),
+                 "--work", str(tmp_path / "runs")]) == 0
+    result = json.loads(out.read_text())
+    (cell,) = result["cells"]
+    assert [run["seed"] for run in cell["runs"]] == [0, 1]
+    assert cell["paired"]["n"] == 2
+    assert "| digits | mlp |" in capsys.readouterr().out
+    assert main(["study", "--seeds", "2", "--set", "sparsity=2", "--out", str(out)]) == 2
+    assert "sparsity must be in [0, 1)" in capsys.readouterr().err

@@ -60,8 +60,9 @@ def table(result: dict) -> str:
         header += ["dense test acc", "dense test loss"]
     rows = []
     for i, phase in enumerate(result["phases"]):
-        cells = [f"{phase['phase']} {phase['name']}",
-                 f"{phase['first_epoch']}-{phase['last_epoch']}", f"{phase['lr']:.3g}"]
+        epochs = (str(phase["first_epoch"]) if phase["first_epoch"] == phase["last_epoch"]
+                  else f"{phase['first_epoch']}-{phase['last_epoch']}")
+        cells = [f"{phase['phase']} {phase['name']}", epochs, f"{phase['lr']:.3g}"]
         for arm in arms:
             end = arms[arm]["phase_end"][i]
             cells += [f"{end['test_acc']:.2%}", f"{end['test_loss']:.4f}"]

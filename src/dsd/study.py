@@ -19,22 +19,25 @@ from .trainer import train
 
 
 def paired_test(treated, control) -> dict:
-    """Paired t-test of treated - control: mean, spread, 95% interval, two-sided p-value."""
+    """Paired t-test of treated - control: mean, spread, 95% interval, two-sided p-value.
+
+    When every pair differs by exactly the same amount (common when accuracies move by whole
+    test examples), the t statistic is undefined: p_value and outside_noise are then None.
+    """
     diffs = np.asarray(treated, dtype=float) - np.asarray(control, dtype=float)
     n = len(diffs)
     if n < 2:
         raise ValueError("a paired test needs at least 2 pairs")
     mean, sd = float(diffs.mean()), float(diffs.std(ddof=1))
-    if sd == 0:  # every pair differs by the same amount: no noise to compare against
-        p_value = 1.0 if mean == 0 else 0.0
-        half_width = 0.0
-    else:
-        se = sd / math.sqrt(n)
-        p_value = float(2 * stats.t.sf(abs(mean / se), n - 1))
-        half_width = float(stats.t.ppf(0.975, n - 1) * se)
-    return {"n": n, "mean_diff": mean, "sd_diff": sd, "ci95": [mean - half_width,
-                                                               mean + half_width],
-            "p_value": p_value, "outside_noise": p_value < 0.05}
+    if sd == 0:
+        return {"n": n, "mean_diff": mean, "sd_diff": 0.0, "ci95": None, "p_value": None,
+                "outside_noise": None}
+    se = sd / math.sqrt(n)
+    p_value = float(2 * stats.t.sf(abs(mean / se), n - 1))
+    half_width = float(stats.t.ppf(0.975, n - 1) * se)
+    return {"n": n, "mean_diff": mean, "sd_diff": sd,
+            "ci95": [mean - half_width, mean + half_width], "p_value": p_value,
+            "outside_noise": p_value < 0.05}
 
 
 def _run_dir(work: Path, config: RunConfig) -> Path:
@@ -81,13 +84,17 @@ def table(result: dict) -> str:
              "outside seed noise? |", "|---|---|---|---|---|---|---|"]
     for cell in result["cells"]:
         paired = cell["paired"]
-        low, high = (100 * x for x in paired["ci95"])
+        diff = f"{100 * paired['mean_diff']:+.2f}"
+        if paired["p_value"] is None:
+            diff, p, verdict = f"{diff} on every seed", "n/a", "undefined (no spread)"
+        else:
+            low, high = (100 * x for x in paired["ci95"])
+            diff += f" ({low:+.2f}, {high:+.2f})"
+            p, verdict = f"{paired['p_value']:.3f}", "yes" if paired["outside_noise"] else "no"
         lines.append(
             f"| {cell['task']} | {cell['model']} | {100 * cell['dsd_mean']:.2f} ± "
             f"{100 * cell['dsd_sd']:.2f} | {100 * cell['dense_mean']:.2f} ± "
-            f"{100 * cell['dense_sd']:.2f} | {100 * paired['mean_diff']:+.2f} "
-            f"({low:+.2f}, {high:+.2f}) | {paired['p_value']:.3f} | "
-            f"{'yes' if paired['outside_noise'] else 'no'} |")
+            f"{100 * cell['dense_sd']:.2f} | {diff} | {p} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 

@@ -57,6 +57,8 @@ def train(config: RunConfig, run_dir=None, *, quiet: bool = False) -> dict:
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
     device = _resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     try:
         dsd_kernels.use_backend(config.backend)
     except dsd_kernels.BackendUnavailable as reason:
