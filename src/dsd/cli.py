@@ -131,6 +131,9 @@ def main(argv=None) -> int:
     except ValueError as error:  # RunError, config and plan errors: the message says it all
         print(f"dsd: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # e.g. a run directory that cannot be created
+        print(f"dsd: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
