@@ -29,7 +29,7 @@ def paired_test(treated, control) -> dict:
     if n < 2:
         raise ValueError("a paired test needs at least 2 pairs")
     mean, sd = float(diffs.mean()), float(diffs.std(ddof=1))
-    if sd == 0:
+    if np.allclose(diffs, diffs[0], rtol=0, atol=1e-12):  # equal up to float rounding
         return {"n": n, "mean_diff": mean, "sd_diff": 0.0, "ci95": None, "p_value": None,
                 "outside_noise": None}
     se = sd / math.sqrt(n)
