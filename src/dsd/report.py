@@ -6,6 +6,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+import dsd_kernels
+
 _FINAL_KEYS = ("train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "sparsity")
 
 
@@ -41,7 +43,8 @@ def summary(config, plan, history: dict, sparsity: dict, branch_epoch: int, seco
         }
     result = {"config": config.to_dict(), "run_dir": str(run_dir), "phases": phases,
               "arms": arms, "branch_epoch": branch_epoch if "baseline" in arms else None,
-              "train_seconds": round(seconds, 2)}
+              "train_seconds": round(seconds, 2),
+              "kernels": dsd_kernels.selected_backends()}
     if "baseline" in arms:
         result["test_acc_difference"] = (arms["dsd"]["final"]["test_acc"]
                                          - arms["baseline"]["final"]["test_acc"])
