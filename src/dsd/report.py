@@ -105,7 +105,7 @@ def plot(plan, history: dict, *, title: str, branch_epoch: int) -> bytes:
     for arm, rows in history.items():
         rows = full_history(history, arm, branch_epoch)
         if arm != "dsd":  # draw the baseline from the branch point on
-            rows = [row for row in rows if row["epoch"] >= max(branch_epoch, 1)]
+            rows = [row for row in rows if row["epoch"] >= branch_epoch]
         color, line, label = styles[arm]
         epochs = [row["epoch"] for row in rows]
         loss_axes.plot(epochs, [row["train_loss"] for row in rows], color=color, linestyle=line,

@@ -158,9 +158,9 @@ class _Run:
         self.bars = not quiet and sys.stderr.isatty()
         self.plan = config.plan()
         self.arm_names = ["dsd", "baseline"] if config.baseline else ["dsd"]
-        first = self.plan.phases[0]
-        # The arms share the first dense phase; the baseline branches off after it.
-        self.branch_epoch = first.length if first.kind == "dense" else 0
+        # The arms share the first phase (a config's plan starts dense); the baseline branches
+        # off after it.
+        self.branch_epoch = self.plan.phases[0].length
         self.ckpt_dir = run_dir / "checkpoints"
         self.history = {name: [] for name in self.arm_names}
         self.sparsity = {name: [] for name in self.arm_names}
@@ -216,8 +216,6 @@ class _Run:
             arm, next_epoch = _Arm.build(self.config, self.data, "dsd", self.device), 0
         self._rewrite_metrics()
         while arm is not None:
-            if arm.name == "dsd" and self.config.baseline and next_epoch == self.branch_epoch == 0:
-                self._save(arm, 0, "branch.pt")
             self._train_arm(arm, next_epoch)
             final = {k: v.detach().cpu().clone() for k, v in arm.model.state_dict().items()}
             checkpoint.save_torch(final, self.run_dir / ("model.pt" if arm.name == "dsd"
