@@ -27,7 +27,8 @@ _MASKED_FOR = {torch.optim.SGD: MaskedSGD, torch.optim.Adam: MaskedAdam,
                torch.optim.AdamW: MaskedAdamW}
 
 
-def prunable_parameters(model: nn.Module, include=(), exclude=()) -> list[tuple[str, nn.Parameter]]:
+def prunable_parameters(model: nn.Module, include=(),
+                        exclude=()) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) pairs to prune, in `model.named_parameters()` order.
 
     Default: weight tensors of Linear, Conv*, RNN/LSTM/GRU and Embedding layers. `include`
@@ -156,7 +157,8 @@ class DSD:
 
     def _enter(self, index: int) -> None:
         phase = self.plan.phases[index]
-        old_scale = 1.0 if self.phase_index is None else self.plan.phases[self.phase_index].lr_scale
+        old = None if self.phase_index is None else self.plan.phases[self.phase_index]
+        old_scale = 1.0 if old is None else old.lr_scale
         if phase.lr_scale != old_scale:
             for group in self.optimizer.param_groups:
                 group["lr"] = group["lr"] * (phase.lr_scale / old_scale)

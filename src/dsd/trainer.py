@@ -178,7 +178,8 @@ class _Run:
                 "rng": _rng_state(), "history": self.history, "sparsity": self.sparsity,
                 "seconds": self.seconds}
 
-    def _restore(self, state: dict, name: str, *, records: bool = True) -> tuple[_Arm | None, int]:
+    def _restore(self, state: dict, name: str, *,
+                 records: bool = True) -> tuple[_Arm | None, int]:
         """Rebuild arm `name` from a checkpoint; `records=False` keeps this run's metrics (to
         branch the baseline off while keeping the DSD arm's history)."""
         if state.get("format") != FORMAT or state.get("config") != self.config.to_dict():
@@ -252,7 +253,8 @@ class _Run:
             phase_end = self.plan.starts[arm.dsd.phase_index] + arm.dsd.phase.length
             if epoch + 1 == phase_end:
                 self.sparsity[arm.name][-1]["end"] = arm.dsd.sparsity()
-            at_branch = arm.name == "dsd" and self.config.baseline and epoch + 1 == self.branch_epoch
+            at_branch = (arm.name == "dsd" and self.config.baseline
+                         and epoch + 1 == self.branch_epoch)
             if at_branch:  # before last.pt: a resume past the branch must find branch.pt
                 self._save(arm, epoch + 1, "branch.pt")
             if (epoch + 1) % self.config.checkpoint_every == 0 or epoch + 1 == total or at_branch:
