@@ -38,16 +38,20 @@ LINK_FLAGS = ["-fopenmp"]
 
 
 def vector_isa() -> str:
-    """The instruction set to compile for: AVX2 where torch itself runs AVX2 or AVX-512 code
-    (the kernels are memory-bound: wider vectors would not help), else portable C++."""
-    return "avx2" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "default"
+    """The instruction set to compile for: the widest of AVX-512 and AVX2 that torch itself
+    runs on this CPU, else portable C++."""
+    return {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(),
+                                                    "default")
 
 
 def compile_flags(isa: str) -> list[str]:
     # No contraction of a*b+c into one fused multiply-add: the kernels round where torch's
     # tensor ops round, so they agree with the pure-torch backend to the last bit or close.
     flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
-    if isa == "avx2":
+    if isa == "avx512":  # ATen's own AVX-512 flags
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                  "-DCPU_CAPABILITY_AVX512"]
+    elif isa == "avx2":
         flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]
     return flags
 
