@@ -35,6 +35,7 @@ from .config import RunConfig
 from .models import build_model
 from .runner import DSD
 from .tasks import load_task
+from .world import World
 
 FORMAT = 1  # checkpoint layout version
 _EVAL_BATCH = 1024
@@ -55,8 +56,9 @@ def train(config: RunConfig, run_dir=None, *, quiet: bool = False) -> dict:
     A run directory that already holds this config resumes from its last checkpoint (or, if
     finished, just reports). Everything is validated before the directory is created.
     """
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
-    device = _resolve_device(config.device)
+    world, device = World.start(_resolve_device(config.device))
+    run_dir = Path(world.from_main(str(run_dir) if run_dir is not None
+                                   else str(default_run_dir(config))))
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
@@ -67,8 +69,16 @@ def train(config: RunConfig, run_dir=None, *, quiet: bool = False) -> dict:
                      mnist1d_samples=config.mnist1d_samples)
     # Build once before touching the disk: include/exclude patterns are checked on the model.
     _Arm.build(config, data, "dsd", device)
-    _prepare_run_dir(config, run_dir)
-    return _Run(config, data, run_dir, device, quiet).execute()
+    problem = None
+    if world.main:  # one process creates the directory; all of them learn what went wrong
+        try:
+            _prepare_run_dir(config, run_dir)
+        except RunError as error:
+            problem = str(error)
+    problem = world.from_main(problem)
+    if problem:
+        raise RunError(problem)
+    return _Run(config, data, run_dir, device, quiet, world).execute()
 
 
 def load_config(run_dir) -> RunConfig:
@@ -125,13 +135,15 @@ def _set_rng_state(state: dict) -> None:
 
 
 class _Arm:
-    """One arm's live objects: the model, its masked optimizer and the DSD runner."""
+    """One arm's live objects: the model, its masked optimizer and the DSD runner; `net` is the
+    module that runs the batches (the model itself, or its DDP wrapper under torchrun)."""
 
-    def __init__(self, name, model, dsd):
-        self.name, self.model, self.dsd = name, model, dsd
+    def __init__(self, name, model, dsd, net):
+        self.name, self.model, self.dsd, self.net = name, model, dsd, net
 
     @classmethod
-    def build(cls, config: RunConfig, data, name: str, device) -> "_Arm":
+    def build(cls, config: RunConfig, data, name: str, device,
+              world: World | None = None) -> "_Arm":
         torch.manual_seed(config.seed)  # the same initial weights for both arms and devices
         model = build_model(config.model, data.signal_shape, data.num_classes,
                             mlp_hidden=config.mlp_hidden, cnn_channels=config.cnn_channels,
@@ -143,8 +155,8 @@ class _Arm:
             masked = MaskedAdam if config.optimizer == "adam" else MaskedAdamW
             optimizer = masked(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         plan = config.plan()
-        return cls(name, model, DSD(model, optimizer, plan if name == "dsd"
-                                    else plan.dense_baseline()))
+        dsd = DSD(model, optimizer, plan if name == "dsd" else plan.dense_baseline())
+        return cls(name, model, dsd, world.wrap(model, device) if world else model)
 
     @property
     def optimizer(self):
@@ -152,10 +164,12 @@ class _Arm:
 
 
 class _Run:
-    def __init__(self, config: RunConfig, data, run_dir: Path, device, quiet: bool):
+    def __init__(self, config: RunConfig, data, run_dir: Path, device, quiet: bool,
+                 world: World):
         self.config, self.data, self.run_dir, self.device = config, data, run_dir, device
-        self.quiet = quiet
-        self.bars = not quiet and sys.stderr.isatty()
+        self.world = world
+        self.quiet = quiet or not world.main
+        self.bars = not self.quiet and sys.stderr.isatty()
         self.plan = config.plan()
         self.arm_names = ["dsd", "baseline"] if config.baseline else ["dsd"]
         # The arms share the first phase (a config's plan starts dense); the baseline branches
@@ -190,7 +204,7 @@ class _Run:
             self.seconds = state["seconds"]
         if name == "done":
             return None, 0
-        arm = _Arm.build(self.config, self.data, name, self.device)
+        arm = _Arm.build(self.config, self.data, name, self.device, self.world)
         arm.model.load_state_dict(state["model"])
         arm.optimizer.load_state_dict(state["optimizer"])  # state, LRs and masks
         # The arms' phases agree up to the branch, so a phase index carries across.
@@ -200,13 +214,15 @@ class _Run:
         return arm, state["next_epoch"]
 
     def _save(self, arm: _Arm | None, next_epoch: int, filename: str = "last.pt") -> None:
-        checkpoint.save_torch(self._state(arm, next_epoch), self.ckpt_dir / filename)
+        if self.world.main:  # the ranks' states are the same: one copy, on any world size
+            checkpoint.save_torch(self._state(arm, next_epoch), self.ckpt_dir / filename)
 
     # ---- the run -------------------------------------------------------------------------
     def execute(self) -> dict:
-        self.ckpt_dir.mkdir(exist_ok=True)
-        checkpoint.remove_stale_temps(self.ckpt_dir)
-        checkpoint.remove_stale_temps(self.run_dir)
+        if self.world.main:
+            self.ckpt_dir.mkdir(exist_ok=True)
+            checkpoint.remove_stale_temps(self.ckpt_dir)
+            checkpoint.remove_stale_temps(self.run_dir)
         last = self.ckpt_dir / "last.pt"
         if last.exists():
             state = checkpoint.load_torch(last)
@@ -214,15 +230,19 @@ class _Run:
             if arm is not None:
                 self._say(f"resuming {self.run_dir}: {arm.name} arm at epoch {next_epoch + 1}")
         else:
-            arm, next_epoch = _Arm.build(self.config, self.data, "dsd", self.device), 0
+            arm, next_epoch = _Arm.build(self.config, self.data, "dsd", self.device,
+                                         self.world), 0
         self._rewrite_metrics()
         while arm is not None:
             self._train_arm(arm, next_epoch)
-            final = {k: v.detach().cpu().clone() for k, v in arm.model.state_dict().items()}
-            checkpoint.save_torch(final, self.run_dir / ("model.pt" if arm.name == "dsd"
-                                                         else "baseline_model.pt"))
+            self.world.check_replicas(arm.model.parameters())
+            if self.world.main:
+                final = {k: v.detach().cpu().clone() for k, v in arm.model.state_dict().items()}
+                checkpoint.save_torch(final, self.run_dir / ("model.pt" if arm.name == "dsd"
+                                                             else "baseline_model.pt"))
             following = self.arm_names.index(arm.name) + 1
             if following < len(self.arm_names):
+                self.world.barrier()  # branch.pt is written by rank 0
                 arm, next_epoch = self._restore(checkpoint.load_torch(self.ckpt_dir / "branch.pt"),
                                                 self.arm_names[following], records=False)
                 self._say(f"baseline: dense from epoch {next_epoch + 1}, branched from the DSD "
@@ -282,25 +302,32 @@ class _Run:
     def _train_epoch(self, arm: _Arm, epoch: int) -> tuple[float, float]:
         x, y = self.data_on_device["x_train"], self.data_on_device["y_train"]
         # The batch order depends only on (seed, epoch): both arms and a resumed run see the
-        # same batches without carrying a data-loader state.
+        # same batches without carrying a data-loader state, whatever the number of ranks.
         order = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
         perm = torch.randperm(len(y), generator=order).to(self.device)
         batch = self.config.batch_size
+        rank, ranks = self.world.rank, self.world.size
         starts = range(0, len(y), batch)
-        arm.model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        arm.net.train()
+        stats = torch.zeros(2, device=self.device)  # loss sum, correct count
         for i in tqdm(starts, desc=f"epoch {epoch + 1}", disable=not self.bars, leave=False,
                       unit="batch"):
             index = perm[i:i + batch]
-            logits = arm.model(x[index])
-            loss = F.cross_entropy(logits, y[index])
+            # Each rank takes every ranks-th example of the global batch; the loss is scaled so
+            # that DDP's mean over ranks is the gradient of the global batch's mean loss. A
+            # rank left without examples runs one with weight 0 (DDP needs every rank).
+            local, weight = index[rank::ranks], 1.0
+            if not len(local):
+                local, weight = index[:1], 0.0
+            logits = arm.net(x[local])
+            losses = F.cross_entropy(logits, y[local], reduction="none")
             arm.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (losses.sum() * (weight * ranks / len(index))).backward()
             arm.optimizer.step()
-            loss_sum += loss.detach() * len(index)
-            correct += (logits.argmax(1) == y[index]).sum()
-        return loss_sum.item() / len(y), correct.item() / len(y)
+            stats += weight * torch.stack([losses.detach().sum(),
+                                           (logits.argmax(1) == y[local]).sum().float()])
+        loss_sum, correct = self.world.sum_(stats).tolist()
+        return loss_sum / len(y), correct / len(y)
 
     @torch.no_grad()
     def _evaluate(self, model, split: str) -> tuple[float, float]:
@@ -320,12 +347,16 @@ class _Run:
 
     # ---- outputs -------------------------------------------------------------------------
     def _append_metrics(self, row: dict) -> None:
+        if not self.world.main:
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as file:
             file.write(json.dumps(row) + "\n")
 
     def _rewrite_metrics(self) -> None:
         """metrics.jsonl as of the checkpoint: rows written after it are dropped, rows a kill
         kept from being written are restored."""
+        if not self.world.main:
+            return
         rows = [row for name in self.arm_names for row in self.history[name]]
         checkpoint.save_text("".join(json.dumps(row) + "\n" for row in rows),
                              self.run_dir / "metrics.jsonl")
@@ -333,6 +364,9 @@ class _Run:
     def _write_outputs(self) -> dict:
         summary = report.summary(self.config, self.plan, self.history, self.sparsity,
                                  self.branch_epoch, self.seconds, self.run_dir)
+        summary["world_size"] = self.world.size
+        if not self.world.main:
+            return summary
         checkpoint.save_json(self.sparsity, self.run_dir / "sparsity.json")
         checkpoint.save_json(summary, self.run_dir / "summary.json")
         checkpoint.save_text(report.table(summary), self.run_dir / "summary.txt")
