@@ -7,6 +7,7 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <span>
 
 namespace dsd_cpp {
@@ -88,10 +89,34 @@ at::Tensor kth_smallest_abs(at::TensorList xs, int64_t k) {
                            at::TensorOptions().dtype(dtype));
 }
 
+// Below this many keys, one thread copying them and running nth_element is faster than the
+// radix passes, whose fixed cost (clearing and summing per-thread histograms in three parallel
+// regions) dominates small tensors such as a network's biases and small layers.
+constexpr int64_t kSmallNumel = int64_t{1} << 14;
+
+Selection select_kth_small(const std::vector<Segment>& segments, int64_t k) {
+  std::vector<uint32_t> keys;
+  keys.reserve(total_numel(segments));
+  for_each_key_block(segments, 0, total_numel(segments),
+                     [&](const Segment&, int64_t, const uint32_t* bits, int64_t n) {
+                       for (int64_t j = 0; j < n; ++j) keys.push_back(bits[j] & kKeyMask);
+                     });
+  std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end());
+  const uint32_t key = keys[k - 1];
+  int64_t less = 0;
+  int64_t equal = 0;
+  for (const uint32_t other : keys) {
+    less += other < key;
+    equal += other == key;
+  }
+  return {key, less, equal};
+}
+
 }  // namespace
 
 Selection select_kth(const std::vector<Segment>& segments, int64_t k) {
   const int64_t total = total_numel(segments);
+  if (total <= kSmallNumel) return select_kth_small(segments, k);
   const std::span<const RadixPass> passes =
       total >= kWideMinNumel ? std::span<const RadixPass>(kWidePasses) : kNarrowPasses;
   const int64_t chunks = (std::min(total, kFlushEvery) + kChunk - 1) / kChunk;
