@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _checks, _ops, distributed
+from . import _checks, _ops, distributed  # noqa: F401  (_ops defines the ops)
 from .backends import BackendUnavailable, available_backends, selected_backends, use_backend
 from .backends import ensure_selected as _ensure_selected
 

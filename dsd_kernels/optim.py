@@ -100,12 +100,21 @@ class _Masked:
         super().load_state_dict(state_dict)
         self._masks = masks
 
-    def _amp_scale(self):
-        """(skip, grad_scale): GradScaler's found_inf means skip this step entirely."""
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # GradScaler's found_inf skips the whole step (weights, state and step counts).
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and found_inf.item() != 0:
-            return True, None
-        return False, getattr(self, "grad_scale", None)
+            return loss
+        grad_scale = getattr(self, "grad_scale", None)
+        ensure_selected()
+        for group in self.param_groups:
+            self._update_group(group, grad_scale)
+        return loss
 
     def _grads_by_device(self, group, make_state):
         """Params of a group that have gradients, bucketed per (device, key from make_state).
@@ -150,77 +159,50 @@ class MaskedSGD(_Masked, torch.optim.SGD):
                          maximize=maximize)
         self._masks = {}
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        skip, grad_scale = self._amp_scale()
-        if skip:
-            return loss
-        ensure_selected()
-        for group in self.param_groups:
-            momentum = float(group["momentum"])
+    def _update_group(self, group, grad_scale):
+        momentum = float(group["momentum"])
 
-            def make_state(p):
-                # A new buffer is a copy of the first gradient in torch.optim, which is what a
-                # zero buffer gives on a step without dampening.
-                if momentum == 0:
-                    return False, {}
-                state = self.state[p]
-                fresh = state.get("momentum_buffer") is None
-                if fresh:
-                    state["momentum_buffer"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format)
-                return fresh, {"momentum_buffers": state["momentum_buffer"]}
+        def make_state(p):
+            # A new buffer is a copy of the first gradient in torch.optim, which is what a
+            # zero buffer gives on a step without dampening.
+            if momentum == 0:
+                return False, {}
+            state = self.state[p]
+            fresh = state.get("momentum_buffer") is None
+            if fresh:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            return fresh, {"momentum_buffers": state["momentum_buffer"]}
 
-            for (device, fresh), b in self._grads_by_device(group, make_state).items():
-                _ops.masked_sgd_(
-                    b["params"], b["grads"], b["momentum_buffers"], b["masks"],
-                    float(group["lr"]), momentum, 0.0 if fresh else float(group["dampening"]),
-                    float(group["weight_decay"]), bool(group["nesterov"]),
-                    bool(group["maximize"]), _scale_on(grad_scale, device))
-        return loss
+        for (device, fresh), b in self._grads_by_device(group, make_state).items():
+            _ops.masked_sgd_(
+                b["params"], b["grads"], b["momentum_buffers"], b["masks"],
+                float(group["lr"]), momentum, 0.0 if fresh else float(group["dampening"]),
+                float(group["weight_decay"]), bool(group["nesterov"]),
+                bool(group["maximize"]), _scale_on(grad_scale, device))
 
 
 class _MaskedAdamStep(_Masked):
     _state_names = ("exp_avg", "exp_avg_sq")
 
-    def _init_adam(self, amsgrad, capturable, differentiable):
-        self._reject(amsgrad=amsgrad, capturable=capturable, differentiable=differentiable)
+    def _update_group(self, group, grad_scale):
+        def make_state(p):
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            return None, {"exp_avgs": state["exp_avg"], "exp_avg_sqs": state["exp_avg_sq"],
+                          "steps": float(state["step"])}
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        skip, grad_scale = self._amp_scale()
-        if skip:
-            return loss
-        ensure_selected()
-        for group in self.param_groups:
-
-            def make_state(p):
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                return None, {"exp_avgs": state["exp_avg"], "exp_avg_sqs": state["exp_avg_sq"],
-                              "steps": float(state["step"])}
-
-            beta1, beta2 = (float(beta) for beta in group["betas"])
-            decoupled = group.get("decoupled_weight_decay", isinstance(self, torch.optim.AdamW))
-            for (device, _), b in self._grads_by_device(group, make_state).items():
-                _ops.masked_adam_(
-                    b["params"], b["grads"], b["exp_avgs"], b["exp_avg_sqs"], b["masks"],
-                    b["steps"], float(group["lr"]), beta1, beta2, float(group["eps"]),
-                    float(group["weight_decay"]), bool(decoupled), bool(group["maximize"]),
-                    _scale_on(grad_scale, device))
-        return loss
+        beta1, beta2 = (float(beta) for beta in group["betas"])
+        decoupled = group.get("decoupled_weight_decay", isinstance(self, torch.optim.AdamW))
+        for (device, _), b in self._grads_by_device(group, make_state).items():
+            _ops.masked_adam_(
+                b["params"], b["grads"], b["exp_avgs"], b["exp_avg_sqs"], b["masks"],
+                b["steps"], float(group["lr"]), beta1, beta2, float(group["eps"]),
+                float(group["weight_decay"]), bool(decoupled), bool(group["maximize"]),
+                _scale_on(grad_scale, device))
 
 
 class MaskedAdam(_MaskedAdamStep, torch.optim.Adam):
@@ -229,7 +211,7 @@ class MaskedAdam(_MaskedAdamStep, torch.optim.Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False):
-        self._init_adam(amsgrad, capturable, differentiable)
+        self._reject(amsgrad=amsgrad, capturable=capturable, differentiable=differentiable)
         super().__init__(params, lr, betas, eps, weight_decay, maximize=maximize,
                          decoupled_weight_decay=decoupled_weight_decay)
         self._masks = {}
@@ -241,6 +223,6 @@ class MaskedAdamW(_MaskedAdamStep, torch.optim.AdamW):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None):
-        self._init_adam(amsgrad, capturable, differentiable)
+        self._reject(amsgrad=amsgrad, capturable=capturable, differentiable=differentiable)
         super().__init__(params, lr, betas, eps, weight_decay, maximize=maximize)
         self._masks = {}

@@ -10,6 +10,8 @@ import textwrap
 import pytest
 import torch
 
+import _kill
+
 from dsd.config import RunConfig
 from dsd.models import build_model
 from dsd.trainer import RunError, train
@@ -19,28 +21,15 @@ from dsd.trainer import RunError, train
 SETTINGS = dict(task="digits", model="mlp", phases=[2, 2, 2], sparsity=0.6, baseline=True,
                 mlp_hidden=[48, 24], dropout=0.2, backend="torch", device="cpu", seed=7)
 
-# Runs `train` and hard-kills the process (os._exit: no cleanup, no exception handlers) in the
-# middle of its Nth file write, after half of the bytes are on disk.
+# Runs `train` and hard-kills the process in the middle of its Nth file write (tests/_kill.py).
 _KILLER = textwrap.dedent("""
-    import io, json, os, sys
-    import torch
+    import json, sys
+    import _kill
     from dsd.config import RunConfig
     from dsd.trainer import train
 
     run_dir, kill_at, settings = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-    real_save, calls = torch.save, [0]
-
-    def dying_save(obj, file, *args, **kwargs):
-        calls[0] += 1
-        if calls[0] == kill_at:
-            buffer = io.BytesIO()
-            real_save(obj, buffer)
-            file.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-            file.flush()
-            os._exit(9)
-        real_save(obj, file, *args, **kwargs)
-
-    torch.save = dying_save
+    _kill.die_in_save(kill_at)
     train(RunConfig.from_mapping(settings), run_dir, quiet=True)
 """)
 
@@ -103,7 +92,8 @@ def test_interrupted_mid_save_resumes_to_identical_weights(reference, tmp_path, 
 def test_hard_kill_mid_save_leaves_a_torn_temp_and_resumes(reference, tmp_path):
     run_dir = tmp_path / "run"
     killed = subprocess.run([sys.executable, "-c", _KILLER, str(run_dir), "5",
-                             json.dumps(SETTINGS)], capture_output=True, text=True)
+                             json.dumps(SETTINGS)], capture_output=True, text=True,
+                            env=_kill.subprocess_env())
     assert killed.returncode == 9, killed.stderr
     torn = list(run_dir.rglob(".*.tmp"))
     assert torn, "the kill should have left a half-written temp file"

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import _kill
 import dsd_kernels as dk
 from dsd import DSD, Plan
 from dsd.config import RunConfig
@@ -64,11 +65,11 @@ def test_python_api_under_ddp(tmp_path):
         torch.testing.assert_close(ranks[0][key], reference[key], **TRAJECTORY)
 
 
-def _torchrun(world, args, *, script=None, check=True):
+def _torchrun(world, args, *, script=None, check=True, env=None):
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
               f"--nproc_per_node={world}"]
     target = [str(script)] if script else ["-m", "dsd.cli"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(env or os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(launch + target + args, capture_output=True, text=True, env=env,
                             timeout=600)
     if check:
@@ -106,25 +107,13 @@ def test_dsd_train_under_torchrun_matches_single_process(tmp_path, single_proces
     _close(run_dir, single_process_run)
 
 
-# Rank 0 (the only writer) dies mid-way through its Nth checkpoint write.
+# Rank 0 (the only writer) dies mid-way through its Nth checkpoint write (tests/_kill.py).
 _KILLER = textwrap.dedent("""
-    import io, os, sys
-    import torch
+    import os, sys
+    import _kill
     from dsd.cli import main
 
-    kill_at, real_save, calls = int(os.environ["KILL_AT"]), torch.save, [0]
-
-    def dying_save(obj, file, *args, **kwargs):
-        calls[0] += 1
-        if calls[0] == kill_at:
-            buffer = io.BytesIO()
-            real_save(obj, buffer)
-            file.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-            file.flush()
-            os._exit(9)
-        real_save(obj, file, *args, **kwargs)
-
-    torch.save = dying_save
+    _kill.die_in_save(int(os.environ["KILL_AT"]))
     sys.exit(main())
 """)
 
@@ -133,12 +122,8 @@ def test_killed_torchrun_run_resumes_on_another_world_size(tmp_path, single_proc
     script = tmp_path / "killer.py"
     script.write_text(_KILLER)
     run_dir = tmp_path / "ddp"
-    os.environ["KILL_AT"] = "3"
-    try:
-        killed = _torchrun(2, ["train", *_flags(SETTINGS), "--out", str(run_dir), "--quiet"],
-                           script=script, check=False)
-    finally:
-        del os.environ["KILL_AT"]
+    killed = _torchrun(2, ["train", *_flags(SETTINGS), "--out", str(run_dir), "--quiet"],
+                       script=script, check=False, env=_kill.subprocess_env(KILL_AT="3"))
     assert killed.returncode != 0 and not (run_dir / "model.pt").exists()
     _torchrun(3, ["train", "--resume", str(run_dir), "--quiet"])
     summary = json.loads((run_dir / "summary.json").read_text())
