@@ -136,6 +136,114 @@ def test_denormals(dtype):
     _check_threshold_and_masks([x], ks=[1, 200, 5_000, 10_000])
 
 
+def _survivors(xs, ranks, segments):
+    """Each segment's final mode (2: its last passes read compacted survivors, 0: it read
+    its tensors in every pass) and how many survivors it appended."""
+    from dsd_kernels.backends.triton import threshold
+    _, _, modes, counts = threshold._radix_select(xs, ranks, segments)
+    return modes.tolist(), counts.tolist()
+
+
+def _bucket(xs, k, shift):
+    """How many |x| share the bits above `shift` of the k-th smallest |x|'s fp32 pattern:
+    the candidates of the pass after the one whose digit ends at `shift`."""
+    patterns = torch.cat([x.detach().cpu().float().abs().reshape(-1) for x in xs]).view(
+        torch.int32)
+    kth = patterns.sort().values[k - 1]
+    return int(((patterns >> shift) == (kth >> shift)).sum())
+
+
+def _log_uniform(n, low, high, dtype, seed):
+    """Random-signed magnitudes 2**U(low, high): spread over many binades."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.exp2(torch.rand(n, generator=generator, dtype=torch.float64) * (high - low) + low)
+    return _random_signs(x.to(dtype), seed + 1).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_survivors_compacted_after_the_first_pass(dtype):
+    # Magnitudes over 26 binades: the top 7 bits (binade pairs) leave <= 1/4 of them in the
+    # k-th value's bucket, so pass 2 appends that bucket and passes 3 (and 4) read only it.
+    from dsd_kernels.backends.triton.threshold import DIGITS, SURVIVOR_SHARE
+    x = _log_uniform(40_000, -13, 13, dtype, seed=20)
+    ks = [1, 3_333, 20_000, 40_000]
+    for k in ks:
+        bucket = _bucket([x], k, DIGITS[0][0])
+        assert bucket <= x.numel() // SURVIVOR_SHARE
+        assert _survivors([x], [k], [0]) == ([2], [bucket]), f"k={k}"
+    _check_threshold_and_masks([x], ks)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_survivors_compacted_after_the_second_pass(dtype):
+    # Normal weights: the k-th value's binade pair holds more than 1/4 of them, its top 15
+    # bits ~1%. fp32 appends that bucket in pass 3 for pass 4; fp16 (3 passes) and bf16 (2)
+    # have no pass left to profit, so they read their tensors in every pass.
+    from dsd_kernels.backends.triton.threshold import DIGITS, SURVIVOR_SHARE
+    x = torch.randn(40_000, generator=torch.Generator().manual_seed(21)).to(dtype).to(DEVICE)
+    ks = [9_000, 20_000, 31_000]
+    for k in ks:
+        assert _bucket([x], k, DIGITS[0][0]) > x.numel() // SURVIVOR_SHARE
+        expected = ([2], [_bucket([x], k, DIGITS[1][0])]) if dtype == torch.float32 \
+            else ([0], [0])
+        assert _survivors([x], [k], [0]) == expected, f"k={k}"
+    _check_threshold_and_masks([x], ks)
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_survivor_capacity_is_exact_and_overflow_falls_back(over):
+    # 4,000 fp32 values have room for 1,000 survivors. A bucket that shares its top 15 bits
+    # and holds 1,000 values is compacted after pass 1; with 1,001 it fits after no pass, so
+    # every pass reads the tensor (the fallback) and the result is the same.
+    from dsd_kernels.backends.triton.threshold import SURVIVOR_SHARE
+    generator = torch.Generator().manual_seed(22)
+    small = 0x30000000 + torch.randint(0, 1 << 24, (1_500,), generator=generator)
+    bucket = 0x3F800000 + torch.randint(0, 1 << 16, (1_000 + over,), generator=generator)
+    large = 0x41000000 + torch.randint(0, 1 << 23, (1_500 - over,), generator=generator)
+    patterns = torch.cat([small, bucket, large])[torch.randperm(4_000, generator=generator)]
+    x = _random_signs(_from_patterns(patterns, torch.float32), seed=23).to(DEVICE)
+    assert x.numel() // SURVIVOR_SHARE == 1_000
+    ks = [1_501, 2_000, 2_500 + over]
+    for k in ks:
+        assert _survivors([x], [k], [0]) == (([2], [1_000]) if over == 0 else ([0], [0]))
+    _check_threshold_and_masks([x], ks, sparsities=(0.5,))
+
+
+def test_survivors_of_many_chunks_from_mixed_dtypes():
+    # Global scope over three dtype groups (three launches append to one survivor region)
+    # whose bucket after pass 1 (~23.5% of 150,000) fills more than one survivor chunk.
+    from dsd_kernels.backends.triton.threshold import CHUNK, DIGITS
+    xs = [_log_uniform(n, 0, 8.5, dtype, seed=24 + i) for i, (n, dtype) in
+          enumerate([(100_000, torch.float32), (30_000, torch.float16),
+                     (20_000, torch.bfloat16)])]
+    k = 75_000
+    bucket = _bucket(xs, k, DIGITS[0][0])
+    assert bucket > CHUNK
+    assert _survivors(xs, [k], [0, 0, 0]) == ([2], [bucket])
+    got = dk.kth_smallest_abs(xs, k)
+    assert _bits(got) == _bits(torch_ref.kth_smallest_abs(xs, k))
+    masks = dk.magnitude_masks(xs, 0.5, "global")
+    assert all(torch.equal(g, e) for g, e in zip(masks, torch_ref.magnitude_masks(xs, 0.5,
+                                                                                  "global")))
+
+
+def test_survivors_decided_per_segment():
+    # scope="layer": one call, three fates. A spread tensor compacts after pass 1, a normal
+    # one after pass 2, a tied one never; a fp16 tensor beside them shares fp32's 4 passes.
+    from dsd_kernels.backends.triton.threshold import DIGITS
+    tied = _from_patterns(0x3F800000 + torch.randint(
+        0, 16, (20_000,), generator=torch.Generator().manual_seed(25)), torch.float32)
+    xs = [_log_uniform(20_000, -13, 13, torch.float32, seed=26),
+          torch.randn(30_000, generator=torch.Generator().manual_seed(27)).to(DEVICE),
+          tied.to(DEVICE), _log_uniform(10_000, -9, 9, torch.float16, seed=28)]
+    ranks = [10_000, 15_000, 10_000, 5_000]
+    expected_counts = [_bucket([xs[0]], ranks[0], DIGITS[0][0]),
+                       _bucket([xs[1]], ranks[1], DIGITS[1][0]), 0,
+                       _bucket([xs[3]], ranks[3], DIGITS[0][0])]
+    assert _survivors(xs, ranks, [0, 1, 2, 3]) == ([2, 2, 0, 2], expected_counts)
+    _check_threshold_and_masks(xs, ks=[1, 40_000], sparsities=(0.5,))
+
+
 @pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
 def test_layouts_rank_ties_by_logical_index(layout):
     # Ties must be ranked by logical flat index, not by memory order.

@@ -9,6 +9,28 @@ segment picks the digit whose cumulative count reaches the wanted rank, appends 
 prefix and makes the rank relative to that digit. Prefix and rank stay in device buffers
 between passes: a threshold costs no host synchronisation at all.
 
+Survivor compaction. Once a segment's candidate bucket is small, later passes need not read
+the tensors again. After each pass, the select program knows the bucket's exact size; when
+it is at most the segment's survivor capacity (a quarter of its elements) and at least one
+pass would follow the next one, the segment is marked: in the next pass its histogram
+programs also append the candidates' int32 patterns to the segment's region of a survivor
+buffer (one relaxed atomic slot reservation per block of candidates, then a scattered store;
+the order of survivors is arbitrary, which changes neither the k-th value nor its rank), and
+the passes after that read only those survivors. The decision is made on the device from
+device values: the host launches the same kernels either way, and programs of a segment
+that does not need them return at once. A segment whose bucket stays over capacity keeps
+reading its tensors (the fallback). Reads per threshold, with b1 and b2 the bucket sizes
+after passes 1 and 2 as a share of the segment:
+- fp32 (4 digits): 2 full reads + a write and 2 reads of the b1 survivors when b1 <= 1/4;
+  else 3 full reads + a write and a read of the b2 survivors when b2 <= 1/4 (the common
+  case for trained weights: the top 7 bits only split binade pairs, b2 is ~1% or less);
+  else 4 full reads (data tied in all but the last digit).
+- fp16 (3 digits): 2 full reads + a write and a read of the survivors when b1 <= 1/4,
+  else 3 full reads.
+- bf16 (2 digits): 2 full reads; no pass is left to profit from compaction.
+A list of mixed dtypes takes the passes of its widest dtype. Survivors are int32 patterns,
+4 bytes each: for 16-bit tensors a survivor costs twice an element of the tensor.
+
 A segment is a set of tensors ranked together: one per tensor for scope="layer", one for all
 of them for scope="global" and for `kth_smallest_abs`. The tensors are read where they lie
 (dense ones in memory order: the order does not change a k-th value), never concatenated.
@@ -25,21 +47,31 @@ from .convert import to_fp32
 
 # (shift, width) of each digit, most significant first: bits 30..24, 23..16, 15..8, 7..0.
 # At most 256 bins: tl.histogram costs log2(bins) warp ballots plus bins/32 popcounts per
-# value on the GPU, which 256 bins keep near the cost of reading the value.
+# value on the GPU, which 256 bins keep near the cost of reading the value. (Triton 3.9
+# lowers it for sm_90 to one shared-memory atomic per candidate: fewer candidates, less work.)
 DIGITS = ((24, 7), (16, 8), (8, 8), (0, 8))
 BINS = 256
 # Digits a dtype needs: below its mantissa the fp32 pattern is zero (fp16: bits 12..0,
 # bf16: bits 15..0), so the last digits of a list without fp32 are zero and need no pass.
 PASSES = {torch.float32: 4, torch.float16: 3, torch.bfloat16: 2}
-BLOCK = 2048  # elements per tl.histogram call
+BLOCK = 2048  # elements per tl.histogram call (and per survivor slot reservation)
 CHUNK = 16 * BLOCK  # elements per program; its local histogram is flushed once
 NUM_WARPS = 8
+# A segment of n elements has room for n // SURVIVOR_SHARE survivors: compaction pays when
+# the bucket is well below the data (writing b and reading it twice must beat a full read),
+# and the buffer costs at most one byte per element.
+SURVIVOR_SHARE = 4
 
 # Columns of the per-tensor row table (int64).
 _ADDRESS = tl.constexpr(0)
 _NUMEL = tl.constexpr(1)
 _SEGMENT = tl.constexpr(2)
 _COLUMNS = tl.constexpr(3)
+
+# Where a segment's pass reads its candidates (one int32 per segment, on the device).
+_FROM_TENSORS = tl.constexpr(0)
+_APPENDING = tl.constexpr(1)  # from the tensors, appending the candidates to the survivors
+_FROM_SURVIVORS = tl.constexpr(2)
 
 
 @triton.jit
@@ -50,41 +82,103 @@ def magnitude_pattern(x):
 
 
 @triton.jit
-def _threshold_histogram_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, prefix_ptr,
-                                histograms_ptr, DTYPE: tl.constexpr, SHIFT: tl.constexpr,
-                                WIDTH: tl.constexpr, BINS: tl.constexpr, ALIGNED: tl.constexpr,
-                                FULL: tl.constexpr, CHUNK: tl.constexpr,
-                                BLOCK: tl.constexpr):
-    """Count digit (pattern >> SHIFT) % 2**WIDTH of one chunk's patterns whose higher bits
-    equal their segment's prefix, into histograms[segment]."""
-    chunk = tl.program_id(0)
-    row = rows_ptr + tl.load(chunk_rows_ptr + chunk).to(tl.int64) * _COLUMNS
-    start = tl.multiple_of(tl.load(chunk_starts_ptr + chunk), CHUNK)  # chunks start aligned
-    x_ptr = tl.load(row + _ADDRESS).to(tl.pointer_type(DTYPE))
-    if ALIGNED:  # the hint must sit on the pointer itself, not on the integer address
-        x_ptr = tl.multiple_of(x_ptr, 16)
-    x_ptr += start
-    remaining = tl.load(row + _NUMEL) - start
-    segment = tl.load(row + _SEGMENT)
-    prefix = tl.load(prefix_ptr + segment)
-
-    counts = tl.zeros([BINS], dtype=tl.int32)
-    for offset in range(0, CHUNK, BLOCK):
-        index = offset + tl.arange(0, BLOCK)
-        inside = lanes(index, remaining, FULL, BLOCK)
-        pattern = magnitude_pattern(tl.load(x_ptr + index, mask=inside, other=0.0))
-        candidate = inside & ((pattern >> (SHIFT + WIDTH)) == prefix)
-        digit = (pattern >> SHIFT) & ((1 << WIDTH) - 1)
-        counts += tl.histogram(digit, BINS, mask=candidate)
-    bins = tl.arange(0, BINS)
-    tl.atomic_add(histograms_ptr + segment * BINS + bins, counts.to(tl.int64), mask=counts > 0)
+def _candidate_digits(pattern, inside, prefix, SHIFT: tl.constexpr, WIDTH: tl.constexpr,
+                      BINS: tl.constexpr):
+    """Which patterns share the prefix, and the histogram of their digit."""
+    candidate = inside & ((pattern >> (SHIFT + WIDTH)) == prefix)
+    digit = (pattern >> SHIFT) & ((1 << WIDTH) - 1)
+    return candidate, tl.histogram(digit, BINS, mask=candidate)
 
 
 @triton.jit
-def _threshold_select_kernel(histograms_ptr, prefix_ptr, rank_ptr, WIDTH: tl.constexpr,
-                             BINS: tl.constexpr):
+def _flush(histograms_ptr, segment, counts, BINS: tl.constexpr):
+    bins = tl.arange(0, BINS)
+    # Relaxed: the next kernel reads the histogram only after this one has finished.
+    tl.atomic_add(histograms_ptr + segment * BINS + bins, counts.to(tl.int64), mask=counts > 0,
+                  sem="relaxed")
+
+
+@triton.jit
+def _threshold_histogram_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, prefix_ptr,
+                                histograms_ptr, modes_ptr, survivors_ptr, survivor_counts_ptr,
+                                survivor_bases_ptr, survivor_capacities_ptr,
+                                DTYPE: tl.constexpr, SHIFT: tl.constexpr, WIDTH: tl.constexpr,
+                                BINS: tl.constexpr, APPEND: tl.constexpr,
+                                ALIGNED: tl.constexpr, FULL: tl.constexpr,
+                                CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Count digit (pattern >> SHIFT) % 2**WIDTH of one chunk's patterns whose higher bits
+    equal their segment's prefix, into histograms[segment]. With APPEND, a segment marked
+    _APPENDING also appends those patterns to its survivors; a segment that reads its
+    survivors skips the chunk."""
+    chunk = tl.program_id(0)
+    row = rows_ptr + tl.load(chunk_rows_ptr + chunk).to(tl.int64) * _COLUMNS
+    segment = tl.load(row + _SEGMENT)
+    mode = tl.load(modes_ptr + segment)
+    if mode != _FROM_SURVIVORS:
+        start = tl.multiple_of(tl.load(chunk_starts_ptr + chunk), CHUNK)  # chunks start aligned
+        x_ptr = tl.load(row + _ADDRESS).to(tl.pointer_type(DTYPE))
+        if ALIGNED:  # the hint must sit on the pointer itself, not on the integer address
+            x_ptr = tl.multiple_of(x_ptr, 16)
+        x_ptr += start
+        remaining = tl.load(row + _NUMEL) - start
+        prefix = tl.load(prefix_ptr + segment)
+        if APPEND:
+            survivors = survivors_ptr + tl.load(survivor_bases_ptr + segment)
+            capacity = tl.load(survivor_capacities_ptr + segment)
+
+        counts = tl.zeros([BINS], dtype=tl.int32)
+        for offset in range(0, CHUNK, BLOCK):
+            index = offset + tl.arange(0, BLOCK)
+            inside = lanes(index, remaining, FULL, BLOCK)
+            pattern = magnitude_pattern(tl.load(x_ptr + index, mask=inside, other=0.0))
+            candidate, block_counts = _candidate_digits(pattern, inside, prefix, SHIFT, WIDTH,
+                                                        BINS)
+            counts += block_counts
+            if APPEND:
+                if mode == _APPENDING:
+                    taken = candidate.to(tl.int32)
+                    found = tl.sum(taken, 0)
+                    if found > 0:
+                        slot = tl.atomic_add(survivor_counts_ptr + segment,
+                                             found.to(tl.int64), sem="relaxed")
+                        place = slot + tl.cumsum(taken, 0) - 1
+                        # The bucket fits by the select's count; the bound only guards memory.
+                        tl.store(survivors + place, pattern, mask=candidate & (place < capacity))
+        _flush(histograms_ptr, segment, counts, BINS)
+
+
+@triton.jit
+def _survivor_histogram_kernel(chunk_segments_ptr, chunk_starts_ptr, prefix_ptr,
+                               histograms_ptr, modes_ptr, survivors_ptr, survivor_counts_ptr,
+                               survivor_bases_ptr, SHIFT: tl.constexpr, WIDTH: tl.constexpr,
+                               BINS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """The histogram kernel's count over one chunk of a segment's survivor region, for the
+    segments that read their survivors; the region is filled up to survivor_counts."""
+    chunk = tl.program_id(0)
+    segment = tl.load(chunk_segments_ptr + chunk).to(tl.int64)
+    if tl.load(modes_ptr + segment) == _FROM_SURVIVORS:
+        start = tl.load(chunk_starts_ptr + chunk)
+        remaining = tl.load(survivor_counts_ptr + segment) - start
+        survivors = survivors_ptr + tl.load(survivor_bases_ptr + segment) + start
+        prefix = tl.load(prefix_ptr + segment)
+        counts = tl.zeros([BINS], dtype=tl.int32)
+        for offset in range(0, tl.minimum(remaining, CHUNK), BLOCK):
+            index = offset + tl.arange(0, BLOCK)
+            inside = index < remaining
+            pattern = tl.load(survivors + index, mask=inside, other=0)
+            _, block_counts = _candidate_digits(pattern, inside, prefix, SHIFT, WIDTH, BINS)
+            counts += block_counts
+        _flush(histograms_ptr, segment, counts, BINS)
+
+
+@triton.jit
+def _threshold_select_kernel(histograms_ptr, prefix_ptr, rank_ptr, modes_ptr,
+                             survivor_capacities_ptr, WIDTH: tl.constexpr, BINS: tl.constexpr,
+                             COMPACT_NEXT: tl.constexpr):
     """For one segment: append the digit that holds the rank-th candidate to the prefix, make
-    the rank relative to that digit, and clear the histogram for the next pass."""
+    the rank relative to that digit, and clear the histogram for the next pass. Then advance
+    the segment's mode: survivors appended in this pass are read from the next one on; with
+    COMPACT_NEXT, a bucket that fits the survivor capacity is appended in the next pass."""
     segment = tl.program_id(0).to(tl.int64)
     bins = tl.arange(0, BINS)
     counts = tl.load(histograms_ptr + segment * BINS + bins)
@@ -96,6 +190,15 @@ def _threshold_select_kernel(histograms_ptr, prefix_ptr, rank_ptr, WIDTH: tl.con
     tl.store(prefix_ptr + segment, (prefix << WIDTH) | digit)
     tl.store(histograms_ptr + segment * BINS + bins, tl.zeros_like(counts))
 
+    mode = tl.load(modes_ptr + segment)
+    if mode == _APPENDING:
+        tl.store(modes_ptr + segment, _FROM_SURVIVORS)
+    if COMPACT_NEXT:
+        bucket = tl.sum(tl.where(bins == digit, counts, 0), 0)
+        fits = bucket <= tl.load(survivor_capacities_ptr + segment)
+        if (mode == _FROM_TENSORS) & fits:
+            tl.store(modes_ptr + segment, _APPENDING)
+
 
 def radix_select(xs, ranks, segments):
     """Per segment, the rank-th smallest |x| of its tensors (ranks[s] >= 1) as an int32 fp32
@@ -104,25 +207,53 @@ def radix_select(xs, ranks, segments):
     `xs` are dense in memory and on one device; `segments[i]` is the segment of xs[i].
     Returns two device tensors of one entry per segment; nothing is synchronised.
     """
+    return _radix_select(xs, ranks, segments)[:2]
+
+
+def _radix_select(xs, ranks, segments):
+    """radix_select, also returning the segments' final modes and survivor counts."""
     device = xs[0].device
     passes = max(PASSES[x.dtype] for x in xs)
-    groups, (rank,) = tables.grouped(
-        device, xs, lambda i: [xs[i].data_ptr(), xs[i].numel(), segments[i]], 1, CHUNK,
-        torch.tensor(ranks, dtype=torch.int64))
+    numels = [0] * len(ranks)
+    for x, segment in zip(xs, segments):
+        numels[segment] += x.numel()
+    capacities = torch.tensor(numels, dtype=torch.int64) // SURVIVOR_SHARE
+    bases = torch.cumsum(capacities, 0) - capacities
+    # Chunks of every segment's survivor region; how far each is filled is known on the device.
+    full_rows, full_starts, tail_rows, tail_starts = tables.chunk_table(capacities.tolist(),
+                                                                        CHUNK)
+    groups, (rank, capacities, bases, survivor_chunk_segments, survivor_chunk_starts) = \
+        tables.grouped(device, xs, lambda i: [xs[i].data_ptr(), xs[i].numel(), segments[i]],
+                       1, CHUNK, torch.tensor(ranks, dtype=torch.int64), capacities, bases,
+                       torch.cat([full_rows, tail_rows]), torch.cat([full_starts, tail_starts]))
     prefix = torch.zeros(len(ranks), dtype=torch.int32, device=device)
     histograms = torch.zeros(len(ranks), BINS, dtype=torch.int64, device=device)
+    modes = torch.zeros(len(ranks), dtype=torch.int32, device=device)
+    survivor_counts = torch.zeros(len(ranks), dtype=torch.int64, device=device)
+    # Survivors are appended in a pass p with 1 <= p <= passes - 2 (0-based): after pass 0 a
+    # bucket size is known, and a later pass must remain to read them.
+    compacts = passes >= 3
+    room = sum(n // SURVIVOR_SHARE for n in numels) if compacts else 0
+    survivors = torch.empty(max(room, 1), dtype=torch.int32, device=device)
     with tables.on_device(device):
-        for shift, width in DIGITS[:passes]:
+        for p, (shift, width) in enumerate(DIGITS[:passes]):
             for group in groups:
                 for full, chunk_rows, chunk_starts in group.launches():
                     _threshold_histogram_kernel[(chunk_rows.numel(),)](
-                        group.rows, chunk_rows, chunk_starts, prefix, histograms,
+                        group.rows, chunk_rows, chunk_starts, prefix, histograms, modes,
+                        survivors, survivor_counts, bases, capacities,
                         DTYPE=group.dtype, SHIFT=shift, WIDTH=width, BINS=BINS,
-                        ALIGNED=group.aligned, FULL=full, CHUNK=CHUNK, BLOCK=BLOCK,
-                        num_warps=NUM_WARPS)
-            _threshold_select_kernel[(len(ranks),)](histograms, prefix, rank, WIDTH=width,
-                                                    BINS=BINS)
-    return prefix << DIGITS[passes - 1][0], rank
+                        APPEND=1 <= p <= passes - 2, ALIGNED=group.aligned, FULL=full,
+                        CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            if p >= 2 and survivor_chunk_segments.numel():
+                _survivor_histogram_kernel[(survivor_chunk_segments.numel(),)](
+                    survivor_chunk_segments, survivor_chunk_starts, prefix, histograms, modes,
+                    survivors, survivor_counts, bases, SHIFT=shift, WIDTH=width, BINS=BINS,
+                    CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            _threshold_select_kernel[(len(ranks),)](histograms, prefix, rank, modes,
+                                                    capacities, WIDTH=width, BINS=BINS,
+                                                    COMPACT_NEXT=1 <= p + 1 <= passes - 2)
+    return prefix << DIGITS[passes - 1][0], rank, modes, survivor_counts
 
 
 def dense(xs):
