@@ -12,7 +12,6 @@ dense in memory (`dense_in_memory`); callers stage other tensors through a dense
 """
 
 import contextlib
-import math
 from typing import NamedTuple
 
 import torch
