@@ -70,8 +70,8 @@ def _validated(xs, process_group, names):
     label = _checks.names_for(names, xs, "xs")
     _checks.float_tensors(xs, label)
     device = xs[0].device
-    local = torch.tensor([x.numel() for x in xs] + [int(not torch.isfinite(x).all()) for x in xs],
-                         dtype=torch.int64, device=device)
+    local = torch.cat([torch.tensor([x.numel() for x in xs], dtype=torch.int64, device=device),
+                       _checks.non_finite(xs).long()])
     dist.all_reduce(local, group=process_group)
     numels, bad = local[: len(xs)].tolist(), local[len(xs):].tolist()
     for i, flag in enumerate(bad):
