@@ -38,9 +38,7 @@ def kth_smallest_abs(xs, k: int, *, names: Sequence[str] | None = None,
     process_group = process_group if process_group is not None else mesh_group
     if process_group is not None:
         return distributed.kth_smallest_abs(xs, k, process_group, names=names)
-    xs = _checks.tensor_list(xs, "xs")
-    label = _checks.names_for(names, xs, "xs")
-    _checks.float_tensors(xs, label)
+    xs, label = _checks.weights(xs, names)
     total = sum(x.numel() for x in xs)
     k = _checks.integer(k, "k")
     if not 1 <= k <= total:
@@ -68,9 +66,7 @@ def magnitude_masks(xs, sparsity: float, scope: str = "layer", *,
     if process_group is not None:
         masks = distributed.magnitude_masks(xs, sparsity, scope, process_group, names=names)
         return masks[0] if single else masks
-    xs = _checks.tensor_list(xs, "xs")
-    label = _checks.names_for(names, xs, "xs")
-    _checks.float_tensors(xs, label)
+    xs, label = _checks.weights(xs, names)
     sparsity = _checks.sparsity(sparsity)
     scope = _checks.scope(scope)
     _checks.finite(xs, label)

@@ -47,6 +47,15 @@ def names_for(names, xs: list, what: str) -> Names:
     return Names(what, names)
 
 
+def weights(xs, names) -> tuple[list, Names]:
+    """The tensors whose magnitudes are ranked: a non-empty list of dense float tensors on one
+    device, with the labels error messages use."""
+    xs = tensor_list(xs, "xs")
+    label = names_for(names, xs, "xs")
+    float_tensors(xs, label)
+    return xs, label
+
+
 def same_length(items: list, what: str, ref: list, ref_what: str) -> None:
     if len(items) != len(ref):
         raise ValueError(f"{what} has {len(items)} entries but {ref_what} has {len(ref)}")

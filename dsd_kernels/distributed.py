@@ -66,9 +66,7 @@ def _magnitude_bits(x: torch.Tensor) -> torch.Tensor:
 
 def _validated(xs, process_group, names):
     """Shards checked on every rank; a problem on any rank raises on all of them."""
-    xs = _checks.tensor_list(xs, "xs")
-    label = _checks.names_for(names, xs, "xs")
-    _checks.float_tensors(xs, label)
+    xs, label = _checks.weights(xs, names)
     device = xs[0].device
     local = torch.cat([torch.tensor([x.numel() for x in xs], dtype=torch.int64, device=device),
                        _checks.non_finite(xs).long()])
