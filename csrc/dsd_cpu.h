@@ -1,5 +1,6 @@
 // Shared pieces of the C++ CPU kernels: dtype dispatch, fp32 loads/stores of 2 vectors,
 // operand layouts for elementwise kernels, and the magnitude keys of the threshold search.
+// C++17 throughout: torch 2.11 still builds extensions with -std=c++17.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -8,7 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <span>
+#include <vector>
 
 namespace dsd_cpp {
 namespace {
@@ -21,8 +21,8 @@ struct RadixPass {
 // The 31 bits of a key in digits. Wide digits leave fewer candidates after the first pass, so
 // later passes only skim memory, but each thread's histograms take 1 MiB: worth it for large
 // inputs; small ones (one tensor of many, per layer) take 32 KiB histograms that stay in L1.
-constexpr RadixPass kWidePasses[] = {{15, 16}, {0, 15}};
-constexpr RadixPass kNarrowPasses[] = {{20, 11}, {9, 11}, {0, 9}};
+const std::vector<RadixPass> kWidePasses = {{15, 16}, {0, 15}};
+const std::vector<RadixPass> kNarrowPasses = {{20, 11}, {9, 11}, {0, 9}};
 constexpr int64_t kWideMinNumel = int64_t{1} << 22;
 
 // Elements per parallel task.
@@ -117,8 +117,7 @@ Selection select_kth_small(const std::vector<Segment>& segments, int64_t k) {
 Selection select_kth(const std::vector<Segment>& segments, int64_t k) {
   const int64_t total = total_numel(segments);
   if (total <= kSmallNumel) return select_kth_small(segments, k);
-  const std::span<const RadixPass> passes =
-      total >= kWideMinNumel ? std::span<const RadixPass>(kWidePasses) : kNarrowPasses;
+  const std::vector<RadixPass>& passes = total >= kWideMinNumel ? kWidePasses : kNarrowPasses;
   const int64_t chunks = (std::min(total, kFlushEvery) + kChunk - 1) / kChunk;
   const int64_t threads = std::min<int64_t>(std::max(1, at::get_num_threads()), chunks);
   const int64_t bins = int64_t{1} << passes[0].bits;  // the widest digit comes first
