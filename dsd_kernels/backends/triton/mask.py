@@ -34,13 +34,15 @@ _COLUMNS = tl.constexpr(6)
 
 
 @triton.jit
-def _pointers(row, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    """The chunk's typed pointers into x and into its mask (bool, read as int8)."""
+def _pointers(row, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, MASK_BYTES: tl.constexpr):
+    """The chunk's typed pointers into x and into its mask (bool, read as int8); with ALIGNED,
+    x's is promised 16-byte alignment and the mask's MASK_BYTES (a kernel whose mask layout
+    must follow fp32 data, 4 per thread, promises 4)."""
     x_ptr = tl.load(row + _ADDRESS).to(tl.pointer_type(DTYPE))
     mask_ptr = tl.load(row + _MASK).to(tl.pointer_type(tl.int8))
     if ALIGNED:  # the hint must sit on the pointer itself, not on the integer address
         x_ptr = tl.multiple_of(x_ptr, 16)
-        mask_ptr = tl.multiple_of(mask_ptr, 16)
+        mask_ptr = tl.multiple_of(mask_ptr, MASK_BYTES)
     return x_ptr + start, mask_ptr + start
 
 
@@ -54,7 +56,7 @@ def _mask_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, thresholds_ptr, tie
     chunk = tl.program_id(0)
     row = rows_ptr + tl.load(chunk_rows_ptr + chunk).to(tl.int64) * _COLUMNS
     start = tl.multiple_of(tl.load(chunk_starts_ptr + chunk), CHUNK)  # chunks start aligned
-    x_ptr, mask_ptr = _pointers(row, start, DTYPE, ALIGNED)
+    x_ptr, mask_ptr = _pointers(row, start, DTYPE, ALIGNED, 16)
     remaining = tl.load(row + _NUMEL) - start
     segment = tl.load(row + _SEGMENT)
     chunk_id = tl.load(row + _FIRST_CHUNK) + start // CHUNK
@@ -136,7 +138,7 @@ def _apply_masks_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, DTYPE: tl.co
     chunk = tl.program_id(0)
     row = rows_ptr + tl.load(chunk_rows_ptr + chunk).to(tl.int64) * _APPLY_COLUMNS
     start = tl.multiple_of(tl.load(chunk_starts_ptr + chunk), CHUNK)  # chunks start aligned
-    x_ptr, mask_ptr = _pointers(row, start, DTYPE, ALIGNED)
+    x_ptr, mask_ptr = _pointers(row, start, DTYPE, ALIGNED, 4)  # scalar stores: no vectors
     remaining = tl.load(row + _NUMEL) - start
     for offset in range(0, CHUNK, BLOCK):
         index = offset + tl.arange(0, BLOCK)

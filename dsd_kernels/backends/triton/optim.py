@@ -40,10 +40,11 @@ _ADDRESSES = 5
 
 
 @triton.jit
-def _typed(row, column, TYPE: tl.constexpr, ALIGNED: tl.constexpr):
+def _typed(row, column, TYPE: tl.constexpr, ALIGNED: tl.constexpr, BYTES: tl.constexpr = 16):
+    """The column's address as a TYPE pointer; with ALIGNED, promised a multiple of BYTES."""
     pointer = tl.load(row + column).to(tl.pointer_type(TYPE))
     if ALIGNED:  # the hint must sit on the pointer itself, not on the integer address
-        pointer = tl.multiple_of(pointer, 16)
+        pointer = tl.multiple_of(pointer, BYTES)
     return pointer
 
 
@@ -71,9 +72,12 @@ def _masked_optim_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, grad_scale_
     g_ptr = _typed(row, _GRAD, DTYPE, ALIGNED) + start
     state1_ptr = _typed(row, _STATE1, DTYPE, ALIGNED) + start
     state2_ptr = _typed(row, _STATE2, DTYPE, ALIGNED) + start
-    mask_ptr = _typed(row, _MASK, tl.int8, ALIGNED) + start
-    # No mask: no element of it is read, and every position is kept.
-    masked = tl.where(tl.load(row + _MASK) != 0, remaining, 0)
+    # Mask bytes are promised 4-byte alignment only: 4 per thread, like the fp32 data, so the
+    # compiler keeps one layout for all and moves no values through shared memory.
+    mask_ptr = _typed(row, _MASK, tl.int8, ALIGNED, 4) + start
+    # No mask: no element of it is read, and every position is kept. A scalar condition keeps
+    # the load's mask uniform across a thread's lanes, so mask bytes load as vectors too.
+    has_mask = tl.load(row + _MASK) != 0
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
     if ADAM:
@@ -83,7 +87,7 @@ def _masked_optim_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, grad_scale_
     for offset in range(0, CHUNK, BLOCK):
         index = offset + tl.arange(0, BLOCK)
         inside = lanes(index, remaining, FULL, BLOCK)
-        keep = tl.load(mask_ptr + index, mask=index < masked, other=1) != 0
+        keep = tl.load(mask_ptr + index, mask=tl.where(has_mask, inside, False), other=1) != 0
         g = to_fp32(tl.load(g_ptr + index, mask=inside, other=0.0))
         p = to_fp32(tl.load(p_ptr + index, mask=inside, other=0.0))
         if HAS_GRAD_SCALE:
