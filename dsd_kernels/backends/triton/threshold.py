@@ -46,9 +46,12 @@ from .tables import lanes
 from .convert import to_fp32
 
 # (shift, width) of each digit, most significant first: bits 30..24, 23..16, 15..8, 7..0.
-# At most 256 bins: tl.histogram costs log2(bins) warp ballots plus bins/32 popcounts per
-# value on the GPU, which 256 bins keep near the cost of reading the value. (Triton 3.9
-# lowers it for sm_90 to one shared-memory atomic per candidate: fewer candidates, less work.)
+# At most 256 bins, for both ways Triton lowers tl.histogram for sm_90. Triton 3.6 takes
+# log2(bins) warp ballots and bins/32 popcounts per value, then one shared-memory atomic per
+# bin and warp: 256 bins keep that near the cost of reading the value, and more bins would
+# not. Triton 3.9 takes one shared-memory atomic per candidate, serialised across a warp's
+# lanes that hit the same bin: the first pass, where most weights share two or three bins,
+# is the costly one there.
 DIGITS = ((24, 7), (16, 8), (8, 8), (0, 8))
 BINS = 256
 # Digits a dtype needs: below its mantissa the fp32 pattern is zero (fp16: bits 12..0,
@@ -160,15 +163,16 @@ def _survivor_histogram_kernel(chunk_segments_ptr, chunk_starts_ptr, prefix_ptr,
         start = tl.load(chunk_starts_ptr + chunk)
         remaining = tl.load(survivor_counts_ptr + segment) - start
         survivors = survivors_ptr + tl.load(survivor_bases_ptr + segment) + start
-        prefix = tl.load(prefix_ptr + segment)
-        counts = tl.zeros([BINS], dtype=tl.int32)
-        for offset in range(0, tl.minimum(remaining, CHUNK), BLOCK):
-            index = offset + tl.arange(0, BLOCK)
-            inside = index < remaining
-            pattern = tl.load(survivors + index, mask=inside, other=0)
-            _, block_counts = _candidate_digits(pattern, inside, prefix, SHIFT, WIDTH, BINS)
-            counts += block_counts
-        _flush(histograms_ptr, segment, counts, BINS)
+        if remaining > 0:  # chunks past the survivors are empty
+            prefix = tl.load(prefix_ptr + segment)
+            counts = tl.zeros([BINS], dtype=tl.int32)
+            for offset in range(0, CHUNK, BLOCK):
+                index = offset + tl.arange(0, BLOCK)
+                inside = index < remaining
+                pattern = tl.load(survivors + index, mask=inside, other=0)
+                _, block_counts = _candidate_digits(pattern, inside, prefix, SHIFT, WIDTH, BINS)
+                counts += block_counts
+            _flush(histograms_ptr, segment, counts, BINS)
 
 
 @triton.jit
