@@ -13,6 +13,7 @@ per rank: 16*T (sizes and NaN flags), 8*R*(2048 + 1024 + 1024) for the three his
 R rows, and for masks 8*T*world (the tie counts, all_gathered) — independent of model size.
 """
 
+import functools
 import math
 
 import torch
@@ -23,6 +24,7 @@ from . import _checks, _ops
 _PASS_BITS = (11, 10, 10)  # high to low; 31 bits in all: the sign bit of |x| is always 0
 
 
+@functools.cache
 def _dtensor_class():
     if not dist.is_available():
         return None

@@ -191,18 +191,19 @@ class _MaskedAdamStep(_Masked):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
             return None, {"exp_avgs": state["exp_avg"], "exp_avg_sqs": state["exp_avg_sq"],
-                          "steps": float(state["step"])}
+                          "step_counts": state["step"]}
 
         beta1, beta2 = (float(beta) for beta in group["betas"])
         decoupled = group.get("decoupled_weight_decay", isinstance(self, torch.optim.AdamW))
         for (device, _), b in self._grads_by_device(group, make_state).items():
+            # Counted once every parameter has passed the checks, in one call per bucket.
+            torch._foreach_add_(b["step_counts"], 1)
             _ops.masked_adam_(
                 b["params"], b["grads"], b["exp_avgs"], b["exp_avg_sqs"], b["masks"],
-                b["steps"], float(group["lr"]), beta1, beta2, float(group["eps"]),
-                float(group["weight_decay"]), bool(decoupled), bool(group["maximize"]),
-                _scale_on(grad_scale, device))
+                [float(step) for step in b["step_counts"]], float(group["lr"]), beta1, beta2,
+                float(group["eps"]), float(group["weight_decay"]), bool(decoupled),
+                bool(group["maximize"]), _scale_on(grad_scale, device))
 
 
 class MaskedAdam(_MaskedAdamStep, torch.optim.Adam):

@@ -77,10 +77,11 @@ def chunk_table(numels: list[int], chunk: int) -> list[torch.Tensor]:
     tensor: for the full pieces, then for the shorter last pieces."""
     sizes = torch.tensor(numels, dtype=torch.int64)
     counts = (sizes + chunk - 1) // chunk
-    rows = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
+    rows = torch.repeat_interleave(counts)  # i, once per chunk of tensor i (int64: fast path)
     first_chunk = torch.cumsum(counts, 0) - counts
-    starts = (torch.arange(int(counts.sum())) - first_chunk.repeat_interleave(counts)) * chunk
-    full = starts + chunk <= sizes[rows.long()]
+    starts = (torch.arange(rows.numel()) - first_chunk[rows]) * chunk
+    full = starts + chunk <= sizes[rows]
+    rows = rows.to(torch.int32)
     return [rows[full], starts[full], rows[~full], starts[~full]]
 
 
@@ -107,7 +108,7 @@ def on_device(device: torch.device):
 
 def dense_in_memory(t: torch.Tensor) -> bool:
     """Every element at its own address, with no gaps: a permutation of a contiguous layout."""
-    if t.numel() == 0:
+    if t.is_contiguous() or t.numel() == 0:  # the common case, without a Python loop
         return True
     expected = 1
     for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
