@@ -229,3 +229,16 @@ def test_optimizer_rejects_sparse_gradients():
     before = _snapshot(p)
     _raises("need dense gradients", opt.step)
     assert _unchanged([p], before)
+
+
+def test_failed_step_counts_no_step():
+    """A parameter the step refuses leaves the ones checked before it untouched, step counts
+    included: the next good step is every parameter's first."""
+    good = torch.randn(4, 5, requires_grad=True)
+    bad = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    opt = dk.MaskedAdam([good, bad], lr=0.1)
+    good.grad, bad.grad = torch.randn_like(good), torch.randn_like(bad)
+    before = _snapshot(good)
+    _raises(r"a parameter has dtype torch.float64", opt.step)
+    assert _unchanged([good], before)
+    assert all(float(state["step"]) == 0 for state in opt.state.values())
