@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -126,6 +127,20 @@ def test_a_build_error_is_the_reason(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "UNAVAILABLE: building the C++ CPU kernels failed" in result.stdout
     assert "deliberately broken" in result.stdout
+
+
+def test_sources_are_cplusplus17():
+    """torch 2.11 builds extensions with -std=c++17 (newer torch with c++20): a C++20-only
+    feature in csrc/ breaks the build there, so every source must compile as C++17."""
+    from torch.utils.cpp_extension import include_paths
+
+    cxx = os.environ.get("CXX", "c++")
+    includes = [f"-I{path}" for path in [*include_paths(), sysconfig.get_paths()["include"]]]
+    compiles = [subprocess.Popen([cxx, "-std=c++17", "-fsyntax-only", "-fopenmp", *includes,
+                                  str(cpp.CSRC / name)], stderr=subprocess.PIPE, text=True)
+                for name in cpp.SOURCES]
+    errors = [p.communicate(timeout=600)[1] for p in compiles]
+    assert all(p.returncode == 0 for p in compiles), "\n".join(errors)[-4000:]
 
 
 def test_second_load_does_not_rebuild(cpp_backend):
