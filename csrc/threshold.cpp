@@ -46,6 +46,10 @@ void count_digits(const std::vector<Segment>& segments, int64_t begin, int64_t e
   auto count = [=](int64_t j, uint32_t key) {
     ++copies[(j & (kCopies - 1)) * bins + ((key >> shift) & digit_mask)];
   };
+  auto count_candidate = [&](int64_t j, const uint32_t* bits) {
+    const uint32_t key = bits[j] & kKeyMask;
+    if ((key >> prefix_shift) == prefix) count(j, key);
+  };
   const bool every_key = prefix_shift == 31;  // the first pass
   // Keys are < 2^31, so they shift and compare alike as int32.
   const iVec key_mask_vec(static_cast<int32_t>(kKeyMask));
@@ -65,15 +69,9 @@ void count_digits(const std::vector<Segment>& segments, int64_t begin, int64_t e
       if (at::vec::VecMask<int32_t, 1>((keys >> prefix_shift_vec) == prefix_vec).all_zero()) {
         continue;
       }
-      for (int64_t i = j; i < j + iVec::size(); ++i) {
-        const uint32_t key = bits[i] & kKeyMask;
-        if ((key >> prefix_shift) == prefix) count(i, key);
-      }
+      for (int64_t i = j; i < j + iVec::size(); ++i) count_candidate(i, bits);
     }
-    for (; j < n; ++j) {
-      const uint32_t key = bits[j] & kKeyMask;
-      if ((key >> prefix_shift) == prefix) count(j, key);
-    }
+    for (; j < n; ++j) count_candidate(j, bits);
   });
 }
 

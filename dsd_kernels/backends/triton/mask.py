@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import tables
-from .tables import lanes
+from .tables import column_pointer, lanes
 from .threshold import magnitude_pattern, radix_select
 
 BLOCK = 2048  # elements per step of a program
@@ -38,11 +38,8 @@ def _pointers(row, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, MASK_BYTES
     """The chunk's typed pointers into x and into its mask (bool, read as int8); with ALIGNED,
     x's is promised 16-byte alignment and the mask's MASK_BYTES (a kernel whose mask layout
     must follow fp32 data, 4 per thread, promises 4)."""
-    x_ptr = tl.load(row + _ADDRESS).to(tl.pointer_type(DTYPE))
-    mask_ptr = tl.load(row + _MASK).to(tl.pointer_type(tl.int8))
-    if ALIGNED:  # the hint must sit on the pointer itself, not on the integer address
-        x_ptr = tl.multiple_of(x_ptr, 16)
-        mask_ptr = tl.multiple_of(mask_ptr, MASK_BYTES)
+    x_ptr = column_pointer(row, _ADDRESS, DTYPE, ALIGNED)
+    mask_ptr = column_pointer(row, _MASK, tl.int8, ALIGNED, MASK_BYTES)
     return x_ptr + start, mask_ptr + start
 
 

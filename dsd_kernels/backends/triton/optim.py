@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import tables
-from .tables import lanes
+from .tables import column_pointer, lanes
 from .convert import from_fp32, to_fp32
 
 BLOCK = 2048  # elements per step of a program: 8 per thread, 128-bit fp32 accesses
@@ -37,15 +37,6 @@ _STEP_SIZE = tl.constexpr(6)  # lr / (1 - beta1**step)
 _BIAS_CORRECTION2_SQRT = tl.constexpr(7)  # sqrt(1 - beta2**step)
 _COLUMNS = tl.constexpr(8)
 _ADDRESSES = 5
-
-
-@triton.jit
-def _typed(row, column, TYPE: tl.constexpr, ALIGNED: tl.constexpr, BYTES: tl.constexpr = 16):
-    """The column's address as a TYPE pointer; with ALIGNED, promised a multiple of BYTES."""
-    pointer = tl.load(row + column).to(tl.pointer_type(TYPE))
-    if ALIGNED:  # the hint must sit on the pointer itself, not on the integer address
-        pointer = tl.multiple_of(pointer, BYTES)
-    return pointer
 
 
 @triton.jit
@@ -68,13 +59,13 @@ def _masked_optim_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, grad_scale_
     row = rows_ptr + tensor * _COLUMNS
     start = tl.multiple_of(tl.load(chunk_starts_ptr + chunk), CHUNK)  # chunks start aligned
     remaining = tl.load(row + _NUMEL) - start
-    p_ptr = _typed(row, _PARAM, DTYPE, ALIGNED) + start
-    g_ptr = _typed(row, _GRAD, DTYPE, ALIGNED) + start
-    state1_ptr = _typed(row, _STATE1, DTYPE, ALIGNED) + start
-    state2_ptr = _typed(row, _STATE2, DTYPE, ALIGNED) + start
+    p_ptr = column_pointer(row, _PARAM, DTYPE, ALIGNED) + start
+    g_ptr = column_pointer(row, _GRAD, DTYPE, ALIGNED) + start
+    state1_ptr = column_pointer(row, _STATE1, DTYPE, ALIGNED) + start
+    state2_ptr = column_pointer(row, _STATE2, DTYPE, ALIGNED) + start
     # Mask bytes are promised 4-byte alignment only: 4 per thread, like the fp32 data, so the
     # compiler keeps one layout for all and moves no values through shared memory.
-    mask_ptr = _typed(row, _MASK, tl.int8, ALIGNED, 4) + start
+    mask_ptr = column_pointer(row, _MASK, tl.int8, ALIGNED, 4) + start
     # No mask: no element of it is read, and every position is kept. A scalar condition keeps
     # the load's mask uniform across a thread's lanes, so mask bytes load as vectors too.
     has_mask = tl.load(row + _MASK) != 0

@@ -43,6 +43,17 @@ class Group(NamedTuple):
 
 
 @triton.jit
+def column_pointer(row, column, TYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                   BYTES: tl.constexpr = VECTOR_ALIGNMENT):
+    """The address in a row table's column as a TYPE pointer; with ALIGNED, promised to be a
+    multiple of BYTES (the hint must sit on the pointer itself, not on the integer address)."""
+    pointer = tl.load(row + column).to(tl.pointer_type(TYPE))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, BYTES)
+    return pointer
+
+
+@triton.jit
 def lanes(index, remaining, FULL: tl.constexpr, BLOCK: tl.constexpr):
     """Which lanes of a block hold elements. In a full chunk the answer is a constant the
     compiler sees, so loads and stores become 128-bit; in a tail chunk it depends on the size."""

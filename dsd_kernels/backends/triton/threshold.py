@@ -42,7 +42,7 @@ import triton.language as tl
 
 from ..._ops import magnitude_dtype
 from . import tables
-from .tables import lanes
+from .tables import column_pointer, lanes
 from .convert import to_fp32
 
 # (shift, width) of each digit, most significant first: bits 30..24, 23..16, 15..8, 7..0.
@@ -119,10 +119,7 @@ def _threshold_histogram_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, pref
     mode = tl.load(modes_ptr + segment)
     if mode != _FROM_SURVIVORS:
         start = tl.multiple_of(tl.load(chunk_starts_ptr + chunk), CHUNK)  # chunks start aligned
-        x_ptr = tl.load(row + _ADDRESS).to(tl.pointer_type(DTYPE))
-        if ALIGNED:  # the hint must sit on the pointer itself, not on the integer address
-            x_ptr = tl.multiple_of(x_ptr, 16)
-        x_ptr += start
+        x_ptr = column_pointer(row, _ADDRESS, DTYPE, ALIGNED) + start
         remaining = tl.load(row + _NUMEL) - start
         prefix = tl.load(prefix_ptr + segment)
         if APPEND:
