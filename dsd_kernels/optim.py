@@ -8,8 +8,16 @@ weight and its optimizer state are exactly 0 after every step, whatever the grad
     opt = MaskedAdamW(model.parameters(), lr=1e-3)
     opt.set_masks({model.fc.weight: mask})   # prunes now; the mask holds until cleared
     opt.clear_masks()                        # pruned weights regrow from 0, with 0 state
+
+An optimizer that already exists (held by a scheduler, a GradScaler, Lightning, Accelerate)
+is converted in place by `make_masked_(opt)`: the same object becomes masked.
+
+A param group may carry `LR_SCALE` ("dsd_lr_scale", default 1): the step uses
+`lr * group[LR_SCALE]`. DSD's re-dense LR factor lives there, so it composes with any LR
+scheduler, which owns `lr` and may set it to absolute values every step.
 """
 
+import types
 from collections import defaultdict
 from collections.abc import Mapping
 
@@ -20,6 +28,13 @@ from .backends import ensure_selected
 from .distributed import local_tensor
 
 _ops = torch.ops.dsd
+
+LR_SCALE = "dsd_lr_scale"  # param-group key: the step's learning rate is lr * group[LR_SCALE]
+
+
+def step_lr(group: dict) -> float:
+    """The learning rate a masked step uses for a param group: lr x its LR_SCALE."""
+    return float(group["lr"]) * float(group.get(LR_SCALE, 1.0))
 
 
 class _Masked:
@@ -35,6 +50,15 @@ class _Masked:
         for flag, value in unsupported.items():
             if value:
                 raise ValueError(f"{flag}=True is not supported by the masked optimizers")
+
+    def _init_group(self, *args, **kwargs):
+        # Only torch.optim's own step calls this: reached on a masked optimizer, it means
+        # something still holds the step of the optimizer from before make_masked_, which
+        # would update without masks. Refuse before anything is modified.
+        raise RuntimeError(
+            "torch.optim's unmasked step was called on a masked optimizer: something still "
+            "holds the step method it had before make_masked_ converted it; create that "
+            "wrapper after converting, or call optimizer.step() itself")
 
     @property
     def masks(self) -> dict:
@@ -176,7 +200,7 @@ class MaskedSGD(_Masked, torch.optim.SGD):
         for (device, fresh), b in self._grads_by_device(group, make_state).items():
             _ops.masked_sgd_(
                 b["params"], b["grads"], b["momentum_buffers"], b["masks"],
-                float(group["lr"]), momentum, 0.0 if fresh else float(group["dampening"]),
+                step_lr(group), momentum, 0.0 if fresh else float(group["dampening"]),
                 float(group["weight_decay"]), bool(group["nesterov"]),
                 bool(group["maximize"]), _scale_on(grad_scale, device))
 
@@ -201,7 +225,7 @@ class _MaskedAdamStep(_Masked):
             torch._foreach_add_(b["step_counts"], 1)
             _ops.masked_adam_(
                 b["params"], b["grads"], b["exp_avgs"], b["exp_avg_sqs"], b["masks"],
-                [float(step) for step in b["step_counts"]], float(group["lr"]), beta1, beta2,
+                [float(step) for step in b["step_counts"]], step_lr(group), beta1, beta2,
                 float(group["eps"]), float(group["weight_decay"]), bool(decoupled),
                 bool(group["maximize"]), _scale_on(grad_scale, device))
 
@@ -227,3 +251,76 @@ class MaskedAdamW(_MaskedAdamStep, torch.optim.AdamW):
         self._reject(amsgrad=amsgrad, capturable=capturable, differentiable=differentiable)
         super().__init__(params, lr, betas, eps, weight_decay, maximize=maximize)
         self._masks = {}
+
+
+_MASKED_VERSION = {torch.optim.SGD: MaskedSGD, torch.optim.Adam: MaskedAdam,
+                   torch.optim.AdamW: MaskedAdamW}
+_UNSUPPORTED_FLAGS = ("amsgrad", "capturable", "differentiable")
+
+
+def make_masked_(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Turn a torch.optim SGD, Adam or AdamW into its masked class in place; returns it.
+
+    The object stays the same, with the same param groups and state, so whatever holds it (an
+    LR scheduler, a GradScaler, Lightning's or Accelerate's wrapper, the user's own variable)
+    now drives the masked step; a step wrapper an LR scheduler put on the object is pointed at
+    the masked step. A masked optimizer is returned as it is. Anything else, or a group using
+    amsgrad, capturable or differentiable, is refused with nothing modified.
+    """
+    if isinstance(optimizer, _Masked):
+        return optimizer
+    masked_class = _MASKED_VERSION.get(type(optimizer))
+    if masked_class is None:
+        kind = type(optimizer)
+        raise TypeError(
+            f"cannot mask {kind.__module__}.{kind.__qualname__}: only torch.optim SGD, Adam and "
+            "AdamW (converted in place) and dsd_kernels' MaskedSGD/MaskedAdam/MaskedAdamW keep "
+            "the optimizer state of pruned weights at zero; other optimizers would regrow them")
+    for where, settings in [("the defaults", optimizer.defaults)] + [
+            (f"param group {i}", group) for i, group in enumerate(optimizer.param_groups)]:
+        for flag in _UNSUPPORTED_FLAGS:
+            if settings.get(flag):
+                raise ValueError(f"{where} of the optimizer use {flag}=True, which the masked "
+                                 "optimizers do not support")
+    old_step = type(optimizer).step  # hooked by torch.optim; __wrapped__ is torch's own step
+    old_steps = [old_step] + [getattr(old_step, "__wrapped__")] * hasattr(old_step, "__wrapped__")
+    redirect = _step_references(optimizer, old_steps)
+    optimizer.__class__ = masked_class
+    optimizer._masks = {}
+    optimizer._patch_step_function()  # torch's step hooks and profiling, as at construction
+    redirect(masked_class.step)
+    return optimizer
+
+
+def _step_references(optimizer, old_steps):
+    """Find where a step wrapper on the instance (an LR scheduler's) holds the old class's
+    step; returns a function that points those references at a new step function."""
+    wrapper = optimizer.__dict__.get("step")
+    if wrapper is None:
+        return lambda new_step: None
+
+    def refers_to_old(value):
+        if isinstance(value, types.MethodType) and value.__self__ is optimizer:
+            value = value.__func__
+        return any(value is old for old in old_steps)
+
+    if refers_to_old(wrapper):  # a bound method stored on the instance
+        return lambda new_step: setattr(optimizer, "step", types.MethodType(new_step, optimizer))
+    cells = [cell for cell in getattr(wrapper, "__closure__", None) or ()
+             if refers_to_old(_contents(cell))]
+    rewrap = refers_to_old(getattr(wrapper, "__wrapped__", None))
+
+    def redirect(new_step):
+        for cell in cells:
+            bound = isinstance(cell.cell_contents, types.MethodType)
+            cell.cell_contents = types.MethodType(new_step, optimizer) if bound else new_step
+        if rewrap:
+            wrapper.__wrapped__ = new_step
+    return redirect
+
+
+def _contents(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # a closure variable not yet assigned
+        return None

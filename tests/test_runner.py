@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import dsd_kernels as dk
-from dsd import DSD, Phase, Plan, masked_optimizer, prunable_parameters
+from dsd import DSD, Phase, Plan, prunable_parameters
+from dsd_kernels.optim import step_lr
 
 
 class Net(nn.Module):
@@ -90,7 +91,7 @@ def test_phase_switches_in_a_step_based_loop(kind):
                     assert state[pruned[name]].abs().sum().item() == 0
         if step == 7:  # re-dense: mask lifted, pruned weights and their state still zero
             assert optimizer.masks == {}
-            assert optimizer.param_groups[0]["lr"] == pytest.approx(
+            assert step_lr(optimizer.param_groups[0]) == pytest.approx(
                 (0.1 if kind == "sgd" else 0.01) * 0.1)
             before = {name: p.detach().clone() for name, p in named.items()}
             for name, p in named.items():
@@ -104,7 +105,7 @@ def test_phase_switches_in_a_step_based_loop(kind):
         if step == 7:  # pruned weights restart from 0 as a fresh optimizer would move them
             for name, p in named.items():
                 grad = p.grad[pruned[name]]
-                lr = optimizer.param_groups[0]["lr"]
+                lr = step_lr(optimizer.param_groups[0])
                 if kind == "sgd":  # zero momentum: the first step is -lr * grad
                     expected = -lr * grad
                 else:  # zero moments: Adam's first-step update, with the shared step count
@@ -140,11 +141,11 @@ def test_iterated_plan_scales_lr_at_each_redense():
     lrs = []
     for epoch in range(plan.total):
         dsd.epoch_start(epoch)
-        lrs.append(dsd.optimizer.param_groups[0]["lr"])
+        lrs.append(step_lr(dsd.optimizer.param_groups[0]))
     assert lrs == [0.8, 0.8, 0.4, 0.4, 0.2]
 
 
-def test_conversion_keeps_groups_and_state_and_retires_the_original():
+def test_conversion_in_place_keeps_groups_and_state():
     torch.manual_seed(2)
     model = Net()
     original = torch.optim.AdamW([{"params": model.head.parameters(), "lr": 0.05},
@@ -152,27 +153,28 @@ def test_conversion_keeps_groups_and_state_and_retires_the_original():
                                               if not n.startswith("head.")]}],
                                  lr=0.01, weight_decay=0.1)
     _train_step(model, original, 0)
-    masked = masked_optimizer(original)
-    assert isinstance(masked, dk.MaskedAdamW)
-    assert [g["lr"] for g in masked.param_groups] == [0.05, 0.01]
-    assert masked.param_groups[1]["weight_decay"] == 0.1
+    state = {p: {k: v.clone() for k, v in s.items()} for p, s in original.state.items()}
+    dsd = DSD(model, original, Plan.dsd(1, 1, 1))
+    assert dsd.optimizer is original and isinstance(original, dk.MaskedAdamW)
+    assert [g["lr"] for g in original.param_groups] == [0.05, 0.01]
+    assert original.param_groups[1]["weight_decay"] == 0.1
     for p in model.parameters():
         for name in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(masked.state[p][name], original.state[p][name])
-    with pytest.raises(RuntimeError, match="dsd.optimizer"):
-        original.step()
-    assert masked_optimizer(masked) is masked
+            assert torch.equal(original.state[p][name], state[p][name])
 
 
 def test_unsupported_optimizers_are_rejected():
     model = nn.Linear(3, 2)
     with pytest.raises(TypeError, match="RMSprop"):
         DSD(model, torch.optim.RMSprop(model.parameters()), Plan.dsd(1, 1, 1))
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim optimizer"):
+        DSD(model, None, Plan.dsd(1, 1, 1))
     with pytest.raises(ValueError, match="amsgrad"):
         DSD(model, torch.optim.Adam(model.parameters(), amsgrad=True), Plan.dsd(1, 1, 1))
-    other = nn.Linear(3, 2)
+    other = torch.optim.SGD(nn.Linear(3, 2).parameters(), lr=0.1)
     with pytest.raises(ValueError, match="not in the optimizer: weight"):
-        DSD(model, torch.optim.SGD(other.parameters(), lr=0.1), Plan.dsd(1, 1, 1))
+        DSD(model, other, Plan.dsd(1, 1, 1))
+    assert type(other) is torch.optim.SGD  # refused: left as it was
 
 
 def test_phases_only_go_forward_within_the_plan():
@@ -260,3 +262,52 @@ def test_user_checkpoint_mid_sparse_phase_restores_the_masks():
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="different plan"):
         restored.load_state_dict({**saved["dsd"], "plan": Plan.dsd(1, 1, 1).to_dict()})
+
+
+@pytest.mark.parametrize("torch_optimizer", [False, True])
+def test_resume_after_a_checkpoint_mid_sparse_phase(torch_optimizer):
+    """`resume(done)` takes up the phase of the last step done; with a plain torch.optim
+    optimizer (whose load_state_dict drops the masks) the masks come back from the zeros."""
+    torch.manual_seed(5)
+    model = Net()
+    plan = Plan.dsd(2, 3, 2, sparsity=0.4, unit="steps")
+    dsd = DSD(model, torch.optim.Adam(model.parameters(), lr=0.01), plan)
+    for step in range(4):
+        dsd.step_start(step)
+        _train_step(model, dsd.optimizer, step)
+    saved = copy.deepcopy({"model": model.state_dict(), "optimizer": dsd.optimizer.state_dict()})
+
+    restored_model = Net()
+    restored_model.load_state_dict(saved["model"])
+    optimizer = torch.optim.Adam(restored_model.parameters(), lr=0.01)
+    if torch_optimizer:
+        optimizer.load_state_dict(saved["optimizer"])
+    restored = DSD(restored_model, optimizer, plan)
+    if not torch_optimizer:
+        optimizer.load_state_dict(saved["optimizer"])
+    restored.resume(4)
+    assert restored.phase_index == 1
+    for p, q in zip(dict(dsd.named_prunable).values(), dict(restored.named_prunable).values()):
+        assert torch.equal(dsd.optimizer.masks[p], optimizer.masks[q])
+    for step in range(4, plan.total):
+        for runner, net in ((dsd, model), (restored, restored_model)):
+            runner.step_start(step)
+            _train_step(net, runner.optimizer, step)
+    for a, b in zip(model.parameters(), restored_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resume_refuses_masks_it_cannot_recover():
+    model = nn.Linear(6, 4)
+    dsd = DSD(model, torch.optim.SGD(model.parameters(), lr=0.1), Plan.dsd(1, 2, 1, sparsity=0.5))
+    with torch.no_grad():
+        model.weight[0, :5] = 0  # 5 zeros, but the phase prunes 12 weights
+    weights = model.weight.detach().clone()
+    with pytest.raises(ValueError, match="cannot recover the masks of sparse phase 1"):
+        dsd.resume(2)
+    assert dsd.phase_index is None and dsd.optimizer.masks == {}
+    assert torch.equal(model.weight, weights)
+    dsd.resume(1)  # after the dense phase: nothing to recover
+    assert dsd.phase_index == 0
+    with pytest.raises(ValueError, match="outside the plan"):
+        dsd.resume(5)

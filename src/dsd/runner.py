@@ -1,30 +1,27 @@
-"""DSD in any training loop: pick the prunable parameters, take over the optimizer, and switch
-phases (prune at the start of a sparse phase, lift the mask at re-dense, scale the LR).
+"""DSD in any training loop: pick the prunable parameters, make the optimizer masked (in
+place), and switch phases (prune at the start of a sparse phase, lift the mask at re-dense,
+scale the LR).
 
-    dsd = DSD(model, optimizer, Plan.dsd(10, 10, 10, sparsity=0.5))
-    optimizer = dsd.optimizer            # the masked optimizer: step this one from now on
+    dsd = DSD(model, optimizer, Plan.dsd(10, 10, 10, sparsity=0.5))  # optimizer now masked
     for epoch in range(dsd.plan.total):
         dsd.epoch_start(epoch)
         ...  # the usual batches: loss.backward(); optimizer.step()
 """
 
 import fnmatch
-import inspect
 
 import torch
 from torch import nn
 
 import dsd_kernels
-from dsd_kernels.optim import MaskedAdam, MaskedAdamW, MaskedSGD
+from dsd_kernels.distributed import local_tensor
+from dsd_kernels.optim import LR_SCALE, make_masked_
 
 from .plan import Plan
 
 # Modules whose `weight`-named parameters are pruned by default (the paper prunes these; biases
 # and normalisation parameters are few and sensitive).
 _PRUNABLE_MODULES = (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase, nn.Embedding)
-_MASKED = (MaskedSGD, MaskedAdam, MaskedAdamW)
-_MASKED_FOR = {torch.optim.SGD: MaskedSGD, torch.optim.Adam: MaskedAdam,
-               torch.optim.AdamW: MaskedAdamW}
 
 
 def prunable_parameters(model: nn.Module, include=(),
@@ -59,44 +56,6 @@ def prunable_parameters(model: nn.Module, include=(),
     return selected
 
 
-def masked_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimizer as a dsd_kernels masked optimizer, whose fused step keeps pruned weights
-    AND their momentum / Adam moments at exactly 0 (masking weights after a plain step would
-    let stale state regrow them).
-
-    A MaskedSGD/MaskedAdam/MaskedAdamW is returned as it is. A torch.optim SGD, Adam or AdamW
-    becomes the masked class with the same param groups, hyper-parameters and state; the
-    original then refuses to step, so a loop that still calls it fails loudly. Any other
-    optimizer is rejected.
-    """
-    if isinstance(optimizer, _MASKED):
-        return optimizer
-    masked_class = _MASKED_FOR.get(type(optimizer))
-    if masked_class is None:
-        raise TypeError(
-            f"DSD cannot mask {type(optimizer).__module__}.{type(optimizer).__name__}: pass a "
-            "torch.optim SGD, Adam or AdamW (converted for you) or a dsd_kernels.optim "
-            "MaskedSGD/MaskedAdam/MaskedAdamW. Other optimizers keep state at pruned weights "
-            "and would regrow them during the sparse phase.")
-    for i, group in enumerate(optimizer.param_groups):
-        for flag in ("amsgrad", "capturable", "differentiable"):
-            if group.get(flag):
-                raise ValueError(f"param group {i} uses {flag}=True, which the masked "
-                                 f"optimizers do not support")
-    accepted = inspect.signature(masked_class.__init__).parameters
-    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-    masked = masked_class([{"params": group["params"]} for group in optimizer.param_groups],
-                          **defaults)
-    masked.load_state_dict(optimizer.state_dict())  # hyper-parameters of each group, and state
-
-    def refuse_step(_optimizer, _args, _kwargs):
-        raise RuntimeError("this optimizer was converted by dsd.DSD into a masked optimizer; "
-                           "call step() on dsd.optimizer instead")
-
-    optimizer.register_step_pre_hook(refuse_step)
-    return masked
-
-
 def zero_fractions(named_params) -> dict[str, float]:
     """Fraction of exactly-zero entries of each named tensor."""
     return {name: (p.detach() == 0).sum().item() / p.numel() for name, p in named_params}
@@ -110,22 +69,31 @@ class DSD:
     - entering a sparse phase prunes the smallest-magnitude weights of each prunable tensor
       (or globally, `scope="global"`) with `dsd_kernels.magnitude_masks`, and fixes the mask;
     - entering a dense phase lifts the mask: pruned weights restart from 0 with 0 state;
-    - each phase sets the learning rates to (rates when DSD started) x `phase.lr_scale`, by
-      multiplying every param group's `lr` by new/old scale (so chainable schedulers such as
-      StepLR still compose; with schedulers that set absolute rates, use lr scales of 1).
+    - each phase's `lr_scale` goes into every param group as `dsd_kernels.optim.LR_SCALE`,
+      which the masked step multiplies `lr` by: `lr` itself stays whatever the user or an LR
+      scheduler sets (chainable or absolute), and the scale composes with it.
+
+    The optimizer (torch.optim SGD, Adam or AdamW, or a masked one) is made masked in place
+    (`dsd_kernels.optim.make_masked_`): keep stepping it, and anything that holds it (an LR
+    scheduler, a GradScaler, a framework's wrapper) keeps working. `dsd.optimizer` is the same
+    object.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: Plan):
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be a dsd.Plan, got {type(plan).__name__}")
-        self.model = model
-        self.plan = plan
-        self.named_prunable = prunable_parameters(model, plan.include, plan.exclude)
-        self.optimizer = masked_optimizer(optimizer)
-        in_optimizer = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        missing = [name for name, p in self.named_prunable if id(p) not in in_optimizer]
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim optimizer, got "
+                            f"{type(optimizer).__name__}")
+        named_prunable = prunable_parameters(model, plan.include, plan.exclude)
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, p in named_prunable if id(p) not in in_optimizer]
         if missing:
             raise ValueError(f"prunable parameters not in the optimizer: {', '.join(missing)}")
+        self.model = model
+        self.plan = plan
+        self.named_prunable = named_prunable
+        self.optimizer = make_masked_(optimizer)
         self.phase_index: int | None = None  # None until the first epoch_start/step_start
 
     @property
@@ -157,19 +125,54 @@ class DSD:
 
     def _enter(self, index: int) -> None:
         phase = self.plan.phases[index]
-        old = None if self.phase_index is None else self.plan.phases[self.phase_index]
-        old_scale = 1.0 if old is None else old.lr_scale
-        if phase.lr_scale != old_scale:
-            for group in self.optimizer.param_groups:
-                group["lr"] = group["lr"] * (phase.lr_scale / old_scale)
+        for group in self.optimizer.param_groups:
+            group[LR_SCALE] = phase.lr_scale
         if phase.kind == "sparse":
-            names = [name for name, _ in self.named_prunable]
             params = [p for _, p in self.named_prunable]
-            masks = dsd_kernels.magnitude_masks([p.detach() for p in params], phase.sparsity,
-                                                self.plan.scope, names=names)
-            self.optimizer.set_masks(dict(zip(params, masks)))  # prunes weights and state now
+            self.optimizer.set_masks(dict(zip(params, self._magnitude_masks(phase))))
         else:
             self.optimizer.clear_masks()
+        self.phase_index = index
+
+    def _magnitude_masks(self, phase) -> list:
+        return dsd_kernels.magnitude_masks([p.detach() for _, p in self.named_prunable],
+                                           phase.sparsity, self.plan.scope,
+                                           names=[name for name, _ in self.named_prunable])
+
+    def resume(self, done: int) -> None:
+        """Take up a run whose model and optimizer were restored from a checkpoint taken after
+        `done` epochs or steps (the plan's unit; for a checkpoint in the middle of an epoch,
+        count that epoch as done). The phase of the last one done becomes current without
+        being entered anew (nothing is pruned again), so the next epoch_start / step_start
+        switches only at a boundary.
+
+        The masks travel in a masked optimizer's state_dict. If they were lost (the
+        checkpoint was loaded into a plain torch.optim optimizer, which drops them), they are
+        recovered from the weights: the phase's magnitude masks on the restored weights must
+        prune exactly the weights that are zero, else this raises with nothing changed.
+        """
+        if isinstance(done, bool) or not isinstance(done, int) or done < 0:
+            raise ValueError(f"done must be an int >= 0, got {done!r}")
+        if done == 0:
+            self.phase_index = None
+            return
+        index = self.plan.phase_at(done - 1)
+        phase = self.plan.phases[index]
+        masks = self.optimizer.masks
+        if phase.kind == "sparse" and not all(p in masks for _, p in self.named_prunable):
+            masks = dict(zip((p for _, p in self.named_prunable), self._magnitude_masks(phase)))
+            for name, p in self.named_prunable:
+                if not torch.equal(masks[p], local_tensor(p.detach()) != 0):
+                    raise ValueError(
+                        f"cannot recover the masks of sparse phase {index}: the zeros of {name} "
+                        f"are not the {phase.sparsity:g} smallest-magnitude weights; restore "
+                        "the checkpoint into a dsd_kernels masked optimizer, whose state_dict "
+                        "carries the masks")
+            self.optimizer.set_masks(masks)
+        elif phase.kind == "dense":
+            self.optimizer.clear_masks()
+        for group in self.optimizer.param_groups:
+            group[LR_SCALE] = phase.lr_scale
         self.phase_index = index
 
     def sparsity(self) -> dict[str, float]:

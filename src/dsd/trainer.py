@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import dsd_kernels
-from dsd_kernels.optim import MaskedAdam, MaskedAdamW, MaskedSGD
+from dsd_kernels.optim import MaskedAdam, MaskedAdamW, MaskedSGD, step_lr
 
 from . import checkpoint, report
 from .config import RunConfig
@@ -262,7 +262,7 @@ class _Run:
                 self._phase_started(arm, epoch)
             train_loss, train_acc = self._train_epoch(arm, epoch)
             row = {"arm": arm.name, "epoch": epoch + 1, "phase": arm.dsd.phase_index,
-                   "kind": arm.dsd.phase.kind, "lr": arm.optimizer.param_groups[0]["lr"],
+                   "kind": arm.dsd.phase.kind, "lr": step_lr(arm.optimizer.param_groups[0]),
                    "train_loss": train_loss, "train_acc": train_acc}
             for split in ("val", "test"):
                 row[f"{split}_loss"], row[f"{split}_acc"] = self._evaluate(arm.model, split)

@@ -1,0 +1,193 @@
+"""make_masked_: a torch.optim SGD/Adam/AdamW becomes its masked class as the same object, so
+everything that already holds it (LR schedulers, GradScaler, the user's own variable, step
+hooks) drives the masked step; the LR scale composes with any scheduler."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import dsd_kernels as dk
+from dsd import DSD, Plan
+from dsd_kernels.optim import LR_SCALE, make_masked_, step_lr
+
+TORCH_OPTIMIZERS = {
+    "sgd": (torch.optim.SGD, dk.MaskedSGD, dict(lr=0.05, momentum=0.9, dampening=0.1,
+                                               weight_decay=1e-2)),
+    "adam": (torch.optim.Adam, dk.MaskedAdam, dict(lr=1e-2, betas=(0.8, 0.95),
+                                                   weight_decay=1e-2)),
+    "adam_decoupled": (torch.optim.Adam, dk.MaskedAdam, dict(lr=1e-2, weight_decay=0.1,
+                                                             decoupled_weight_decay=True)),
+    "adamw": (torch.optim.AdamW, dk.MaskedAdamW, dict(lr=1e-2, weight_decay=0.1)),
+}
+# 30 steps within a few fp32 roundings of torch.optim's op order per step.
+TRAJECTORY = dict(rtol=2e-5, atol=2e-6)
+
+
+def _params(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen).requires_grad_() for shape in [(9, 7), (5,)]]
+
+
+def _fill_grads(params, step):
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) + 0.5 * p.detach()
+
+
+def _state_tensors(opt, p):
+    return [v for k, v in opt.state[p].items() if k != "step"]
+
+
+@pytest.mark.parametrize("name", list(TORCH_OPTIMIZERS))
+def test_same_object_same_groups_and_state_then_torch_math(name):
+    torch_cls, masked_cls, kwargs = TORCH_OPTIMIZERS[name]
+    ours, theirs = _params(), _params()
+    opt, ref = torch_cls(ours, **kwargs), torch_cls(theirs, **kwargs)
+    for step in range(3):  # torch.optim's own steps create the state
+        for params, o in ((ours, opt), (theirs, ref)):
+            _fill_grads(params, step)
+            o.step()
+    groups, state = opt.param_groups, opt.state
+    assert make_masked_(opt) is opt
+    assert type(opt) is masked_cls and isinstance(opt, torch_cls)
+    assert opt.param_groups is groups and opt.state is state and opt.masks == {}
+    assert make_masked_(opt) is opt  # already masked: as it is
+    for step in range(3, 30):  # without masks the converted object follows torch.optim
+        for params, o in ((ours, opt), (theirs, ref)):
+            _fill_grads(params, step)
+            o.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **TRAJECTORY)
+        for x, y in zip(_state_tensors(opt, a), _state_tensors(ref, b)):
+            torch.testing.assert_close(x, y, **TRAJECTORY)
+    mask = torch.rand(ours[0].shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    opt.set_masks({ours[0]: mask})
+    for step in range(30, 35):
+        _fill_grads(ours, step)
+        opt.step()
+        assert (ours[0][~mask] == 0).all()
+        assert all((t[~mask] == 0).all() for t in _state_tensors(opt, ours[0]))
+    assert 0 in opt.state_dict()["masks"]
+
+
+def test_step_lr_scheduler_created_before_dsd():
+    """The reported case: StepLR made before DSD halves the LR of the optimizer DSD steps, and
+    re-dense's factor multiplies the scheduled rate."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    dsd = DSD(model, opt, Plan.dsd(2, 2, 2, redense_lr_factor=0.1))
+    assert dsd.optimizer is opt
+    used = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        for epoch in range(6):
+            dsd.epoch_start(epoch)
+            before = model.weight.detach().clone()
+            opt.zero_grad()
+            model(torch.randn(8, 4)).pow(2).sum().backward()
+            grad, buffer = model.weight.grad.clone(), opt.state.get(model.weight, {})
+            momentum = buffer["momentum_buffer"].clone() if buffer else None
+            opt.step()
+            # SGD: the step moved the weight by -lr_used * (0.9 * buffer + grad)
+            direction = grad if momentum is None else 0.9 * momentum + grad
+            kept = opt.masks.get(model.weight, torch.ones_like(direction, dtype=torch.bool))
+            used.append(((before - model.weight.detach())[kept] / direction[kept]).mean().item())
+            sched.step()
+    expected = [0.1 * 0.5 ** epoch * (0.1 if epoch >= 4 else 1.0) for epoch in range(6)]
+    assert used == pytest.approx(expected, rel=1e-5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 6)  # the scheduler owns lr
+    assert step_lr(opt.param_groups[0]) == pytest.approx(0.1 * 0.5 ** 6 * 0.1)
+
+
+def test_absolute_scheduler_composes_with_the_lr_scale():
+    """LambdaLR sets lr = base * f(step) every step (the Hugging Face Trainer's schedules):
+    the scale still multiplies it."""
+    params = _params()
+    opt = torch.optim.SGD(params, lr=0.2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    make_masked_(opt)
+    opt.param_groups[0][LR_SCALE] = 0.25
+    for step in range(4):
+        before = params[0].detach().clone()
+        _fill_grads(params, step)
+        opt.step()
+        torch.testing.assert_close(params[0].detach(),
+                                   before - 0.2 / (1 + step) * 0.25 * params[0].grad)
+        sched.step()
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_grad_scaler_and_user_reference_made_before(name):
+    torch_cls, _, kwargs = TORCH_OPTIMIZERS[name]
+    params = _params()
+    opt = torch_cls(params, **kwargs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    mine = opt  # the user's own reference
+    mask = torch.rand(params[0].shape, generator=torch.Generator().manual_seed(2)) < 0.5
+    make_masked_(opt).set_masks({params[0]: mask})
+    for step in range(5):
+        mine.zero_grad()
+        scaler.scale(sum((p * p).sum() for p in params)).backward()
+        if step == 3:
+            params[1].grad[0] = float("inf")
+        before = [p.detach().clone() for p in params]
+        scaler.step(mine)
+        scaler.update()
+        moved = not torch.equal(before[1], params[1])
+        assert moved == (step != 3)  # the inf step is skipped, the others update
+        assert (params[0][~mask] == 0).all()
+        assert all((t[~mask] == 0).all() for t in _state_tensors(opt, params[0]))
+
+
+def test_step_hooks_registered_before_still_run():
+    params = _params()
+    opt = torch.optim.Adam(params, lr=1e-2)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", type(o))))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", type(o))))
+    make_masked_(opt)
+    _fill_grads(params, 0)
+    opt.step()
+    assert calls == [("pre", dk.MaskedAdam), ("post", dk.MaskedAdam)]
+
+
+def test_a_stale_step_method_is_refused_without_updating():
+    """A bound step taken before the conversion would run torch's unmasked update: it raises
+    instead, with the weights and state untouched."""
+    params = _params()
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    stale = opt.step
+    make_masked_(opt).set_masks({params[0]: torch.zeros(params[0].shape, dtype=torch.bool)})
+    _fill_grads(params, 0)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="before make_masked_"):
+        stale()
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and not opt.state
+    opt.step()  # the object itself steps, masked
+    assert (params[0] == 0).all()
+
+
+class _MySGD(torch.optim.SGD):
+    pass
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda ps: torch.optim.RMSprop(ps), TypeError, "cannot mask torch.optim.rmsprop.RMSprop"),
+    (lambda ps: _MySGD(ps, lr=0.1), TypeError, "cannot mask .*_MySGD"),
+    (lambda ps: torch.optim.Adam(ps, amsgrad=True), ValueError, "amsgrad=True"),
+    (lambda ps: torch.optim.AdamW([{"params": ps[:1]}, {"params": ps[1:], "amsgrad": True}]),
+     ValueError, "param group 1 .* amsgrad=True"),
+])
+def test_refused_optimizers_are_left_as_they_were(make, error, message):
+    params = _params()
+    opt = make(params)
+    kind, before = type(opt), copy.deepcopy(opt.state_dict())
+    with pytest.raises(error, match=message):
+        make_masked_(opt)
+    assert type(opt) is kind and not hasattr(opt, "_masks")
+    assert opt.state_dict() == before
