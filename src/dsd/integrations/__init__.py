@@ -11,14 +11,19 @@ import importlib
 from ..runner import DSD
 
 
-def require(extra: str, module: str):
-    """Import `module` (a framework); if it is missing, a one-line error naming the extra."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise ImportError(f"dsd.integrations.{extra} needs {module.split('.')[0]}, which is not "
-                          f"installed ({error}); install it with: pip install 'dsd[{extra}]'"
-                          ) from None
+def require(extra: str, *modules: str):
+    """The first of `modules` (a framework's import names) that imports; if none does, a
+    one-line error naming the extra to install."""
+    for module in modules:
+        try:
+            return importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name is None or not (module + ".").startswith(error.name + "."):
+                raise  # the framework is there but something it imports is not
+            continue
+    names = " or ".join(module.split(".")[0] for module in modules)
+    raise ImportError(f"dsd.integrations.{extra} needs {names}, which is not installed; "
+                      f"install it with: pip install 'dsd[{extra}]'")
 
 
 def phase_metrics(dsd: DSD) -> dict[str, float]:
