@@ -13,6 +13,8 @@ Semantics every backend shares (DESIGN.md):
   divides the gradient inside the update.
 """
 
+import math
+
 import torch
 
 NAMESPACE = "dsd"
@@ -37,6 +39,11 @@ OPS = tuple(SCHEMAS)
 _lib = torch.library.Library(NAMESPACE, "DEF")
 for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)
+
+
+def pruned_count(sparsity: float, numel: int) -> int:
+    """How many of `numel` entries a sparsity prunes: floor(sparsity * numel), in double."""
+    return math.floor(sparsity * numel)
 
 
 def magnitude_dtype(xs) -> torch.dtype:

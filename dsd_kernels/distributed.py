@@ -14,7 +14,6 @@ R rows, and for masks 8*T*world (the tie counts, all_gathered) — independent o
 """
 
 import functools
-import math
 
 import torch
 import torch.distributed as dist
@@ -128,10 +127,10 @@ def magnitude_masks(xs, sparsity: float, scope: str, process_group, *, names=Non
     scope = _checks.scope(scope)
     if scope == "layer":
         rows = [[i] for i in range(len(xs))]
-        ks = [math.floor(sparsity * n) for n in numels]
+        ks = [_ops.pruned_count(sparsity, n) for n in numels]
     else:
         rows = [list(range(len(xs)))]
-        ks = [math.floor(sparsity * sum(numels))]
+        ks = [_ops.pruned_count(sparsity, sum(numels))]
     bits = [_magnitude_bits(x) for x in xs]
     # Rows that prune nothing still take part in the collectives (with k = 1) and keep all.
     value_bits, ties_to_prune = _select(bits, rows, [max(k, 1) for k in ks], process_group)

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .._ops import magnitude_dtype
+from .._ops import magnitude_dtype, pruned_count
 
 
 def _magnitudes(x: torch.Tensor) -> torch.Tensor:
@@ -40,8 +40,8 @@ def _prune_masks(xs, k):
 
 def magnitude_masks(xs, sparsity, scope):
     if scope == "layer":
-        return [_prune_masks([x], math.floor(sparsity * x.numel()))[0] for x in xs]
-    return _prune_masks(xs, math.floor(sparsity * sum(x.numel() for x in xs)))
+        return [_prune_masks([x], pruned_count(sparsity, x.numel()))[0] for x in xs]
+    return _prune_masks(xs, pruned_count(sparsity, sum(x.numel() for x in xs)))
 
 
 def apply_masks_(xs, masks):

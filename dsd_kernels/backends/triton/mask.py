@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import _ops
 from . import tables
 from .tables import column_pointer, lanes
 from .threshold import magnitude_pattern, radix_select
@@ -85,10 +86,10 @@ def magnitude_masks(xs, sparsity, scope):
     xs_logical = [x.contiguous() for x in xs]
     masks = [torch.empty(x.shape, dtype=torch.bool, device=device) for x in xs]
     if scope == "layer":
-        prune = [math.floor(sparsity * x.numel()) for x in xs]
+        prune = [_ops.pruned_count(sparsity, x.numel()) for x in xs]
         segments = list(range(len(xs)))
     else:
-        prune = [math.floor(sparsity * sum(x.numel() for x in xs))]
+        prune = [_ops.pruned_count(sparsity, sum(x.numel() for x in xs))]
         segments = [0] * len(xs)
     if not any(prune):
         return [mask.fill_(True) for mask in masks]

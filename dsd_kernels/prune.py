@@ -1,0 +1,207 @@
+"""torch.nn.utils.prune, with its magnitude masks computed by dsd_kernels.
+
+    from dsd_kernels import prune                      # instead of torch.nn.utils.prune
+    prune.global_unstructured([(m, "weight") for m in layers], amount=0.5)
+    prune.l1_unstructured(model.fc, "weight", amount=0.3)
+    prune.mask_optimizer_(optimizer, model)            # weight_orig and its state stay 0
+    prune.remove(model.fc, "weight")                   # torch's own, as every other name
+
+The modules end up exactly as torch's functions leave them (`name_orig` parameter, `name_mask`
+buffer, the forward pre-hook; `remove`, `is_pruned` and repeated pruning work as with torch).
+What differs is the mask: the `amount` smallest |score| by our exact kernels, ties pruned in
+position order (lower flat index, then earlier tensor), and the global ranking reads the
+tensors where they are instead of concatenating scores and masks. Repeated pruning ranks the
+entries still unpruned and keeps the old mask, as torch does; the count is torch's (an int
+amount, or round(amount * unpruned)). `L1Unstructured` plugs the same masks into code that
+takes a `pruning_method=` (torch's global_unstructured, Lightning's ModelPruning).
+"""
+
+import math
+import numbers
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as _torch_prune
+from torch.nn.utils.prune import (  # noqa: F401  (the rest of torch's module, as it is)
+    BasePruningMethod, CustomFromMask, Identity, LnStructured, PruningContainer,
+    RandomStructured, RandomUnstructured, custom_from_mask, identity, is_pruned, ln_structured,
+    random_structured, random_unstructured, remove)
+
+from . import _checks, _ops, magnitude_masks
+from .optim import make_masked_
+
+__all__ = [
+    "L1Unstructured", "l1_unstructured", "global_unstructured", "mask_optimizer_",
+    "BasePruningMethod", "CustomFromMask", "Identity", "LnStructured", "PruningContainer",
+    "RandomStructured", "RandomUnstructured", "custom_from_mask", "identity", "is_pruned",
+    "ln_structured", "random_structured", "random_unstructured", "remove",
+]
+
+
+def _check_amount(amount) -> None:
+    """torch's rule: an int >= 0 (a count) or a real in [0, 1] (a fraction)."""
+    if isinstance(amount, bool) or not isinstance(amount, numbers.Real):
+        raise TypeError(f"amount must be an int (a count) or a float in [0, 1] (a fraction), "
+                        f"got {amount!r}")
+    if isinstance(amount, numbers.Integral):
+        if amount < 0:
+            raise ValueError(f"amount={amount} must be a non-negative count")
+    elif not 0.0 <= float(amount) <= 1.0:
+        raise ValueError(f"amount={amount} must be a fraction in [0, 1] or a non-negative int")
+
+
+def _count(amount, unpruned: int, what: str) -> int:
+    """Entries to prune out of `unpruned`, as torch counts them."""
+    count = amount if isinstance(amount, numbers.Integral) else round(amount * unpruned)
+    if count > unpruned:
+        raise ValueError(f"amount={amount} is more than the {unpruned} unpruned entries of {what}")
+    return int(count)
+
+
+def _keep(scores: list, count: int, names) -> list:
+    """Bool masks over `scores` keeping all but the `count` smallest |score| (ranked jointly),
+    from magnitude_masks at a sparsity whose floor(sparsity * N) is exactly `count`."""
+    total = sum(s.numel() for s in scores)
+    if count == total:  # everything: magnitude_masks takes sparsity < 1
+        return [torch.zeros(s.shape, dtype=torch.bool, device=s.device) for s in scores]
+    sparsity = count / total
+    if _ops.pruned_count(sparsity, total) < count:  # k / N rounded down in double
+        sparsity = math.nextafter(sparsity, 1.0)
+    return magnitude_masks([s.detach() for s in scores], sparsity, "global", names=names)
+
+
+class L1Unstructured(_torch_prune.L1Unstructured):
+    """torch's L1Unstructured (same arguments, same count), with the mask from dsd_kernels:
+    exactly the `amount` smallest |t|, ties pruned in position order."""
+
+    def compute_mask(self, t, default_mask):
+        count = _count(self.amount, t.nelement(), "the tensor")
+        mask = default_mask.clone(memory_format=torch.contiguous_format)
+        if count:
+            mask.masked_fill_(~_keep([t], count, None)[0], 0)
+        return mask
+
+
+def _pruned_state(module: nn.Module, name: str):
+    """The current mask of module.name (None if unpruned), after checking the name."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"expected an nn.Module to prune, got {type(module).__name__}")
+    if not isinstance(name, str) or not isinstance(getattr(module, name, None), torch.Tensor):
+        raise AttributeError(f"{type(module).__name__} has no parameter named {name!r} to prune")
+    return getattr(module, name + "_mask", None)
+
+
+def _scores(parameters, importance_scores) -> tuple[list, list, list, list]:
+    """Validated (module, name) pairs, their scores, current masks and labels."""
+    if not isinstance(parameters, Iterable):
+        raise TypeError("parameters must be an iterable of (module, name) pairs")
+    pairs = list(parameters)
+    importance_scores = {} if importance_scores is None else importance_scores
+    if not isinstance(importance_scores, dict):
+        raise TypeError("importance_scores must be a dict {(module, name): tensor}")
+    if not pairs:
+        raise ValueError("parameters is empty: nothing to prune")
+    scores, masks, labels = [], [], []
+    for pair in pairs:
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise TypeError(f"parameters must hold (module, name) pairs, got {pair!r}")
+        module, name = pair
+        masks.append(_pruned_state(module, name))
+        score = importance_scores.get(pair, getattr(module, name))
+        if score.shape != getattr(module, name).shape:
+            raise ValueError(f"the importance scores of {type(module).__name__}.{name} have "
+                             f"shape {tuple(score.shape)}, not the parameter's "
+                             f"{tuple(getattr(module, name).shape)}")
+        scores.append(score)
+        labels.append(f"{type(module).__name__}.{name}")
+    return pairs, scores, masks, labels
+
+
+def _new_masks(scores, masks, labels, amount) -> list:
+    """The masks after pruning `amount` of the unpruned entries, ranked jointly; each is the
+    old mask with more zeros (bool where there was no old mask)."""
+    candidates = [s if m is None else s[m == 1] for s, m in zip(scores, masks)]
+    count = _count(amount, sum(c.numel() for c in candidates), "the parameters")
+    keep = _keep(candidates, count, labels) if count else None
+    new = []
+    for i, (score, mask) in enumerate(zip(scores, masks)):
+        if mask is None:
+            new.append(keep[i] if keep else torch.ones(score.shape, dtype=torch.bool,
+                                                       device=score.device))
+            continue
+        mask = mask.clone(memory_format=torch.contiguous_format)
+        if keep:
+            mask[mask == 1] = keep[i].to(mask.dtype)
+        new.append(mask)
+    return new
+
+
+def global_unstructured(parameters, pruning_method=L1Unstructured, importance_scores=None,
+                        **kwargs) -> None:
+    """torch's global_unstructured: prune `amount` (a count, or a fraction of the unpruned
+    entries of all `parameters` together) of the smallest |score|, ranked across all tensors
+    without concatenating them. `pruning_method` may be given as torch does; only L1 magnitude
+    (torch's L1Unstructured or this module's) is computed here."""
+    if pruning_method not in (L1Unstructured, _torch_prune.L1Unstructured):
+        raise TypeError(f"dsd_kernels.prune.global_unstructured computes L1 (magnitude) masks; "
+                        f"for {getattr(pruning_method, '__name__', pruning_method)} use "
+                        "torch.nn.utils.prune.global_unstructured")
+    if set(kwargs) != {"amount"}:
+        raise TypeError(f"global_unstructured takes amount= (and no other keyword), got "
+                        f"{sorted(kwargs) or 'none'}")
+    amount = kwargs["amount"]
+    _check_amount(amount)
+    pairs, scores, masks, labels = _scores(parameters, importance_scores)
+    with torch.no_grad():
+        new = _new_masks(scores, masks, labels, amount)
+    for i, (module, name) in enumerate(pairs):
+        mask, new[i] = new[i], None  # freed once it is the module's buffer
+        custom_from_mask(module, name, mask=mask)
+        # The hook's copy of the mask is read only while it is applied; point it at the
+        # buffer (equal values) so the masks computed here are not held twice.
+        _last_method(module, name).mask = getattr(module, name + "_mask")
+
+
+def _last_method(module: nn.Module, name: str) -> BasePruningMethod:
+    """The pruning method most recently applied to module.name."""
+    hook = next(h for h in module._forward_pre_hooks.values()
+                if isinstance(h, BasePruningMethod) and h._tensor_name == name)
+    return hook._pruning_methods[-1] if isinstance(hook, PruningContainer) else hook
+
+
+def l1_unstructured(module: nn.Module, name: str, amount, importance_scores=None) -> nn.Module:
+    """torch's l1_unstructured, with the mask from dsd_kernels; returns the module."""
+    _check_amount(amount)
+    pairs, scores, masks, labels = _scores(
+        [(module, name)], None if importance_scores is None else {(module, name): importance_scores})
+    # Checked before torch's apply, which removes an earlier pruning's hook before it ranks.
+    unpruned = scores[0].numel() if masks[0] is None else int((masks[0] == 1).sum())
+    if _count(amount, unpruned, labels[0]):
+        xs, label = _checks.weights([scores[0].detach()], labels)
+        _checks.finite(xs, label)
+    L1Unstructured.apply(module, name, amount=amount, importance_scores=importance_scores)
+    return module
+
+
+def mask_optimizer_(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+    """Hand the current prune masks of `model` to `optimizer`, made masked in place (a
+    torch.optim SGD/Adam/AdamW is converted, see `dsd_kernels.optim.make_masked_`): from now on
+    each pruned `name_orig` entry and its optimizer state stay exactly 0 whatever the gradient.
+
+    Call it again after pruning more (or after `remove`, which lifts the masks: the freed
+    entries regrow from 0 with 0 state). Pruned tensors the optimizer does not train are
+    skipped. Returns the optimizer.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    masks = {}
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, BasePruningMethod):
+                original = getattr(module, hook._tensor_name + "_orig")
+                if id(original) in trained:
+                    masks[original] = getattr(module, hook._tensor_name + "_mask") != 0
+    make_masked_(optimizer).set_masks(masks)
+    return optimizer

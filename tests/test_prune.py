@@ -1,0 +1,254 @@
+"""dsd_kernels.prune against torch.nn.utils.prune itself: the same module state after every
+function, the same masks where magnitudes are untied, our tie rule where they are tied, and
+the optimizer trap (state alive at pruned weights) closed by mask_optimizer_."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from dsd_kernels import prune
+
+
+class _Channel(nn.Module):
+    def forward(self, x):
+        return x.unsqueeze(1)
+
+
+def _net(seed=0, dtype=torch.float32):
+    """Linear, conv and linear layers (indices 0, 2, 4) on 12 inputs."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 20), _Channel(), nn.Conv1d(1, 3, 5), nn.Flatten(),
+                         nn.Linear(48, 4)).to(dtype)
+
+
+def _pairs(net):
+    return [(net[0], "weight"), (net[0], "bias"), (net[2], "weight"), (net[4], "weight")]
+
+
+def _hooks(module):
+    return [(type(h).__name__, getattr(h, "_tensor_name", None))
+            for h in module._forward_pre_hooks.values()]
+
+
+def assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    """Parameters, buffers (values and dtypes), state_dict keys and pruning hooks agree."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+    assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]
+    for ma, mb in zip(a.modules(), b.modules()):
+        assert _hooks(ma) == _hooks(mb)
+        for name in [n for n, _ in ma.named_buffers(recurse=False) if n.endswith("_mask")]:
+            assert torch.equal(getattr(ma, name[:-5]), getattr(mb, name[:-5]))
+    assert torch_prune.is_pruned(a) == prune.is_pruned(b)
+
+
+def _snapshot(net: nn.Module) -> dict:
+    """Everything bad input must leave as it was (a pruned module cannot be deep-copied)."""
+    return {"state": {k: v.clone() for k, v in net.state_dict().items()},
+            "parameters": [n for n, _ in net.named_parameters()],
+            "hooks": [_hooks(m) for m in net.modules()]}
+
+
+def assert_unchanged(net: nn.Module, snapshot: dict) -> None:
+    now = _snapshot(net)
+    assert list(now["state"]) == list(snapshot["state"])
+    for key, value in snapshot["state"].items():
+        torch.testing.assert_close(now["state"][key], value, rtol=0, atol=0, equal_nan=True)
+    assert now["parameters"] == snapshot["parameters"] and now["hooks"] == snapshot["hooks"]
+
+
+@pytest.mark.parametrize("amount", [0.3, 0.5, 17, 0, 1.0])
+def test_global_unstructured_as_torch(amount):
+    ours, theirs = _net(), _net()
+    prune.global_unstructured(_pairs(ours), pruning_method=prune.L1Unstructured, amount=amount)
+    torch_prune.global_unstructured(_pairs(theirs), pruning_method=torch_prune.L1Unstructured,
+                                    amount=amount)
+    assert_same_state(ours, theirs)
+
+
+@pytest.mark.parametrize("amount", [0.25, 9, 0.0])
+def test_l1_unstructured_as_torch(amount):
+    ours, theirs = _net(1), _net(1)
+    for module, name in _pairs(ours):
+        assert prune.l1_unstructured(module, name, amount=amount) is module
+    for module, name in _pairs(theirs):
+        torch_prune.l1_unstructured(module, name, amount=amount)
+    assert_same_state(ours, theirs)
+    x = torch.randn(2, 12)
+    assert torch.equal(ours(x), theirs(x))  # the forward pre-hooks mask as torch's do
+
+
+def test_repeated_pruning_importance_scores_and_remove_as_torch():
+    """An iterative schedule: each round prunes a fraction of what is left, keeping the old
+    mask; mixed local and global rounds, importance scores, then remove."""
+    ours, theirs = _net(2), _net(2)
+    gen = torch.Generator().manual_seed(3)
+    scores = {1: torch.rand(ours[0].weight.shape, generator=gen)}
+    for lib, net in ((prune, ours), (torch_prune, theirs)):
+        lib.l1_unstructured(net[0], "weight", amount=0.2, importance_scores=scores[1])
+        global_method = {"pruning_method": lib.L1Unstructured}
+        lib.global_unstructured(_pairs(net), amount=0.3, **global_method)
+        lib.global_unstructured(_pairs(net), amount=0.3, importance_scores={
+            (net[4], "weight"): net[4].weight.detach().flip(0)}, **global_method)
+        lib.l1_unstructured(net[2], "weight", amount=2)
+    assert_same_state(ours, theirs)
+    assert _hooks(ours[0]) == [("PruningContainer", "weight"), ("PruningContainer", "bias")]
+    for lib, net in ((prune, ours), (torch_prune, theirs)):
+        lib.remove(net[0], "weight")
+        lib.remove(net[4], "weight")
+    assert_same_state(ours, theirs)
+
+
+def _stable_ranking_masks(tensors, count):
+    """The oracle of the tie rule: the first `count` entries of a stable sort of |x| over the
+    tensors in order (lower flat index, then earlier tensor) are pruned."""
+    flat = torch.cat([t.detach().reshape(-1).abs().float() for t in tensors])
+    order = torch.sort(flat, stable=True).indices
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep[order[:count]] = False
+    return [m.view_as(t) for m, t in zip(keep.split([t.numel() for t in tensors]), tensors)]
+
+
+def test_ties_are_pruned_in_position_order():
+    torch.manual_seed(4)
+    layers = [nn.Linear(9, 7), nn.Linear(7, 5)]
+    with torch.no_grad():
+        for layer in layers:  # magnitudes from 4 values: ties everywhere
+            layer.weight.copy_(torch.randint(-2, 3, layer.weight.shape).float() * 0.5)
+    tensors = [layer.weight.detach().clone() for layer in layers]
+    prune.global_unstructured([(layer, "weight") for layer in layers], amount=0.45)
+    count = round(0.45 * sum(t.numel() for t in tensors))
+    for layer, expected in zip(layers, _stable_ranking_masks(tensors, count)):
+        assert torch.equal(layer.weight_mask.bool(), expected)
+    # torch's own global_unstructured given our method: exact count, the same rule
+    layer = nn.Linear(30, 30)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randint(0, 3, (30, 30)).float())
+    weight = layer.weight.detach().clone()
+    torch_prune.global_unstructured([(layer, "weight")], pruning_method=prune.L1Unstructured,
+                                    amount=0.5)
+    assert torch.equal(layer.weight_mask.bool(), _stable_ranking_masks([weight], 450)[0])
+
+
+def test_half_precision_weights():
+    ours, theirs = _net(5, torch.float16), _net(5, torch.float16)
+    prune.global_unstructured(_pairs(ours), amount=0.4)
+    torch_prune.global_unstructured(_pairs(theirs), torch_prune.L1Unstructured, amount=0.4)
+    assert_same_state(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_mask_optimizer_closes_the_trap(name):
+    """100 steps after pruning: with mask_optimizer_ every pruned weight_orig entry and its
+    optimizer state are exactly 0; with torch alone they are not."""
+    results = {}
+    for masked in (False, True):
+        net = _net(6)
+        optimizer = (torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9) if name == "sgd"
+                     else torch.optim.AdamW(net.parameters(), lr=1e-2))
+        x, y = torch.randn(64, 12), torch.randint(0, 4, (64,))
+        for step in range(100):
+            if step == 5:  # prune after a few steps, so momentum / moments are alive
+                prune.global_unstructured(_pairs(net)[2:], amount=0.6)
+                if masked:
+                    assert prune.mask_optimizer_(optimizer, net) is optimizer
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+        alive = []
+        for module, param in ((net[2], "weight"), (net[4], "weight")):
+            pruned = getattr(module, param + "_mask") == 0
+            original = getattr(module, param + "_orig")
+            state = [v for k, v in optimizer.state[original].items() if k != "step"]
+            alive.append(bool(original[pruned].abs().sum() > 0)
+                         or any(bool(s[pruned].abs().sum() > 0) for s in state))
+        results[masked] = alive
+    assert results[False] == [True, True]  # the trap: pruned entries moved, state alive
+    assert results[True] == [False, False]
+
+
+def test_mask_optimizer_after_remove_lets_weights_regrow():
+    net = _net(7)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    prune.l1_unstructured(net[4], "weight", amount=0.5)
+    prune.mask_optimizer_(optimizer, net)
+    assert len(optimizer.masks) == 1
+    prune.remove(net[4], "weight")
+    prune.mask_optimizer_(optimizer, net)
+    assert optimizer.masks == {}
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda net: prune.l1_unstructured(net[0], "weight", amount=1.5), ValueError, "amount=1.5"),
+    (lambda net: prune.l1_unstructured(net[0], "weight", amount=-1), ValueError, "amount=-1"),
+    (lambda net: prune.l1_unstructured(net[0], "weight", amount="half"), TypeError, "amount"),
+    (lambda net: prune.l1_unstructured(net[0], "weight", amount=217), ValueError,
+     "more than the 216 unpruned"),
+    (lambda net: prune.l1_unstructured(net[0], "weights", amount=0.5), AttributeError,
+     "Linear has no parameter named 'weights'"),
+    (lambda net: prune.global_unstructured([(net[0], "weight"), (net[4], "wieght")],
+                                           amount=0.5), AttributeError, "'wieght'"),
+    (lambda net: prune.global_unstructured(_pairs(net), amount=2.0), ValueError, "amount=2.0"),
+    (lambda net: prune.global_unstructured(_pairs(net), torch_prune.RandomUnstructured,
+                                           amount=0.5), TypeError, "RandomUnstructured"),
+    (lambda net: prune.global_unstructured(_pairs(net), amount=0.5, n=1), TypeError,
+     "amount= .and no other keyword"),
+])
+def test_bad_input_leaves_the_module_unmodified(call, error, message):
+    net = _net(8)
+    prune.l1_unstructured(net[0], "weight", amount=0.1)  # a pruned module stays as it was too
+    before = _snapshot(net)
+    with pytest.raises(error, match=message):
+        call(net)
+    assert_unchanged(net, before)
+
+
+def test_non_finite_weights_are_refused_before_touching_the_module():
+    net = _net(9)
+    prune.l1_unstructured(net[4], "weight", amount=0.2)
+    with torch.no_grad():  # `weight`, as the last forward left it, is what is ranked
+        net[4].weight_orig[0, 0] = float("nan")
+        net[4].weight[0, 0] = float("nan")
+    before = _snapshot(net)
+    with pytest.raises(ValueError, match="Linear.weight.*NaN"):
+        prune.l1_unstructured(net[4], "weight", amount=0.2)
+    assert_unchanged(net, before)
+
+
+def test_lightning_model_pruning_with_our_method(tmp_path):
+    """Lightning's ModelPruning given our pruning method prunes exactly the amount asked, by
+    our tie rule (lr 0 keeps the tied weights as they are until the pruning)."""
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _net(10)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    data = torch.utils.data.TensorDataset(torch.randn(64, 12), torch.randint(0, 4, (64,)))
+    module = Module()
+    layers = [(module.net[0], "weight"), (module.net[2], "weight"), (module.net[4], "weight")]
+    with torch.no_grad():
+        for m, n in layers:
+            getattr(m, n).copy_(torch.randint(-2, 3, getattr(m, n).shape) * 0.25)
+    tensors = [getattr(m, n).detach().clone() for m, n in layers]
+    pruning = pl.callbacks.ModelPruning(prune.L1Unstructured, parameters_to_prune=layers,
+                                        amount=0.5, use_global_unstructured=True,
+                                        make_pruning_permanent=False, verbose=0)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[pruning], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=16))
+    expected = _stable_ranking_masks(tensors, round(0.5 * sum(t.numel() for t in tensors)))
+    for (m, n), keep in zip(layers, expected):
+        assert torch.equal(getattr(m, n + "_mask").bool(), keep)
