@@ -45,11 +45,12 @@ class _Masked:
     _step_supports_amp_scaling = True
     _state_names: tuple[str, ...] = ()  # state tensors zeroed with the weight when pruned
 
-    @staticmethod
-    def _reject(**unsupported) -> None:
-        for flag, value in unsupported.items():
-            if value:
-                raise ValueError(f"{flag}=True is not supported by the masked optimizers")
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group (the constructor's groups pass here too), refusing the
+        flags the masked step does not implement."""
+        _refuse_unsupported({**self.defaults, **param_group},
+                            f"param group {len(self.param_groups)}")
+        super().add_param_group(param_group)
 
     def _init_group(self, *args, **kwargs):
         # Only torch.optim's own step calls this: reached on a masked optimizer, it means
@@ -85,7 +86,8 @@ class _Masked:
             if p.dtype not in _checks.FLOAT_DTYPES:
                 raise ValueError(f"{what} has dtype {p.dtype}; supported: float32, float16, "
                                  "bfloat16")
-        self._masks = dict(masks)
+        # Kept in the parameter's memory layout (channels_last, ...), so no step converts it.
+        self._masks = {p: _in_layout_of(mask, local_tensor(p)) for p, mask in masks.items()}
         targets, target_masks = [], []
         for p, mask in self._masks.items():
             state = self.state.get(p, {})
@@ -107,7 +109,10 @@ class _Masked:
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load torch's format; "masks", if present, are restored onto the parameters' devices."""
+        """Load torch's format; "masks", if present, are restored onto the parameters' devices.
+        A state_dict of an optimizer using amsgrad, capturable or differentiable is refused."""
+        for i, group in enumerate(state_dict.get("param_groups", ())):
+            _refuse_unsupported(group, f"state_dict param group {i}")
         state_dict = dict(state_dict)
         saved = state_dict.pop("masks", {})
         params = self._params_in_order()
@@ -120,7 +125,7 @@ class _Masked:
             if isinstance(mask, torch.Tensor):
                 mask = mask.to(p.device)
             _checks.mask_for(mask, local_tensor(p), f"state_dict['masks'][{i}]", f"parameter {i}")
-            masks[p] = mask
+            masks[p] = _in_layout_of(mask, local_tensor(p))
         super().load_state_dict(state_dict)
         self._masks = masks
 
@@ -130,15 +135,39 @@ class _Masked:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # GradScaler's found_inf skips the whole step (weights, state and step counts).
+        # GradScaler's found_inf skips the whole step (weights, state and step counts). It is
+        # read on the host, as GradScaler itself does for torch's non-fused optimizers: Adam's
+        # bias correction takes the step counts as host numbers, so whether to count a step
+        # must be known before the launch.
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and found_inf.item() != 0:
             return loss
         grad_scale = getattr(self, "grad_scale", None)
         ensure_selected()
+        for index, group in enumerate(self.param_groups):  # all checks before any update
+            self._check_group(index, group)
         for group in self.param_groups:
             self._update_group(group, grad_scale)
         return loss
+
+    def _check_group(self, index: int, group: dict) -> None:
+        """Everything a step could refuse in this group, checked before anything changes."""
+        _refuse_unsupported(group, f"param group {index}")
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            what = f"param group {index}, parameter {i}" + (f" ({names[i]!r})" if names else "")
+            if p.grad.is_sparse:
+                raise ValueError(f"{what} has a sparse gradient; the masked optimizers need "
+                                 "dense gradients")
+            if p.dtype not in _checks.FLOAT_DTYPES:
+                raise ValueError(f"{what} has dtype {p.dtype}; supported: float32, float16, "
+                                 "bfloat16")
+            mask = self._masks.get(p)
+            if mask is not None and mask.device != p.device:
+                raise ValueError(f"the mask of {what} is on {mask.device} but the parameter "
+                                 f"moved to {p.device}; call set_masks again after moving it")
 
     def _grads_by_device(self, group, make_state):
         """Params of a group that have gradients, bucketed per (device, key from make_state).
@@ -147,15 +176,7 @@ class _Masked:
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise ValueError("masked optimizers need dense gradients; got a sparse one")
-            if p.dtype not in _checks.FLOAT_DTYPES:
-                raise ValueError(f"a parameter has dtype {p.dtype}; supported: float32, "
-                                 "float16, bfloat16")
             mask = self._masks.get(p)
-            if mask is not None and mask.device != p.device:
-                raise ValueError(f"a mask is on {mask.device} but its parameter moved to "
-                                 f"{p.device}; call set_masks again after moving the model")
             key, state = make_state(p)
             bucket = buckets[(p.device, key)]
             bucket["params"].append(local_tensor(p))
@@ -164,6 +185,25 @@ class _Masked:
             for name, value in state.items():
                 bucket[name].append(local_tensor(value))
         return buckets
+
+
+def _in_layout_of(mask: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The mask with the strides of its parameter (a copy only when they differ)."""
+    if mask.stride() == p.stride():
+        return mask
+    return torch.empty_like(p, dtype=torch.bool).copy_(mask)
+
+
+_UNSUPPORTED_FLAGS = ("amsgrad", "capturable", "differentiable")
+
+
+def _refuse_unsupported(settings: Mapping, where: str) -> None:
+    """A ValueError if `settings` (a param group, defaults) turn on a flag the masked step
+    does not implement."""
+    for flag in _UNSUPPORTED_FLAGS:
+        if settings.get(flag):
+            raise ValueError(f"{where} uses {flag}=True, which the masked optimizers do not "
+                             "support")
 
 
 def _scale_on(grad_scale, device):
@@ -178,9 +218,8 @@ class MaskedSGD(_Masked, torch.optim.SGD):
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
                  *, maximize=False, foreach=None, differentiable=False, fused=None):
         # foreach/fused are accepted for drop-in use: the masked step is always one fused pass.
-        self._reject(differentiable=differentiable)
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov,
-                         maximize=maximize)
+                         maximize=maximize, differentiable=differentiable)
         self._masks = {}
 
     def _update_group(self, group, grad_scale):
@@ -236,8 +275,8 @@ class MaskedAdam(_MaskedAdamStep, torch.optim.Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False):
-        self._reject(amsgrad=amsgrad, capturable=capturable, differentiable=differentiable)
-        super().__init__(params, lr, betas, eps, weight_decay, maximize=maximize,
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable,
                          decoupled_weight_decay=decoupled_weight_decay)
         self._masks = {}
 
@@ -248,16 +287,13 @@ class MaskedAdamW(_MaskedAdamStep, torch.optim.AdamW):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None):
-        self._reject(amsgrad=amsgrad, capturable=capturable, differentiable=differentiable)
-        super().__init__(params, lr, betas, eps, weight_decay, maximize=maximize)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable)
         self._masks = {}
 
 
 _MASKED_VERSION = {torch.optim.SGD: MaskedSGD, torch.optim.Adam: MaskedAdam,
                    torch.optim.AdamW: MaskedAdamW}
-_UNSUPPORTED_FLAGS = ("amsgrad", "capturable", "differentiable")
-
-
 def make_masked_(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """Turn a torch.optim SGD, Adam or AdamW into its masked class in place; returns it.
 
@@ -276,12 +312,9 @@ def make_masked_(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
             f"cannot mask {kind.__module__}.{kind.__qualname__}: only torch.optim SGD, Adam and "
             "AdamW (converted in place) and dsd_kernels' MaskedSGD/MaskedAdam/MaskedAdamW keep "
             "the optimizer state of pruned weights at zero; other optimizers would regrow them")
-    for where, settings in [("the defaults", optimizer.defaults)] + [
-            (f"param group {i}", group) for i, group in enumerate(optimizer.param_groups)]:
-        for flag in _UNSUPPORTED_FLAGS:
-            if settings.get(flag):
-                raise ValueError(f"{where} of the optimizer use {flag}=True, which the masked "
-                                 "optimizers do not support")
+    _refuse_unsupported(optimizer.defaults, "the optimizer's defaults")
+    for i, group in enumerate(optimizer.param_groups):
+        _refuse_unsupported(group, f"param group {i}")
     old_step = type(optimizer).step  # hooked by torch.optim; __wrapped__ is torch's own step
     old_steps = [old_step] + [getattr(old_step, "__wrapped__")] * hasattr(old_step, "__wrapped__")
     redirect = _step_references(optimizer, old_steps)

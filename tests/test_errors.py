@@ -181,7 +181,7 @@ def test_masked_adam_bad_input_modifies_nothing(change, match):
     (dk.MaskedSGD, "differentiable"),
 ])
 def test_unsupported_optimizer_flags(cls, flag):
-    with pytest.raises(ValueError, match=f"{flag}=True is not supported"):
+    with pytest.raises(ValueError, match=f"{flag}=True, which the masked optimizers do not"):
         cls([torch.randn(3, requires_grad=True)], **{flag: True})
 
 
@@ -227,7 +227,7 @@ def test_optimizer_rejects_sparse_gradients():
     opt = dk.MaskedSGD([p], lr=0.1)
     p.grad = torch.randn(4, 5).to_sparse()
     before = _snapshot(p)
-    _raises("need dense gradients", opt.step)
+    _raises("param group 0, parameter 0 has a sparse gradient", opt.step)
     assert _unchanged([p], before)
 
 
@@ -239,6 +239,56 @@ def test_failed_step_counts_no_step():
     opt = dk.MaskedAdam([good, bad], lr=0.1)
     good.grad, bad.grad = torch.randn_like(good), torch.randn_like(bad)
     before = _snapshot(good)
-    _raises(r"a parameter has dtype torch.float64", opt.step)
+    _raises(r"param group 0, parameter 1 has dtype torch.float64", opt.step)
     assert _unchanged([good], before)
     assert all(float(state["step"]) == 0 for state in opt.state.values())
+
+
+def _two_groups(masked_cls, **kwargs):
+    good = torch.randn(4, 5, requires_grad=True)
+    bad = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    opt = masked_cls([{"params": [good]}, {"params": [bad]}], lr=0.1, **kwargs)
+    good.grad, bad.grad = torch.randn_like(good), torch.randn_like(bad)
+    return good, bad, opt
+
+
+@pytest.mark.parametrize("masked_cls, kwargs", [
+    (dk.MaskedAdam, {}), (dk.MaskedSGD, {"momentum": 0.9, "dampening": 0.3})])
+def test_a_step_refused_in_a_later_group_changes_nothing(masked_cls, kwargs):
+    """Group 1 refuses the step: group 0's weights, state and step counts stay as they were,
+    and the next good step is group 0's first, as torch.optim's would be."""
+    good, bad, opt = _two_groups(masked_cls, **kwargs)
+    before = _snapshot(good)
+    _raises(r"param group 1, parameter 0 has dtype torch.float64", opt.step)
+    assert _unchanged([good], before) and not opt.state
+    opt.param_groups.pop()  # drop the bad group, then compare one good step with torch.optim
+    reference = torch.nn.Parameter(before[0].clone())
+    reference.grad = good.grad.clone()
+    torch_cls = torch.optim.Adam if masked_cls is dk.MaskedAdam else torch.optim.SGD
+    torch_cls([reference], lr=0.1, **kwargs).step()
+    opt.step()
+    torch.testing.assert_close(good.detach(), reference.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_dtype_error_names_the_parameter_when_named():
+    model = torch.nn.Linear(3, 2).double()
+    opt = dk.MaskedAdamW(model.named_parameters(), lr=0.1)
+    model(torch.randn(1, 3, dtype=torch.float64)).sum().backward()
+    _raises(r"param group 0, parameter 0 \('weight'\) has dtype torch.float64", opt.step)
+
+
+@pytest.mark.parametrize("flag", ["amsgrad", "capturable", "differentiable"])
+def test_state_dict_with_an_unsupported_flag_is_refused(flag):
+    p = torch.randn(3, requires_grad=True)
+    source = torch.optim.AdamW([p], lr=0.1, **{flag: True})
+    if flag == "amsgrad":  # a max_exp_avg_sq in the state, as a real run leaves
+        p.grad = torch.randn(3)
+        source.step()
+    opt = dk.MaskedAdamW([torch.nn.Parameter(p.detach().clone())], lr=0.1)
+    before = copy.deepcopy(opt.state_dict())
+    _raises(f"state_dict param group 0 uses {flag}=True", opt.load_state_dict,
+            source.state_dict())
+    assert opt.state_dict() == before
+    _raises(f"param group 1 uses {flag}=True", opt.add_param_group,
+            {"params": [torch.randn(2, requires_grad=True)], flag: True})
+    assert len(opt.param_groups) == 1

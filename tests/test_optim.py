@@ -328,3 +328,22 @@ def test_opcheck(backend, device):
     torch.library.opcheck(torch.ops.dsd.masked_adam_, (
         [p.clone()], [g], [buf.clone()], [buf.abs()], [mask], [3.0],
         0.1, 0.9, 0.99, 1e-8, 1e-2, True, False, None))
+
+
+def test_masks_take_the_layout_of_channels_last_parameters(backend, device):
+    """A mask given in another layout is stored in its parameter's (so no step converts it),
+    with the same values; a loaded state_dict's masks likewise."""
+    p = torch.randn(6, 5, 3, 3, device=device).to(memory_format=torch.channels_last)
+    p.requires_grad_()
+    mask = torch.rand(p.shape, generator=torch.Generator().manual_seed(3)).to(device) < 0.5
+    opt = dk.MaskedSGD([p], lr=0.1, momentum=0.9)
+    opt.set_masks({p: mask})
+    assert opt.masks[p].stride() == p.stride() and torch.equal(opt.masks[p], mask)
+    for step in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+        assert (p[~mask] == 0).all() and (opt.state[p]["momentum_buffer"][~mask] == 0).all()
+    state = opt.state_dict()
+    state["masks"] = {0: mask.contiguous()}
+    opt.load_state_dict(state)
+    assert opt.masks[p].stride() == p.stride() and torch.equal(opt.masks[p], mask)
