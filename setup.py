@@ -28,7 +28,11 @@ def cpp_extension() -> dict:
 
 
 setup(
-    packages=find_packages(where="src") + find_packages(include=["dsd_kernels", "dsd_kernels.*"]),
-    package_dir={"dsd": "src/dsd", "dsd_kernels": "dsd_kernels"},
+    # csrc/ ships inside the package as dsd_kernels/csrc, so an installed wheel can build the
+    # C++ kernels just-in-time as a checkout does.
+    packages=find_packages(where="src") + find_packages(include=["dsd_kernels", "dsd_kernels.*"])
+    + ["dsd_kernels.csrc"],
+    package_dir={"dsd": "src/dsd", "dsd_kernels": "dsd_kernels", "dsd_kernels.csrc": "csrc"},
+    package_data={"dsd_kernels.csrc": ["*.cpp", "*.h"]},
     **cpp_extension(),
 )

@@ -168,6 +168,27 @@ def test_second_load_does_not_rebuild(cpp_backend):
     assert float(result.stdout) < 15  # a build takes about a minute
 
 
+def test_a_built_library_loads_whichever_ninja_is_on_path(cpp_backend, tmp_path):
+    """Once built, the library's fingerprint (sources and flags) matches, so a process with
+    another ninja first on PATH (here one that fails, and records that it ran) loads it as it
+    is, without running ninja at all."""
+    isa = cpp.vector_isa()
+    if not cpp.library_path(isa).exists():
+        pytest.skip("the kernels were loaded from a prebuilt library, not built just-in-time")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "ninja").write_text(f"#!/bin/sh\ntouch {tmp_path / 'ran'}\nexit 1\n")
+    (fake / "ninja").chmod(0o755)
+    script = """
+        from dsd_kernels.backends import cpp
+        cpp._prebuilt_library = lambda isa: None
+        cpp.load()
+    """
+    result = _run_python(script, PATH=f"{fake}:{os.environ['PATH']}")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "ran").exists()
+
+
 # ---- kernels against the pure-torch backend ---------------------------------------------------
 
 def _tensor_list(seed: int) -> list[torch.Tensor]:

@@ -4,14 +4,17 @@ The extension defines every dsd op again in a private namespace, `dsd_cpp` (csrc
 with the CPU kernels; `load()` hands those ops to backends/__init__.py, which registers them
 for the CPU dispatch key of `dsd` while this backend is selected.
 
-The just-in-time build runs ninja through `torch.utils.cpp_extension.load` in a per-user
-cache: $DSD_KERNELS_CACHE, else $XDG_CACHE_HOME/dsd_kernels, else ~/.cache/dsd_kernels, with
-one folder per Python and torch version. ninja rebuilds only what a changed source or flag
-touches, so a later process just loads the library. The first build is logged with its
-duration. A library prebuilt by `DSD_BUILD_EXT=1 pip install --no-build-isolation .` is
-preferred while it is at least as new as the sources next to it.
+The sources are csrc/ of a checkout, or dsd_kernels/csrc/ of an installed wheel. The
+just-in-time build runs ninja through `torch.utils.cpp_extension.load` in a per-user cache:
+$DSD_KERNELS_CACHE, else $XDG_CACHE_HOME/dsd_kernels, else ~/.cache/dsd_kernels, with one
+folder per Python and torch version. A fingerprint of the sources and flags is kept beside the
+library: while it matches, a later process loads the library without running ninja at all (so
+which ninja is on PATH never matters). The first build is logged with its duration. A library
+prebuilt by `DSD_BUILD_EXT=1 pip install --no-build-isolation .` is preferred while it is at
+least as new as the sources next to it.
 """
 
+import hashlib
 import importlib.machinery
 import logging
 import os
@@ -29,7 +32,9 @@ from . import Backend, BackendUnavailable
 logger = logging.getLogger("dsd_kernels")
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
-CSRC = PACKAGE_DIR.parent / "csrc"  # the source checkout (editable install)
+# An installed wheel carries the sources in the package; a checkout has them beside it.
+CSRC = next((d for d in (PACKAGE_DIR / "csrc", PACKAGE_DIR.parent / "csrc") if d.is_dir()),
+            PACKAGE_DIR / "csrc")
 SOURCES = ("ops.cpp", "threshold.cpp", "mask.cpp", "optim.cpp")
 HEADERS = ("dsd_cpu.h",)
 
@@ -73,6 +78,15 @@ def library_path(isa: str) -> Path:
     return build_directory(isa) / f"{extension_name(isa)}.so"
 
 
+def fingerprint(isa: str) -> str:
+    """What the library is built from: the sources' bytes and the flags (torch and Python
+    are in the build directory's name)."""
+    digest = hashlib.sha256(" ".join(compile_flags(isa) + LINK_FLAGS).encode())
+    for name in SOURCES + HEADERS:
+        digest.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
+    return digest.hexdigest()
+
+
 def load() -> Backend:
     """Load the kernels (building them if needed) or raise BackendUnavailable saying why."""
     isa = vector_isa()
@@ -106,14 +120,17 @@ def _build_and_load(isa: str) -> None:
         raise BackendUnavailable(
             f"the C++ sources are not in {CSRC} (missing {', '.join(missing)}); install from a "
             "source checkout, or build ahead of time with DSD_BUILD_EXT=1")
+    directory = build_directory(isa)
+    library, stamp = library_path(isa), directory / "fingerprint.sha256"
+    if library.exists() and stamp.exists() and stamp.read_text() == fingerprint(isa):
+        torch.ops.load_library(str(library))  # built from these very sources: no ninja run
+        return
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise BackendUnavailable(f"no C++ compiler: {compiler!r} is not on PATH (set CXX)")
     if not cpp_extension.is_ninja_available():
         raise BackendUnavailable("ninja is not installed (pip install ninja)")
-    directory = build_directory(isa)
     directory.mkdir(parents=True, exist_ok=True)
-    library = library_path(isa)
     before = library.stat().st_mtime_ns if library.exists() else None
     if before is None:
         logger.warning("dsd_kernels: compiling the C++ CPU kernels, once (about a minute); "
@@ -130,3 +147,4 @@ def _build_and_load(isa: str) -> None:
     if library.stat().st_mtime_ns != before:
         logger.warning("dsd_kernels: built the C++ CPU kernels in %.1f s (%s)",
                        time.perf_counter() - start, library)
+    stamp.write_text(fingerprint(isa))
