@@ -1,5 +1,5 @@
 """Accuracy study: DSD against the equal-budget dense baseline, paired over seeds, on every
-embedded task and model (the fair comparison of shared/paper-notes.md).
+embedded task and model (the fair comparison of docs/design.md).
 
     python bench/accuracy.py                        # every experiment, ~15 min on 2 CPU cores
     python bench/accuracy.py --seeds 3 --tasks digits --experiments main

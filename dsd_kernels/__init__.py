@@ -3,7 +3,7 @@ optimizer updates that keep pruned weights and their optimizer state exactly zer
 
 Every function validates its input (a ValueError naming the tensor, nothing modified), then
 calls one `torch.ops.dsd` op, whose kernel the dispatcher picks by device from the selected
-backend (`use_backend`, env `DSD_BACKEND`). See DESIGN.md for the semantics all backends share.
+backend (`use_backend`, env `DSD_BACKEND`). See docs/design.md for the semantics all backends share.
 """
 
 import numbers

@@ -4,7 +4,7 @@ Backends register kernels for these names per device (see `backends/`); the publ
 functions in `dsd_kernels/__init__.py` validate input and then call `torch.ops.dsd.<op>`.
 The fake implementations let `torch.compile` and `torch.library.opcheck` trace the ops.
 
-Semantics every backend shares (DESIGN.md):
+Semantics every backend shares (docs/design.md):
 - magnitudes are compared as fp32 |x| (exact for fp16/bf16/fp32 inputs);
 - `k = floor(sparsity * N)` entries are pruned, the k smallest |x|, ties broken by position
   (lower flat index, then earlier tensor, pruned first); masks are True where kept;

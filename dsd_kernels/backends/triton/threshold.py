@@ -46,12 +46,8 @@ from .tables import column_pointer, lanes
 from .convert import to_fp32
 
 # (shift, width) of each digit, most significant first: bits 30..24, 23..16, 15..8, 7..0.
-# At most 256 bins, for both ways Triton lowers tl.histogram for sm_90. Triton 3.6 takes
-# log2(bins) warp ballots and bins/32 popcounts per value, then one shared-memory atomic per
-# bin and warp: 256 bins keep that near the cost of reading the value, and more bins would
-# not. Triton 3.9 takes one shared-memory atomic per candidate, serialised across a warp's
-# lanes that hit the same bin: the first pass, where most weights share two or three bins,
-# is the costly one there.
+# At most 256 bins: what tl.histogram costs per value depends on the bin count and on the
+# Triton version (docs/design.md, "How Triton lowers tl.histogram").
 DIGITS = ((24, 7), (16, 8), (8, 8), (0, 8))
 BINS = 256
 # Digits a dtype needs: below its mantissa the fp32 pattern is zero (fp16: bits 12..0,
