@@ -1,0 +1,136 @@
+"""DSD inside the Hugging Face `Trainer`: a `TrainerCallback` that carries out a `dsd.Plan`.
+
+    from dsd import Plan
+    from dsd.integrations.transformers import DSDCallback   # pip install 'dsd[transformers]'
+
+    plan = Plan.dsd(300, 300, 300, sparsity=0.5, unit="steps")  # or epochs, the default
+    trainer = Trainer(model, args, train_dataset=data, callbacks=[DSDCallback(plan)])
+    trainer.train()          # or trainer.train(resume_from_checkpoint=True)
+
+The Trainer's optimizer (torch SGD, Adam or AdamW: the default `optim`, or one passed as
+`optimizers=(MaskedAdamW(...), None)` or `optimizer_cls_and_kwargs=(MaskedAdamW, {...})`) is
+made masked in place when training begins; `train(resume_from_checkpoint=...)` takes up the
+phase and the masks of the checkpoint. Each phase switch adds a row to `state.log_history`.
+"""
+
+import logging
+import math
+import sys
+
+from ..plan import Plan
+from ..runner import DSD
+from . import phase_metrics, require
+
+transformers = require("transformers", "transformers")
+accelerate_optimizer = require("transformers", "accelerate.optimizer")
+
+logger = logging.getLogger(__name__)
+
+# The Trainer's `optim` choices that build a torch.optim optimizer dsd can make masked.
+_MASKABLE_OPTIM = ("adamw_torch_fused", "adamw_torch", "sgd")
+
+
+class DSDCallback(transformers.TrainerCallback):
+    """Runs `plan` inside `transformers.Trainer`: `Trainer(..., callbacks=[DSDCallback(plan)])`.
+
+    - Train begin: the Trainer's optimizer (inside Accelerate's wrapper) becomes its masked
+      dsd_kernels class in place, so the Trainer's LR scheduler, GradScaler and checkpoints
+      keep working. A Trainer that would train longer than the plan (max_steps or
+      num_train_epochs over `plan.total`), or an optimizer that cannot be masked, is refused
+      first, with nothing changed.
+    - Phases switch before the first batch of the new phase: at `on_step_begin` (plans in
+      steps, at `state.global_step`) or `on_epoch_begin` (plans in epochs, the Trainer's
+      0-based epoch). The re-dense LR factor multiplies the scheduler's `lr` in the masked
+      step (`dsd_kernels.optim.step_lr`); the Trainer's logged `learning_rate` is the
+      scheduler's own.
+    - Resume: on `train(resume_from_checkpoint=...)` the phase is taken from the restored
+      step or epoch count, without pruning again. A masked optimizer (given by the user)
+      loads its masks from optimizer.pt; the Trainer's own torch optimizer drops them on
+      loading, and they are recovered from the exact zeros of the restored weights.
+    - Each switch (and each resume) appends `dsd.integrations.phase_metrics` (phase, LR
+      scale, sparsity per prunable tensor, under "dsd/...") with "step" and "epoch" to
+      `state.log_history`, which checkpoints keep in trainer_state.json, and logs a line at
+      INFO level on logger "dsd.integrations.transformers".
+
+    `callback.dsd` is the `dsd.DSD` of the current training run (None before it begins).
+    """
+
+    def __init__(self, plan: Plan):
+        if not isinstance(plan, Plan):
+            raise TypeError(f"DSDCallback takes a dsd.Plan, got {type(plan).__name__}")
+        self.plan = plan
+        self.dsd: DSD | None = None
+        self._next_epoch = 0
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._check_length(state)
+        raw_optimizer = _unwrap(optimizer)
+        try:
+            self.dsd = DSD(model, raw_optimizer, self.plan)
+        except TypeError as error:
+            raise TypeError(f"{error}; with the Trainer, set TrainingArguments(optim=...) to one "
+                            f"of {', '.join(map(repr, _MASKABLE_OPTIM))}, or pass "
+                            "optimizers=(dsd_kernels.MaskedAdamW(...), None)") from None
+        _point_scaler_steps_at(optimizer)
+        # A fresh run starts at 0; a resumed one at the epoch the Trainer takes up, the one
+        # its restored state.epoch lies in (the next one when that epoch was finished).
+        self._next_epoch = math.floor(state.epoch)
+        if state.global_step > 0:
+            # Checkpoints count whole optimizer steps; one taken inside an epoch counts that
+            # epoch as done, and the epoch then continues in its phase.
+            done = state.global_step if self.plan.unit == "steps" else math.ceil(state.epoch)
+            self.dsd.resume(done)
+            self._record(state, "resumed in")
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.plan.unit == "epochs":
+            epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
+            if self.dsd.epoch_start(epoch):
+                self._record(state, "entered")
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.plan.unit == "steps" and self.dsd.step_start(state.global_step):
+            self._record(state, "entered")
+
+    def _check_length(self, state) -> None:
+        """Refuse a Trainer that would run past the plan (it has no phase there)."""
+        if self.plan.unit == "steps":
+            length, setting = state.max_steps, "max_steps"
+        elif state.num_train_epochs == sys.maxsize:
+            raise ValueError("DSDCallback: the train dataset has no length, so the Trainer "
+                             "counts no epochs; use a plan with unit='steps' and max_steps")
+        else:
+            length, setting = state.num_train_epochs, "num_train_epochs"
+        if length > self.plan.total:
+            raise ValueError(f"DSDCallback: the Trainer would train {length} {self.plan.unit} "
+                             f"but the plan has {self.plan.total}; lower {setting} or lengthen "
+                             "the plan")
+
+    def _record(self, state, event: str) -> None:
+        metrics = phase_metrics(self.dsd)
+        state.log_history.append({**metrics, "epoch": state.epoch, "step": state.global_step})
+        if state.is_world_process_zero:
+            phase = self.dsd.phase
+            logger.info("DSD %s phase %d (%s, sparsity %g, LR x %g) at step %d, epoch %.2f",
+                        event, self.dsd.phase_index, phase.kind, phase.sparsity,
+                        phase.lr_scale, state.global_step, state.epoch)
+
+
+def _unwrap(optimizer):
+    """The torch optimizer inside Accelerate's AcceleratedOptimizer."""
+    while isinstance(optimizer, accelerate_optimizer.AcceleratedOptimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _point_scaler_steps_at(optimizer) -> None:
+    """With a GradScaler, an AcceleratedOptimizer keeps the step method of its optimizer from
+    when it was wrapped; taken before the optimizer became masked, that step refuses to run.
+    Take the step it has now, as Accelerate does when it wraps one."""
+    while isinstance(optimizer, accelerate_optimizer.AcceleratedOptimizer):
+        if optimizer.scaler is not None:
+            step = optimizer.optimizer.step
+            optimizer._optimizer_original_step_method = step
+            optimizer._optimizer_patched_step_method = (
+                accelerate_optimizer.patch_optimizer_step(optimizer, step))
+        optimizer = optimizer.optimizer
