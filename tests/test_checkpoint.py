@@ -1,8 +1,11 @@
 """Checkpoints: a run killed at any point, even in the middle of writing a checkpoint, resumes
 and ends with exactly the weights and metrics of an uninterrupted run."""
 
+import errno
 import json
 import os
+import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,6 +15,7 @@ import torch
 
 import _kill
 
+from dsd.cli import main
 from dsd.config import RunConfig
 from dsd.models import build_model
 from dsd.trainer import RunError, train
@@ -141,3 +145,108 @@ def test_a_finished_run_reports_without_training_again(reference):
     assert os.stat(reference / "model.pt").st_mtime_ns == mtime
     assert _rows(reference) == rows
     assert summary == json.loads((reference / "summary.json").read_text())
+
+
+@pytest.fixture
+def interrupted(reference, tmp_path):
+    """A run stopped after epoch 2: its config, metrics and checkpoints, no outputs yet."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    for name in ("config.toml", "metrics.jsonl", "checkpoints/branch.pt"):
+        (run_dir / name).write_bytes((reference / name).read_bytes())
+    (run_dir / "checkpoints" / "last.pt").write_bytes((reference / "checkpoints/branch.pt")
+                                                      .read_bytes())
+    return run_dir
+
+
+def _with_nan(entry):
+    def corrupt(path):
+        state = torch.load(path, weights_only=True)
+        part, key = entry
+        tensor = state[part][key] if part == "model" else state[part]["state"][0][key]
+        tensor.view(-1)[0] = float("nan")
+        torch.save(state, path)
+    return corrupt
+
+
+def _snapshot(run_dir):
+    return {p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in run_dir.rglob("*")}
+
+
+@pytest.mark.parametrize("corrupt, fault", [
+    (lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+     "is not a complete torch file (truncated or corrupted)"),
+    (lambda path: path.write_bytes(b""), "is empty"),
+    (lambda path: path.write_bytes(random.Random(0).randbytes(4096)),
+     "is not a complete torch file (truncated or corrupted)"),
+    (lambda path: torch.save({"hello": 1}, path), "is not a dsd checkpoint"),
+    (_with_nan(("model", "hidden.0.weight")), "holds NaN or Inf in model entry 'hidden.0.weight'"),
+    (_with_nan(("optimizer", "exp_avg")), "holds NaN or Inf in optimizer entry 'state.0.exp_avg'"),
+], ids=["truncated", "empty", "random-bytes", "foreign", "nan-weight", "nan-optimizer-state"])
+def test_a_bad_checkpoint_is_a_one_line_error_and_the_run_is_left_as_it_was(interrupted,
+                                                                            corrupt, fault):
+    last = interrupted / "checkpoints" / "last.pt"
+    corrupt(last)
+    before = _snapshot(interrupted)
+    with pytest.raises(RunError) as error:
+        train(RunConfig.from_mapping(SETTINGS), interrupted, quiet=True)
+    assert str(error.value) == f"cannot resume: {last} {fault}"
+    assert _snapshot(interrupted) == before
+
+
+class _FullDisk:
+    """A file with room for `room` more bytes, then failing as a full disk does."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+
+def test_a_full_disk_mid_save_is_one_line_keeps_the_checkpoint_and_resumes(reference, tmp_path,
+                                                                           monkeypatch, capsys):
+    config_file = tmp_path / "dsd.toml"
+    config_file.write_text(RunConfig.from_mapping(SETTINGS).to_toml())
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.pt"
+    real_save, calls, previous = torch.save, [0], []
+
+    def save_on_a_full_disk(obj, file, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 5:  # epoch 4's last.pt (see the kill points above)
+            previous.append(last.read_bytes())
+            file = _FullDisk(file, room=4096)
+        real_save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    assert main(["train", "--config", str(config_file), "--out", str(run_dir), "--quiet"]) == 1
+    assert capsys.readouterr().err == (
+        f"dsd: error: cannot write {last}: No space left on device; nothing saved before it is "
+        f"lost: resume with `dsd train --resume {run_dir}`\n")
+    assert last.read_bytes() == previous[0]
+    assert not list(run_dir.rglob("*.tmp"))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main(["train", "--resume", str(run_dir), "--quiet"]) == 0
+    _assert_same_run(run_dir, reference)
+
+
+def test_a_diverging_run_stops_at_its_first_non_finite_epoch(tmp_path):
+    # A re-dense LR of 0.05 x 1e7 makes SGD overflow in epoch 5, the first of re-dense.
+    settings = dict(SETTINGS, optimizer="sgd", lr=0.05, redense_lr_factor=1e7, baseline=False)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RunError) as error:
+        train(RunConfig.from_mapping(settings), run_dir, quiet=True)
+    assert re.fullmatch(r"training diverged in epoch 5 of the dsd arm \(dense phase, lr 500000\): "
+                        r"train loss (nan|inf); stopped before saving it, so the run's files hold "
+                        r"only the epochs before it \(try a lower lr in a new run\)",
+                        str(error.value))
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["next_epoch"] == 4
+    assert all(tensor.isfinite().all() for tensor in state["model"].values())
+    assert [row["epoch"] for row in _rows(run_dir)] == [1, 2, 3, 4]
+    assert not (run_dir / "model.pt").exists()

@@ -1,9 +1,15 @@
 """The `dsd` command end to end on a tiny budget, config files, and every kind of bad input."""
 
+import errno
 import json
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
+import dsd_kernels as dk
+from dsd_kernels import backends
 from dsd.cli import main
 from dsd.config import RunConfig
 from dsd.models import build_model
@@ -61,15 +67,20 @@ def test_resume_flag_continues_with_the_saved_config(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, config_text, message", [
-    (["--sparsity", "1.0"], None, r"sparsity must be in [0, 1), got 1.0"),
-    (["--sparsity", "-0.1"], None, r"sparsity must be in [0, 1), got -0.1"),
-    (["--phases", "3,0,3"], None, "every phase needs at least 1 epoch"),
-    (["--phases", ""], None, "phases is empty"),
+    (["--sparsity", "1.0"], None, r"--sparsity must be a number in [0, 1), got 1.0"),
+    (["--sparsity", "-0.1"], None, r"--sparsity must be a number in [0, 1), got -0.1"),
+    (["--sparsity", "nan"], None, r"--sparsity must be a number in [0, 1), got nan"),
+    (["--lr", "inf"], None, "--lr must be a number > 0, got inf"),
+    (["--lr", "-1e-3"], None, "--lr must be a number > 0, got -0.001"),
+    (["--phases", "3,0,3"], None, "--phases: every phase needs at least 1 epoch, got 0"),
+    (["--phases", "-1,1,1"], None, "--phases: every phase needs at least 1 epoch, got -1"),
+    (["--phases", ""], None, "--phases is empty"),
     (["--exclude", "hidden.9.*"], None, "'hidden.9.*' matches no parameter"),
     ([], 'task = "imagenet"\n', "unknown task 'imagenet'; choose one of mnist1d, digits"),
     ([], 'model = "resnet"\n', "unknown model 'resnet'"),
     ([], "sparsty = 0.5\n", "unknown key 'sparsty'; did you mean 'sparsity'?"),
-    ([], 'sparsity = "0.5"\n', "sparsity must be float, got '0.5'"),
+    ([], 'sparsity = "0.5"\n', "bad.toml: sparsity must be float, got '0.5'"),
+    ([], "sparsity = nan\n", "bad.toml: sparsity must be a number in [0, 1), got nan"),
     ([], "phases = [4, 4\n", "is not valid TOML"),
 ])
 def test_bad_input_is_a_clear_error_and_leaves_no_run_dir(tmp_path, capsys, args, config_text,
@@ -79,7 +90,8 @@ def test_bad_input_is_a_clear_error_and_leaves_no_run_dir(tmp_path, capsys, args
         (tmp_path / "bad.toml").write_text(config_text)
         args = args + ["--config", str(tmp_path / "bad.toml")]
     assert main(["train", *TINY, *args, "--out", str(out)]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("dsd: error: ") and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == ([tmp_path / "bad.toml"] if config_text else [])
 
 
@@ -91,6 +103,27 @@ def test_bad_flags_are_rejected_by_the_parser(tmp_path, capsys, flag, value):
     assert exit_info.value.code == 2
     assert "invalid" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_out_path_through_a_file_names_the_file(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    for out in ("afile/sub", "afile"):
+        assert main(["train", *TINY, "--out", str(tmp_path / out)]) == 2
+        assert capsys.readouterr().err == \
+            f"dsd: error: --out {tmp_path / out}: {tmp_path / 'afile'} is a file, not a directory\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+def test_an_out_that_cannot_be_created_names_it_not_a_staging_dir(tmp_path, capsys, monkeypatch):
+    def refused(path, *args, **kwargs):  # as a read-only parent does, even for root
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    out = tmp_path / "ro" / "run"
+    assert main(["train", *TINY, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == \
+        f"dsd: error: --out {out}: cannot create it: Permission denied\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_run_dir_of_another_config_is_refused_untouched(tmp_path, capsys):
@@ -109,6 +142,48 @@ def test_info_names_device_and_backends(capsys):
     assert "device: " in printed
     assert "dsd_kernels backends available: " in printed and "torch" in printed
     assert "cpu -> " in printed
+
+
+def test_dsd_backend_is_the_default_and_the_run_keeps_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSD_BACKEND", "torch")
+    tiny = [arg for arg in TINY if arg not in ("--backend", "torch")]
+    out = tmp_path / "run"
+    try:
+        assert main(["train", *tiny, "--phases", "1,1,1", "--out", str(out), "--quiet"]) == 0
+        assert dk.selected_backends()["cpu"] == "torch"
+        assert RunConfig.from_toml(out / "config.toml").backend == "torch"
+        monkeypatch.delenv("DSD_BACKEND")  # --resume takes the recorded backend
+        assert main(["train", "--resume", str(out), "--quiet"]) == 0
+        monkeypatch.setenv("DSD_BACKEND", "torch")  # a flag or config key wins over it
+        assert main(["train", *tiny, "--phases", "1,1,1", "--backend", "auto",
+                     "--out", str(tmp_path / "auto"), "--quiet"]) == 0
+        assert RunConfig.from_toml(tmp_path / "auto" / "config.toml").backend == "auto"
+    finally:
+        dk.use_backend("auto")
+
+
+def test_info_reports_an_unavailable_backend_as_a_line(monkeypatch, capsys):
+    monkeypatch.setitem(backends._loaded, "triton", backends.BackendUnavailable("no CUDA device"))
+    monkeypatch.setattr(backends, "_plan", None)
+    monkeypatch.setenv("DSD_BACKEND", "triton")
+    try:
+        assert main(["info"]) == 0
+    finally:
+        dk.use_backend("auto")
+    assert "selected (DSD_BACKEND=triton): none, ops would fail: backend 'triton' is not " \
+        "available: no CUDA device\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setting", ["seed=5", "baseline=false", 'task="digits"', 'model="cnn"'])
+def test_study_refuses_the_keys_it_sets_itself(tmp_path, capsys, setting):
+    assert main(["study", "--tasks", "digits", "--models", "mlp", "--seeds", "2",
+                 "--set", setting, "--out", str(tmp_path / "study.json"),
+                 "--work", str(tmp_path / "runs")]) == 2
+    key = setting.partition("=")[0]
+    err = capsys.readouterr().err
+    assert err.startswith(f"dsd: error: --set {key}: the study sets {key} itself (")
+    assert err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_paired_test_matches_a_hand_computed_example():
@@ -138,4 +213,4 @@ def test_study_command_pairs_runs_per_seed(tmp_path, capsys):
     assert cell["paired"]["n"] == 2
     assert "| digits | mlp |" in capsys.readouterr().out
     assert main(["study", "--seeds", "2", "--set", "sparsity=2", "--out", str(out)]) == 2
-    assert "sparsity must be in [0, 1)" in capsys.readouterr().err
+    assert "--set sparsity must be a number in [0, 1), got 2" in capsys.readouterr().err

@@ -2,7 +2,9 @@
 
 import argparse
 import logging
+import os
 import platform
+import re
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -10,8 +12,8 @@ from pathlib import Path
 import torch
 
 from . import __version__, report
-from .config import RunConfig
-from .trainer import RunError, default_run_dir, load_config, train
+from .config import ConfigError, RunConfig
+from .trainer import RunDirError, RunError, default_run_dir, load_config, train
 
 
 def _comma_list(item_type):
@@ -25,12 +27,17 @@ def _comma_list(item_type):
     return parse
 
 
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per RunConfig field; only the flags given end up in the namespace."""
     group = parser.add_argument_group("run options (also config-file keys, with _ for -)")
     for f in fields(RunConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default_factory is MISSING else f.default_factory()
+        flag = _flag(f.name)
+        default = f.metadata.get("shown_default") or (
+            f.default if f.default_factory is MISSING else f.default_factory())
         kwargs = {"dest": f.name, "default": argparse.SUPPRESS,
                   "help": f"{f.metadata['help']} (default: {default})"}
         if f.type is bool:
@@ -87,13 +94,23 @@ def _train(args) -> int:
     if args.resume is not None:
         if given or args.config or args.out:
             raise RunError("--resume takes the run's own config: give no other run options")
-        config, out = load_config(args.resume), args.resume
+        option, out, config = "--resume", args.resume, None
     else:
-        base = RunConfig.from_toml(args.config) if args.config else RunConfig()
-        config = RunConfig.from_mapping(given, base=base, source="command line")
-        out = args.out or default_run_dir(config)
+        base = RunConfig.from_toml(args.config) if args.config else None
+        try:
+            config = RunConfig.from_mapping(given, base=base, source="command line")
+        except ConfigError as error:
+            if error.key in given:
+                raise error.labelled(_flag(error.key)) from None
+            raise
+        option, out = ("--out", args.out) if args.out else ("run directory",
+                                                            default_run_dir(config))
     try:
+        if config is None:  # --resume: the run's own config
+            config = load_config(out)
         summary = train(config, out, quiet=args.quiet)
+    except RunDirError as error:
+        raise RunError(f"{option} {error}") from None
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: dsd train --resume {out}", file=sys.stderr)
         return 130
@@ -112,16 +129,36 @@ def _info() -> int:
     else:
         print(f"device: cpu ({torch.get_num_threads()} threads); no CUDA device visible")
     print(f"dsd_kernels backends available: {', '.join(dsd_kernels.available_backends())}")
-    selected = dsd_kernels.selected_backends()
-    print("selected (DSD_BACKEND or auto): "
+    source = f"DSD_BACKEND={os.environ['DSD_BACKEND']}" if "DSD_BACKEND" in os.environ \
+        else "auto"
+    try:
+        selected = dsd_kernels.selected_backends()
+    except (ValueError, dsd_kernels.BackendUnavailable) as reason:
+        print(f"selected ({source}): none, ops would fail: {reason}")
+        return 0
+    print(f"selected ({source}): "
           + ", ".join(f"{device} -> {name}" for device, name in selected.items()))
     return 0
+
+
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """`--phases -1,1,1` as `--phases=-1,1,1`: argparse takes a value like -1,1,1 or -1e-3 for
+    an option and says "expected one argument"; attached, the value gets checked and named."""
+    attached = []
+    for token in argv:
+        follows_option = attached and attached[-1].startswith("--") and "=" not in attached[-1]
+        if follows_option and re.match(r"-\.?\d", token):
+            attached[-1] += "=" + token
+        else:
+            attached.append(token)
+    return attached
 
 
 def main(argv=None) -> int:
     # dsd_kernels logs once which backends it falls back from; show it as a plain line.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(_attach_negative_values(argv))
     try:
         if args.command == "train":
             return _train(args)
@@ -133,7 +170,7 @@ def main(argv=None) -> int:
     except ValueError as error:  # RunError, config and plan errors: the message says it all
         print(f"dsd: error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:  # e.g. a run directory that cannot be created
+    except OSError as error:  # e.g. a checkpoint that cannot be written: the disk is full
         print(f"dsd: error: {error}", file=sys.stderr)
         return 1
 

@@ -1,12 +1,14 @@
 """Every choice of a `dsd train` run, in one validated dataclass.
 
-Sources, later ones winning: the defaults below, a TOML config file, command-line flags. A run
-directory keeps its config as config.toml, so `dsd train --config RUN/config.toml` repeats it.
+Sources, later ones winning: the defaults below (the backend's is $DSD_BACKEND, else auto), a
+TOML config file, command-line flags. A run directory keeps its config as config.toml, so
+`dsd train --config RUN/config.toml` repeats it.
 """
 
 import difflib
 import json
 import math
+import os
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -20,10 +22,49 @@ DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "triton", "cpp", "torch")
 
 
+class ConfigError(ValueError):
+    """A bad value of one config key. `detail` is the message after the value's name, so the
+    command line can name the flag instead (`labelled`)."""
+
+    def __init__(self, key: str, detail: str, label: str | None = None):
+        super().__init__(f"{label or key}{detail}")
+        self.key, self.detail = key, detail
+
+    def labelled(self, label: str) -> "ConfigError":
+        return ConfigError(self.key, self.detail, label)
+
+
 def _option(default, help, choices=None):
     kwargs = {"default_factory": lambda: list(default)} if isinstance(default, list) else \
         {"default": default}
     return field(metadata={"help": help, "choices": choices}, **kwargs)
+
+
+def _backend_from_env() -> str:
+    """DSD_BACKEND, else auto. The config records the backend a run used, so `--resume`
+    takes the same kernels whatever the variable says then."""
+    name = os.environ.get("DSD_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"DSD_BACKEND={name!r} is not a backend; choose one of "
+                         f"{', '.join(BACKENDS)}")
+    return name
+
+
+# Accepted values of the numeric keys. NaN fails every comparison, so it is refused too.
+_RANGES = {
+    "sparsity": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "lr": (lambda v: 0 < v < math.inf, "a number > 0"),
+    "redense_lr_factor": (lambda v: 0 < v < math.inf, "a number > 0"),
+    "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "a number >= 0"),
+    "val_fraction": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "rnn_hidden": (lambda v: v >= 1, "an integer >= 1"),
+    "checkpoint_every": (lambda v: v >= 1, "an integer >= 1"),
+    "threads": (lambda v: v >= 0, "an integer >= 0"),
+    "mnist1d_samples": (lambda v: v >= 100, "an integer >= 100"),
+}
 
 
 @dataclass(frozen=True)
@@ -56,7 +97,9 @@ class RunConfig:
     dropout: float = _option(0.0, "dropout on the MLP's hidden activations, or before the "
                              "classifier of the CNN and RNN")
     device: str = _option("auto", "where to train (auto: cuda if available)", DEVICES)
-    backend: str = _option("auto", "dsd_kernels backend (auto: the fastest that loads)", BACKENDS)
+    backend: str = field(default_factory=_backend_from_env, metadata={
+        "help": "dsd_kernels backend (auto: the fastest that loads)", "choices": BACKENDS,
+        "shown_default": "$DSD_BACKEND, else auto"})
     checkpoint_every: int = _option(1, "save a resumable checkpoint every N epochs")
     threads: int = _option(1, "CPU threads for torch (0: torch's default); these small "
                            "models run fastest on one")
@@ -73,33 +116,17 @@ class RunConfig:
 
     def _check_ranges(self):
         if not self.phases:
-            raise ValueError("phases is empty: give the epochs of at least one phase")
-        if any(n < 1 for n in self.phases):
-            raise ValueError(f"every phase needs at least 1 epoch, got phases={self.phases}")
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        for name in ("lr", "redense_lr_factor"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        for name in ("batch_size", "rnn_hidden", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0, got {self.threads}")
-        if self.mnist1d_samples < 100:
-            raise ValueError(f"mnist1d_samples must be >= 100, got {self.mnist1d_samples}")
+            raise ConfigError("phases", " is empty: give the epochs of at least one phase")
+        for n in self.phases:
+            if n < 1:
+                raise ConfigError("phases", f": every phase needs at least 1 epoch, got {n}")
+        for name, (accepts, what) in _RANGES.items():
+            if not accepts(getattr(self, name)):
+                raise ConfigError(name, f" must be {what}, got {getattr(self, name)!r}")
         for name in ("mlp_hidden", "cnn_channels"):
             widths = getattr(self, name)
             if not widths or any(w < 1 for w in widths):
-                raise ValueError(f"{name} needs one or more positive widths, got {widths}")
+                raise ConfigError(name, f" needs one or more positive widths, got {widths}")
 
     def plan(self) -> Plan:
         return Plan.from_lengths(self.phases, sparsity=self.sparsity,
@@ -120,7 +147,9 @@ class RunConfig:
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ValueError(f"{source}: unknown key {key!r}{hint} (known keys: "
                                  f"{', '.join(known)})")
-        merged = (base or cls()).to_dict()
+        # Not cls().to_dict(): that would evaluate every default, and an invalid DSD_BACKEND
+        # must not stop a config that names its backend.
+        merged = base.to_dict() if base else {}
         merged.update(values)
         return cls(**merged)
 
@@ -133,7 +162,10 @@ class RunConfig:
             raise ValueError(f"cannot read config file {path}: {error.strerror}") from None
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"config file {path} is not valid TOML: {error}") from None
-        return cls.from_mapping(values, base=base, source=str(path))
+        try:
+            return cls.from_mapping(values, base=base, source=str(path))
+        except ConfigError as error:
+            raise error.labelled(f"{path}: {error.key}") from None
 
     def to_toml(self) -> str:
         """TOML that `from_toml` reads back to an equal config (JSON escapes are valid TOML)."""
@@ -149,15 +181,14 @@ def _check_type(name: str, value, annotation) -> None:
     if origin is list:
         (item,) = annotation.__args__
         if not isinstance(value, list) or not all(_is(v, item) for v in value):
-            raise ValueError(f"{name} must be a list of {item.__name__}, got {value!r}")
+            raise ConfigError(name, f" must be a list of {item.__name__}, got {value!r}")
     elif not _is(value, origin):
-        raise ValueError(f"{name} must be {origin.__name__}, got {value!r}")
+        raise ConfigError(name, f" must be {origin.__name__}, got {value!r}")
 
 
 def _is(value, kind) -> bool:
-    if kind is float:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)
-                and math.isfinite(value))
+    if kind is float:  # NaN and inf are floats: the key's range refuses them, naming it
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, kind)

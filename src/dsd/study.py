@@ -14,8 +14,13 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .trainer import train
+
+# Keys the study sets in every run itself, and how to choose them instead.
+OWNED = {"task": "give --tasks", "model": "give --models",
+         "seed": "give --seeds: the runs take seeds 0 to N-1",
+         "baseline": "every run trains the baseline: the study pairs with it"}
 
 
 def paired_test(treated, control) -> dict:
@@ -47,6 +52,7 @@ def _run_dir(work: Path, config: RunConfig) -> Path:
 
 def run_study(tasks, models, seeds: int, settings: dict, work: Path, *, say=print) -> dict:
     """Every task x model x seed as a paired DSD + baseline run (resumable in `work`)."""
+    _refuse_owned(settings)
     cells = []
     for task in tasks:
         for model in models:
@@ -76,6 +82,12 @@ def run_study(tasks, models, seeds: int, settings: dict, work: Path, *, say=prin
                           "dense_sd": float(np.std(dense, ddof=1)),
                           "paired": paired_test(dsd, dense), "runs": runs})
     return {"settings": settings, "seeds": seeds, "cells": cells}
+
+
+def _refuse_owned(settings: dict) -> None:
+    for key in settings:
+        if key in OWNED:
+            raise ValueError(f"--set {key}: the study sets {key} itself ({OWNED[key]})")
 
 
 def table(result: dict) -> str:
@@ -113,7 +125,11 @@ def run_study_command(args) -> int:
             raise ValueError(f"--set {item!r}: not a TOML value ({error})") from None
     for task in args.tasks:  # fail before any run starts
         for model in args.models:
-            RunConfig.from_mapping({**settings, "task": task, "model": model}, source="--set")
+            try:
+                RunConfig.from_mapping({**settings, "task": task, "model": model},
+                                       source="--set")
+            except ConfigError as error:
+                raise error.labelled(f"--set {error.key}") from None
     if args.seeds < 2:
         raise ValueError("--seeds must be at least 2 for a paired test")
     result = run_study(args.tasks, args.models, args.seeds, settings, args.work)

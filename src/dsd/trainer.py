@@ -15,7 +15,10 @@ init, same optimizer state, same RNG), and every epoch's batch order depends onl
 and the epoch, so the two arms differ only in the masks.
 """
 
+import fcntl
 import json
+import math
+import os
 import random
 import sys
 import time
@@ -45,6 +48,14 @@ class RunError(ValueError):
     """A run cannot start or resume as asked (bad config, foreign checkpoint, ...)."""
 
 
+class RunDirError(RunError):
+    """The run directory cannot be used: args are (path, what is wrong), so that the command
+    line can say which option gave the path."""
+
+    def __str__(self):
+        return f"{self.args[0]}: {self.args[1]}"
+
+
 def default_run_dir(config: RunConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{config.task}-{config.model}-s{config.seed}-{stamp}"
@@ -54,7 +65,8 @@ def train(config: RunConfig, run_dir=None, *, quiet: bool = False) -> dict:
     """Run (or resume) `config` in `run_dir`; returns the summary dict.
 
     A run directory that already holds this config resumes from its last checkpoint (or, if
-    finished, just reports). Everything is validated before the directory is created.
+    finished, just reports). Everything is validated before the directory is created, and the
+    directory is locked while the run lasts: a second run on it is refused.
     """
     world, device = World.start(_resolve_device(config.device))
     run_dir = Path(world.from_main(str(run_dir) if run_dir is not None
@@ -69,23 +81,30 @@ def train(config: RunConfig, run_dir=None, *, quiet: bool = False) -> dict:
                      mnist1d_samples=config.mnist1d_samples)
     # Build once before touching the disk: include/exclude patterns are checked on the model.
     _Arm.build(config, data, "dsd", device)
-    problem = None
-    if world.main:  # one process creates the directory; all of them learn what went wrong
+    lock, problem = None, None
+    if world.main:  # one process claims the directory; all of them learn what went wrong
         try:
-            _prepare_run_dir(config, run_dir)
-        except RunError as error:
-            problem = str(error)
+            lock = _claim_run_dir(config, run_dir)
+        except (RunError, checkpoint.WriteError) as error:
+            problem = error
     problem = world.from_main(problem)
     if problem:
-        raise RunError(problem)
-    return _Run(config, data, run_dir, device, quiet, world).execute()
+        raise problem
+    try:
+        return _Run(config, data, run_dir, device, quiet, world).execute()
+    except checkpoint.WriteError as error:
+        raise checkpoint.WriteError(f"{error}; nothing saved before it is lost: resume with "
+                                    f"`dsd train --resume {run_dir}`") from None
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def load_config(run_dir) -> RunConfig:
     """The config a run directory was started with."""
     path = Path(run_dir) / "config.toml"
     if not path.is_file():
-        raise RunError(f"{run_dir} is not a dsd run directory (no config.toml)")
+        raise RunDirError(run_dir, "not a dsd run directory (no config.toml)")
     return RunConfig.from_toml(path)
 
 
@@ -97,25 +116,70 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _prepare_run_dir(config: RunConfig, run_dir: Path) -> None:
-    """Create the run directory with its config in one rename, or check an existing one."""
-    if run_dir.exists() and any(run_dir.iterdir()):
-        saved = load_config(run_dir)
-        if saved != config:
-            diff = ", ".join(f"{key}: {saved.to_dict()[key]!r} there, {value!r} here"
-                             for key, value in config.to_dict().items()
-                             if saved.to_dict()[key] != value)
-            raise RunError(f"{run_dir} holds a run with another config ({diff}); choose "
-                           "another --out, or `dsd train --resume` it as it is")
-        return
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = run_dir.parent / f".{run_dir.name}.staging"
-    staging.mkdir(exist_ok=True)
-    (staging / "checkpoints").mkdir(exist_ok=True)
-    checkpoint.save_text(config.to_toml(), staging / "config.toml")
-    if run_dir.exists():
-        run_dir.rmdir()  # empty: replace it by the staged directory
-    staging.rename(run_dir)
+def _claim_run_dir(config: RunConfig, run_dir: Path) -> int:
+    """Create the run directory and its config, or check the config of an existing one, and
+    lock it for this process; returns the lock's file descriptor.
+
+    The lock is a flock on the directory itself: it writes nothing, a second `dsd train` on the
+    directory is refused while this process lives, and the kernel drops it when the process
+    dies, however it dies. A directory that holds a run is not modified here.
+    """
+    for path in (run_dir, *run_dir.parents):  # the first part of the path that exists
+        if path.exists():
+            if not path.is_dir():
+                raise RunDirError(run_dir, f"{path} is a file, not a directory")
+            break
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir()
+            created = True
+        except FileExistsError:
+            created = False
+    except OSError as error:
+        raise RunDirError(run_dir, f"cannot create it: {error.strerror}") from None
+    try:
+        lock = os.open(run_dir, os.O_RDONLY)
+    except OSError as error:
+        raise RunDirError(run_dir, f"cannot open it: {error.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)  # the holder may have made the directory too: leave it alone
+        raise RunDirError(run_dir, "another dsd train is running in it; wait for it to end, "
+                          "or choose another --out") from None
+    try:
+        if created or not any(run_dir.iterdir()):
+            # An empty directory is a new run (or one killed before its config was written).
+            checkpoint.save_text(config.to_toml(), run_dir / "config.toml")
+        else:
+            saved = load_config(run_dir)
+            if saved != config:
+                diff = ", ".join(f"{key}: {saved.to_dict()[key]!r} there, {value!r} here"
+                                 for key, value in config.to_dict().items()
+                                 if saved.to_dict()[key] != value)
+                raise RunDirError(run_dir, f"holds a run with another config ({diff}); choose "
+                                  "another --out, or `dsd train --resume` it as it is")
+    except BaseException:
+        if created:
+            run_dir.rmdir()
+        os.close(lock)
+        raise
+    return lock
+
+
+def _non_finite(state) -> str | None:
+    """The key path of the first floating tensor in `state` holding NaN or Inf, if any."""
+    if isinstance(state, torch.Tensor):
+        finite = not state.is_floating_point() or bool(state.isfinite().all())
+        return None if finite else ""
+    items = state.items() if isinstance(state, dict) else \
+        enumerate(state) if isinstance(state, (list, tuple)) else ()
+    for key, value in items:
+        where = _non_finite(value)
+        if where is not None:
+            return f"{key}.{where}" if where else str(key)
+    return None
 
 
 def _rng_state() -> dict:
@@ -192,25 +256,52 @@ class _Run:
                 "rng": _rng_state(), "history": self.history, "sparsity": self.sparsity,
                 "seconds": self.seconds}
 
-    def _restore(self, state: dict, name: str, *,
+    def _load_checkpoint(self, path: Path) -> dict:
+        """The checkpoint at `path`, checked to be this run's and finite before anything uses
+        it; otherwise a RunError naming the file and the fault, with nothing modified."""
+        try:
+            state = checkpoint.load_torch(path)
+        except checkpoint.ReadError as error:
+            raise RunError(f"cannot resume: {error}") from None
+        if not isinstance(state, dict) or "format" not in state:
+            raise RunError(f"cannot resume: {path} is not a dsd checkpoint")
+        if state["format"] != FORMAT:
+            raise RunError(f"cannot resume: {path} has checkpoint format {state['format']!r}; "
+                           f"this dsd reads format {FORMAT}")
+        if state.get("config") != self.config.to_dict():
+            raise RunError(f"cannot resume: {path} belongs to another config")
+        missing = sorted(set(self._state(None, 0)) - set(state))
+        if missing or state["arm"] not in (*self.arm_names, "done"):
+            raise RunError(f"cannot resume: {path} is a damaged dsd checkpoint "
+                           f"({'no ' + ', '.join(missing) if missing else 'unknown arm'})")
+        for part in ("model", "optimizer"):
+            where = _non_finite(state[part])
+            if where is not None:
+                raise RunError(f"cannot resume: {path} holds NaN or Inf in {part} entry "
+                               f"{where!r}")
+        return state
+
+    def _restore(self, state: dict, name: str, path: Path, *,
                  records: bool = True) -> tuple[_Arm | None, int]:
-        """Rebuild arm `name` from a checkpoint; `records=False` keeps this run's metrics (to
-        branch the baseline off while keeping the DSD arm's history)."""
-        if state.get("format") != FORMAT or state.get("config") != self.config.to_dict():
-            raise RunError(f"the checkpoint in {self.ckpt_dir} belongs to another config or "
-                           "format; it cannot resume this run")
+        """Rebuild arm `name` from a checkpoint read from `path`; `records=False` keeps this
+        run's metrics (to branch the baseline off while keeping the DSD arm's history)."""
         if records:
             self.history, self.sparsity = state["history"], state["sparsity"]
             self.seconds = state["seconds"]
         if name == "done":
             return None, 0
         arm = _Arm.build(self.config, self.data, name, self.device, self.world)
-        arm.model.load_state_dict(state["model"])
-        arm.optimizer.load_state_dict(state["optimizer"])  # state, LRs and masks
-        # The arms' phases agree up to the branch, so a phase index carries across.
-        arm.dsd.load_state_dict({"phase_index": state["phase_index"],
-                                 "plan": arm.dsd.plan.to_dict()})
-        _set_rng_state(state["rng"])
+        try:
+            arm.model.load_state_dict(state["model"])
+            arm.optimizer.load_state_dict(state["optimizer"])  # state, LRs and masks
+            # The arms' phases agree up to the branch, so a phase index carries across.
+            arm.dsd.load_state_dict({"phase_index": state["phase_index"],
+                                     "plan": arm.dsd.plan.to_dict()})
+            _set_rng_state(state["rng"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            raise RunError(f"cannot resume: {path} does not fit this run "
+                           f"({type(error).__name__}: {first_line})") from None
         return arm, state["next_epoch"]
 
     def _save(self, arm: _Arm | None, next_epoch: int, filename: str = "last.pt") -> None:
@@ -219,19 +310,20 @@ class _Run:
 
     # ---- the run -------------------------------------------------------------------------
     def execute(self) -> dict:
-        if self.world.main:
-            self.ckpt_dir.mkdir(exist_ok=True)
-            checkpoint.remove_stale_temps(self.ckpt_dir)
-            checkpoint.remove_stale_temps(self.run_dir)
         last = self.ckpt_dir / "last.pt"
-        if last.exists():
-            state = checkpoint.load_torch(last)
-            arm, next_epoch = self._restore(state, state["arm"])
+        if last.exists():  # checked before the first write: a bad one leaves the run as it is
+            state = self._load_checkpoint(last)
+            arm, next_epoch = self._restore(state, state["arm"], last)
             if arm is not None:
                 self._say(f"resuming {self.run_dir}: {arm.name} arm at epoch {next_epoch + 1}")
         else:
             arm, next_epoch = _Arm.build(self.config, self.data, "dsd", self.device,
                                          self.world), 0
+        if self.world.main:
+            with checkpoint.writing(self.ckpt_dir):
+                self.ckpt_dir.mkdir(exist_ok=True)
+            checkpoint.remove_stale_temps(self.ckpt_dir)
+            checkpoint.remove_stale_temps(self.run_dir)
         self._rewrite_metrics()
         while arm is not None:
             self._train_arm(arm, next_epoch)
@@ -243,8 +335,10 @@ class _Run:
             following = self.arm_names.index(arm.name) + 1
             if following < len(self.arm_names):
                 self.world.barrier()  # branch.pt is written by rank 0
-                arm, next_epoch = self._restore(checkpoint.load_torch(self.ckpt_dir / "branch.pt"),
-                                                self.arm_names[following], records=False)
+                branch = self.ckpt_dir / "branch.pt"
+                arm, next_epoch = self._restore(self._load_checkpoint(branch),
+                                                self.arm_names[following], branch,
+                                                records=False)
                 self._say(f"baseline: dense from epoch {next_epoch + 1}, branched from the DSD "
                           "run after its first dense phase")
             else:
@@ -261,6 +355,7 @@ class _Run:
             if arm.dsd.epoch_start(epoch):
                 self._phase_started(arm, epoch)
             train_loss, train_acc = self._train_epoch(arm, epoch)
+            self._check_finite(arm, epoch, train_loss)
             row = {"arm": arm.name, "epoch": epoch + 1, "phase": arm.dsd.phase_index,
                    "kind": arm.dsd.phase.kind, "lr": step_lr(arm.optimizer.param_groups[0]),
                    "train_loss": train_loss, "train_acc": train_acc}
@@ -284,6 +379,19 @@ class _Run:
                       f"lr {row['lr']:.2g}  train loss {train_loss:.4f}  "
                       f"val acc {row['val_acc']:.2%}  test acc {row['test_acc']:.2%}")
         epochs.close()
+
+    def _check_finite(self, arm: _Arm, epoch: int, train_loss: float) -> None:
+        """Stop at the first epoch whose loss or weights are not finite, before its checkpoint
+        and metrics row: the last checkpoint stays the last finite state."""
+        finite = torch.stack([p.detach().isfinite().all() for p in arm.model.parameters()])
+        if math.isfinite(train_loss) and finite.all():
+            return
+        lr = step_lr(arm.optimizer.param_groups[0])
+        weights = ", weights not finite" if math.isfinite(train_loss) else ""
+        raise RunError(f"training diverged in epoch {epoch + 1} of the {arm.name} arm "
+                       f"({arm.dsd.phase.kind} phase, lr {lr:g}): train loss {train_loss:g}"
+                       f"{weights}; stopped before saving it, so the run's files hold only the "
+                       "epochs before it (try a lower lr in a new run)")
 
     def _phase_started(self, arm: _Arm, epoch: int) -> None:
         index, phase = arm.dsd.phase_index, arm.dsd.phase
@@ -349,7 +457,8 @@ class _Run:
     def _append_metrics(self, row: dict) -> None:
         if not self.world.main:
             return
-        with open(self.run_dir / "metrics.jsonl", "a") as file:
+        path = self.run_dir / "metrics.jsonl"
+        with checkpoint.writing(path), open(path, "a") as file:
             file.write(json.dumps(row) + "\n")
 
     def _rewrite_metrics(self) -> None:
