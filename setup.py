@@ -23,7 +23,7 @@ def cpp_extension() -> dict:
     isa = cpp.vector_isa()
     extension = CppExtension(f"dsd_kernels._cpp_{isa}", [f"csrc/{name}" for name in cpp.SOURCES],
                              extra_compile_args=cpp.compile_flags(isa),
-                             extra_link_args=cpp.LINK_FLAGS)
+                             extra_link_args=list(cpp.LINK_FLAGS))
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
 
 

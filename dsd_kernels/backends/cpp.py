@@ -39,7 +39,7 @@ SOURCES = ("ops.cpp", "threshold.cpp", "mask.cpp", "optim.cpp")
 HEADERS = ("dsd_cpu.h",)
 
 # at::parallel_for is OpenMP code in ATen's headers; torch ships the matching libgomp.
-LINK_FLAGS = ["-fopenmp"]
+LINK_FLAGS = ("-fopenmp",)  # a tuple: cpp_extension may extend the list it is given
 
 
 def vector_isa() -> str:
@@ -81,7 +81,7 @@ def library_path(isa: str) -> Path:
 def fingerprint(isa: str) -> str:
     """What the library is built from: the sources' bytes and the flags (torch and Python
     are in the build directory's name)."""
-    digest = hashlib.sha256(" ".join(compile_flags(isa) + LINK_FLAGS).encode())
+    digest = hashlib.sha256(" ".join(compile_flags(isa) + list(LINK_FLAGS)).encode())
     for name in SOURCES + HEADERS:
         digest.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
     return digest.hexdigest()
@@ -122,7 +122,8 @@ def _build_and_load(isa: str) -> None:
             "source checkout, or build ahead of time with DSD_BUILD_EXT=1")
     directory = build_directory(isa)
     library, stamp = library_path(isa), directory / "fingerprint.sha256"
-    if library.exists() and stamp.exists() and stamp.read_text() == fingerprint(isa):
+    wanted = fingerprint(isa)
+    if library.exists() and stamp.exists() and stamp.read_text() == wanted:
         torch.ops.load_library(str(library))  # built from these very sources: no ninja run
         return
     compiler = os.environ.get("CXX", "c++")
@@ -139,7 +140,7 @@ def _build_and_load(isa: str) -> None:
     try:
         cpp_extension.load(
             extension_name(isa), [str(CSRC / name) for name in SOURCES],
-            extra_cflags=compile_flags(isa), extra_ldflags=LINK_FLAGS,
+            extra_cflags=compile_flags(isa), extra_ldflags=list(LINK_FLAGS),
             build_directory=str(directory), is_python_module=False, verbose=False)
     except (RuntimeError, OSError) as error:
         tail = "\n".join(str(error).strip().splitlines()[-20:])
@@ -147,4 +148,4 @@ def _build_and_load(isa: str) -> None:
     if library.stat().st_mtime_ns != before:
         logger.warning("dsd_kernels: built the C++ CPU kernels in %.1f s (%s)",
                        time.perf_counter() - start, library)
-    stamp.write_text(fingerprint(isa))
+    stamp.write_text(wanted)
