@@ -114,8 +114,7 @@ def _train(args) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: dsd train --resume {out}", file=sys.stderr)
         return 130
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_rank() != 0):  # under torchrun, rank 0 reports
+    if os.environ.get("RANK", "0") == "0":  # under torchrun (which sets RANK), rank 0 reports
         print(report.table(summary), end="")
     return 0
 

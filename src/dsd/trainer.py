@@ -91,7 +91,9 @@ def train(config: RunConfig, run_dir=None, *, quiet: bool = False) -> dict:
     if problem:
         raise problem
     try:
-        return _Run(config, data, run_dir, device, quiet, world).execute()
+        summary = _Run(config, data, run_dir, device, quiet, world).execute()
+        world.close()
+        return summary
     except checkpoint.WriteError as error:
         raise checkpoint.WriteError(f"{error}; nothing saved before it is lost: resume with "
                                     f"`dsd train --resume {run_dir}`") from None

@@ -13,8 +13,9 @@ import torch.distributed as dist
 
 
 class World:
-    def __init__(self, rank: int = 0, size: int = 1):
+    def __init__(self, rank: int = 0, size: int = 1, owns_group: bool = False):
         self.rank, self.size = rank, size
+        self.owns_group = owns_group  # start() made the process group, so close() ends it
 
     @property
     def main(self) -> bool:
@@ -30,9 +31,17 @@ class World:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-        if not dist.is_initialized():
+        owns_group = not dist.is_initialized()
+        if owns_group:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size()), device
+        return cls(dist.get_rank(), dist.get_world_size(), owns_group), device
+
+    def close(self) -> None:
+        """End a process group start() made, once every rank is done: a rank that exits with
+        its group alive while another still works can abort in the backend's teardown."""
+        if self.owns_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         """The module to run forward/backward through: DDP when there are several ranks."""
