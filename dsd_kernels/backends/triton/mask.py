@@ -7,6 +7,9 @@ r = k - count(|x| < t). To give each tie its rank in that order, the chunks of a
 are numbered in position order: one pass counts the ties per chunk, an exclusive scan over
 the chunks of each segment gives the ties before a chunk, and the writing pass adds the rank
 within the chunk (a block cumsum). Masks are bool, contiguous, True = kept.
+
+Tables of the tensors are cached (tables.Cache); the masks' addresses (new masks with every
+call) and the pruned counts of a call travel in tables of their own.
 """
 
 import math
@@ -24,42 +27,44 @@ BLOCK = 2048  # elements per step of a program
 CHUNK = 16 * BLOCK  # elements per program; the unit the tie ranks are scanned over
 NUM_WARPS = 8
 
-# Columns of the per-tensor row table of the mask kernel (int64).
+# Columns of the per-tensor row table of the mask kernel (int64); the apply kernel's rows are
+# the first two. The masks' addresses are in a table of their own.
 _ADDRESS = tl.constexpr(0)
-_MASK = tl.constexpr(1)
-_NUMEL = tl.constexpr(2)
-_SEGMENT = tl.constexpr(3)
-_PRUNES = tl.constexpr(4)  # 0 when the segment prunes nothing (k = 0)
-_FIRST_CHUNK = tl.constexpr(5)  # position-order number of the tensor's first chunk
-_COLUMNS = tl.constexpr(6)
+_NUMEL = tl.constexpr(1)
+_SEGMENT = tl.constexpr(2)
+_FIRST_CHUNK = tl.constexpr(3)  # position-order number of the tensor's first chunk
+_COLUMNS = tl.constexpr(4)
 
 
 @triton.jit
-def _pointers(row, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, MASK_BYTES: tl.constexpr):
-    """The chunk's typed pointers into x and into its mask (bool, read as int8); with ALIGNED,
-    x's is promised 16-byte alignment and the mask's MASK_BYTES (a kernel whose mask layout
-    must follow fp32 data, 4 per thread, promises 4)."""
+def _pointers(row, mask_address, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+              MASK_BYTES: tl.constexpr):
+    """The chunk's typed pointers into x and into its mask (bool, read as int8; its address
+    at `mask_address`); with ALIGNED, x's is promised 16-byte alignment and the mask's
+    MASK_BYTES (a kernel whose mask layout must follow fp32 data, 4 per thread, promises 4)."""
     x_ptr = column_pointer(row, _ADDRESS, DTYPE, ALIGNED)
-    mask_ptr = column_pointer(row, _MASK, tl.int8, ALIGNED, MASK_BYTES)
+    mask_ptr = column_pointer(mask_address, 0, tl.int8, ALIGNED, MASK_BYTES)
     return x_ptr + start, mask_ptr + start
 
 
 @triton.jit
-def _mask_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, thresholds_ptr, ties_to_prune_ptr,
-                 tie_counts_ptr, ties_before_ptr, DTYPE: tl.constexpr, WRITE: tl.constexpr,
-                 ALIGNED: tl.constexpr, FULL: tl.constexpr, CHUNK: tl.constexpr,
-                 BLOCK: tl.constexpr):
+def _mask_kernel(rows_ptr, masks_ptr, chunk_rows_ptr, chunk_starts_ptr, pruned_ptr,
+                 thresholds_ptr, ties_to_prune_ptr, tie_counts_ptr, ties_before_ptr,
+                 DTYPE: tl.constexpr, WRITE: tl.constexpr, ALIGNED: tl.constexpr,
+                 FULL: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """WRITE=False: count one chunk's entries equal to its segment's threshold.
     WRITE=True: write the chunk's mask, ranking its ties after the segment's earlier ones."""
     chunk = tl.program_id(0)
-    row = rows_ptr + tl.load(chunk_rows_ptr + chunk).to(tl.int64) * _COLUMNS
+    tensor = tl.load(chunk_rows_ptr + chunk).to(tl.int64)
+    row = rows_ptr + tensor * _COLUMNS
     start = tl.multiple_of(tl.load(chunk_starts_ptr + chunk), CHUNK)  # chunks start aligned
-    x_ptr, mask_ptr = _pointers(row, start, DTYPE, ALIGNED, 16)
+    x_ptr, mask_ptr = _pointers(row, masks_ptr + tensor, start, DTYPE, ALIGNED, 16)
     remaining = tl.load(row + _NUMEL) - start
     segment = tl.load(row + _SEGMENT)
     chunk_id = tl.load(row + _FIRST_CHUNK) + start // CHUNK
     # Patterns are >= 0: a threshold of -1 makes a segment with k = 0 keep everything.
-    threshold = tl.where(tl.load(row + _PRUNES) != 0, tl.load(thresholds_ptr + segment), -1)
+    threshold = tl.where(tl.load(pruned_ptr + segment) != 0, tl.load(thresholds_ptr + segment),
+                         -1)
     if WRITE:
         ties_to_prune = tl.load(ties_to_prune_ptr + segment)
         ties_seen = tl.load(ties_before_ptr + chunk_id)
@@ -80,6 +85,9 @@ def _mask_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, thresholds_ptr, tie
         tl.store(tie_counts_ptr + chunk_id, ties_seen)
 
 
+_TABLES = tables.Cache()
+
+
 def magnitude_masks(xs, sparsity, scope):
     device = xs[0].device
     # Ties are ranked by logical flat index, which is memory order only when contiguous.
@@ -95,26 +103,24 @@ def magnitude_masks(xs, sparsity, scope):
         return [mask.fill_(True) for mask in masks]
     thresholds, ties_to_prune = radix_select(xs_logical, [max(k, 1) for k in prune], segments)
 
-    chunks = torch.tensor([math.ceil(x.numel() / CHUNK) for x in xs], dtype=torch.int64)
-    first_chunk = torch.cumsum(chunks, 0) - chunks  # chunks are numbered in position order
-    # For the scan: the number of the first chunk of each chunk's segment.
-    segment_starts = first_chunk if scope == "layer" else torch.zeros_like(first_chunk)
-    segment_first_chunk = segment_starts.repeat_interleave(chunks)
-    first_chunk = first_chunk.tolist()
-    tie_counts = torch.empty(int(chunks.sum()), dtype=torch.int64, device=device)
-    groups, (segment_first_chunk,) = tables.grouped(
-        device, xs_logical,
-        lambda i: [xs_logical[i].data_ptr(), masks[i].data_ptr(), xs[i].numel(), segments[i],
-                   int(prune[segments[i]] > 0), first_chunk[i]],
-        2, CHUNK, segment_first_chunk)
+    key = (device, tuple(map(torch.Tensor.data_ptr, xs_logical)), tuple(x.numel() for x in xs),
+           tuple(x.dtype for x in xs), scope)
+    found = _TABLES.get(key)
+    if found is None:
+        found = _TABLES.add(key, _mask_tables(device, xs_logical, segments, scope))
+    groups, segment_first_chunk, chunks = found
+    mask_tables, masks_aligned, (pruned,) = tables.address_tables(
+        device, groups, tuple(map(torch.Tensor.data_ptr, masks)),
+        torch.tensor(prune, dtype=torch.int64))
+    tie_counts = torch.empty(chunks, dtype=torch.int64, device=device)
 
     def launch(write, ties_before):
-        for group in groups:
+        for group, masks_table, aligned in zip(groups, mask_tables, masks_aligned):
             for full, chunk_rows, chunk_starts in group.launches():
                 _mask_kernel[(chunk_rows.numel(),)](
-                    group.rows, chunk_rows, chunk_starts, thresholds, ties_to_prune,
-                    tie_counts, ties_before, DTYPE=group.dtype, WRITE=write,
-                    ALIGNED=group.aligned, FULL=full, CHUNK=CHUNK, BLOCK=BLOCK,
+                    group.rows, masks_table, chunk_rows, chunk_starts, pruned, thresholds,
+                    ties_to_prune, tie_counts, ties_before, DTYPE=group.dtype, WRITE=write,
+                    ALIGNED=aligned and group.aligned, FULL=full, CHUNK=CHUNK, BLOCK=BLOCK,
                     num_warps=NUM_WARPS)
 
     with tables.on_device(device):
@@ -124,19 +130,35 @@ def magnitude_masks(xs, sparsity, scope):
     return masks
 
 
-# The apply kernel's rows are the mask kernel's first three columns: address, mask, numel.
-_APPLY_COLUMNS = tl.constexpr(3)
+def _mask_tables(device, xs, segments, scope):
+    """The mask kernel's groups, each chunk's first chunk of its segment, the chunk count."""
+    chunks = torch.tensor([math.ceil(x.numel() / CHUNK) for x in xs], dtype=torch.int64)
+    first_chunk = torch.cumsum(chunks, 0) - chunks  # chunks are numbered in position order
+    # For the scan: the number of the first chunk of each chunk's segment.
+    segment_starts = first_chunk if scope == "layer" else torch.zeros_like(first_chunk)
+    segment_first_chunk = segment_starts.repeat_interleave(chunks)
+    first_chunk = first_chunk.tolist()
+    groups, (segment_first_chunk,) = tables.grouped(
+        device, xs, lambda i: [xs[i].data_ptr(), xs[i].numel(), segments[i], first_chunk[i]],
+        1, CHUNK, segment_first_chunk)
+    return groups, segment_first_chunk, int(chunks.sum())
+
+
+_APPLY_COLUMNS = tl.constexpr(2)  # address, element count
+_APPLY_TABLES = tables.Cache()
 
 
 @triton.jit
-def _apply_masks_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, DTYPE: tl.constexpr,
-                        ALIGNED: tl.constexpr, FULL: tl.constexpr, CHUNK: tl.constexpr,
-                        BLOCK: tl.constexpr):
+def _apply_masks_kernel(rows_ptr, masks_ptr, chunk_rows_ptr, chunk_starts_ptr,
+                        DTYPE: tl.constexpr, ALIGNED: tl.constexpr, FULL: tl.constexpr,
+                        CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """x = +0.0 where the mask is False: reads only the mask, writes only pruned entries."""
     chunk = tl.program_id(0)
-    row = rows_ptr + tl.load(chunk_rows_ptr + chunk).to(tl.int64) * _APPLY_COLUMNS
+    tensor = tl.load(chunk_rows_ptr + chunk).to(tl.int64)
+    row = rows_ptr + tensor * _APPLY_COLUMNS
     start = tl.multiple_of(tl.load(chunk_starts_ptr + chunk), CHUNK)  # chunks start aligned
-    x_ptr, mask_ptr = _pointers(row, start, DTYPE, ALIGNED, 4)  # scalar stores: no vectors
+    x_ptr, mask_ptr = _pointers(row, masks_ptr + tensor, start, DTYPE, ALIGNED,
+                                4)  # scalar stores: no vectors
     remaining = tl.load(row + _NUMEL) - start
     for offset in range(0, CHUNK, BLOCK):
         index = offset + tl.arange(0, BLOCK)
@@ -150,14 +172,20 @@ def apply_masks_(xs, masks):
     staging = tables.Staging()
     targets = [staging.dense(x, written=True) for x in xs]
     masks = [staging.like(mask, x, written=False) for mask, x in zip(masks, targets)]
-    groups, _ = tables.grouped(
-        device, targets, lambda i: [targets[i].data_ptr(), masks[i].data_ptr(), targets[i].numel()],
-        2, CHUNK)
+    key = (device, tuple(map(torch.Tensor.data_ptr, targets)), tuple(x.numel() for x in targets),
+           tuple(x.dtype for x in targets))
+    groups = _APPLY_TABLES.get(key)
+    if groups is None:
+        groups, _ = tables.grouped(
+            device, targets, lambda i: [targets[i].data_ptr(), targets[i].numel()], 1, CHUNK)
+        _APPLY_TABLES.add(key, groups)
+    mask_tables, masks_aligned, _ = tables.address_tables(
+        device, groups, tuple(map(torch.Tensor.data_ptr, masks)))
     with tables.on_device(device):
-        for group in groups:
+        for group, masks_table, aligned in zip(groups, mask_tables, masks_aligned):
             for full, chunk_rows, chunk_starts in group.launches():
                 _apply_masks_kernel[(chunk_rows.numel(),)](
-                    group.rows, chunk_rows, chunk_starts, DTYPE=group.dtype,
-                    ALIGNED=group.aligned, FULL=full, CHUNK=CHUNK, BLOCK=BLOCK,
+                    group.rows, masks_table, chunk_rows, chunk_starts, DTYPE=group.dtype,
+                    ALIGNED=aligned and group.aligned, FULL=full, CHUNK=CHUNK, BLOCK=BLOCK,
                     num_warps=NUM_WARPS)
     staging.finish()

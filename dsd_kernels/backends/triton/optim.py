@@ -3,15 +3,21 @@
 Each element's parameter, gradient, optimizer state and mask are read once and the parameter
 and state written once; a pruned position is written as +0.0 in all of them. The optimizer
 kind and its structural flags are constexprs; every hyper-parameter (lr, betas, eps, weight
-decay, momentum, dampening) is a runtime argument, so an LR schedule never recompiles. Math is
-fp32 in the order torch_ref uses, rounded once on store. Per-tensor Adam bias corrections
-differ with each tensor's step and are computed on the host in double, as torch_ref does.
+decay, momentum, dampening) and Adam's bias corrections (computed on the host in double, as
+torch_ref does) are runtime arguments, so an LR schedule never recompiles. Math is fp32 in the
+order torch_ref uses, rounded once on store. Adam counts steps per tensor: tensors at
+different counts (rare) are updated by one call per count.
 
 One launch per dtype covers a whole list (see tables.py): a program updates CHUNK elements of
 one tensor. The step issues no host synchronisation: grad_scale is read on the device.
+Its tables cost host time per tensor, so they are cached: the rows (params, state, masks)
+under the key of their addresses and layouts, and the gradients' addresses, which a training
+loop may move every step (zero_grad frees them), in a table of their own that is built again
+only when an address changed.
 """
 
 import math
+from operator import attrgetter
 
 import torch
 import triton
@@ -25,29 +31,22 @@ BLOCK = 2048  # elements per step of a program: 8 per thread, 128-bit fp32 acces
 CHUNK = 8 * BLOCK  # elements per program
 NUM_WARPS = 8
 
-# Columns of the per-tensor row table (int64): data addresses, then the element count.
+# Columns of the per-tensor row table (int64): data addresses, then the element count. The
+# gradients' addresses are in a table of their own.
 _PARAM = tl.constexpr(0)
-_GRAD = tl.constexpr(1)
-_STATE1 = tl.constexpr(2)  # SGD: momentum buffer; Adam: exp_avg
-_STATE2 = tl.constexpr(3)  # Adam: exp_avg_sq
-_MASK = tl.constexpr(4)  # 0 when the tensor has no mask
-_NUMEL = tl.constexpr(5)
-# Adam's per-tensor bias corrections, fp32 values stored as their bit patterns.
-_STEP_SIZE = tl.constexpr(6)  # lr / (1 - beta1**step)
-_BIAS_CORRECTION2_SQRT = tl.constexpr(7)  # sqrt(1 - beta2**step)
-_COLUMNS = tl.constexpr(8)
-_ADDRESSES = 5
+_STATE1 = tl.constexpr(1)  # SGD: momentum buffer; Adam: exp_avg
+_STATE2 = tl.constexpr(2)  # Adam: exp_avg_sq
+_MASK = tl.constexpr(3)  # 0 when the tensor has no mask
+_NUMEL = tl.constexpr(4)
+_COLUMNS = tl.constexpr(5)
+_ADDRESSES = 4
 
 
 @triton.jit
-def _fp32_column(row, column):
-    return tl.load(row + column).to(tl.int32).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _masked_optim_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, grad_scale_ptr,
+def _masked_optim_kernel(rows_ptr, grads_ptr, chunk_rows_ptr, chunk_starts_ptr, grad_scale_ptr,
                          lr, weight_decay, decay_factor, momentum, one_minus_dampening,
-                         one_minus_beta1, beta2, one_minus_beta2, eps,
+                         one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
+                         bias_correction2_sqrt,
                          DTYPE: tl.constexpr, ADAM: tl.constexpr, DECOUPLED: tl.constexpr,
                          HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                          MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
@@ -60,7 +59,7 @@ def _masked_optim_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, grad_scale_
     start = tl.multiple_of(tl.load(chunk_starts_ptr + chunk), CHUNK)  # chunks start aligned
     remaining = tl.load(row + _NUMEL) - start
     p_ptr = column_pointer(row, _PARAM, DTYPE, ALIGNED) + start
-    g_ptr = column_pointer(row, _GRAD, DTYPE, ALIGNED) + start
+    g_ptr = column_pointer(grads_ptr + tensor, 0, DTYPE, ALIGNED) + start
     state1_ptr = column_pointer(row, _STATE1, DTYPE, ALIGNED) + start
     state2_ptr = column_pointer(row, _STATE2, DTYPE, ALIGNED) + start
     # Mask bytes are promised 4-byte alignment only: 4 per thread, like the fp32 data, so the
@@ -71,9 +70,6 @@ def _masked_optim_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, grad_scale_
     has_mask = tl.load(row + _MASK) != 0
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
-    if ADAM:
-        step_size = _fp32_column(row, _STEP_SIZE)
-        bias_correction2_sqrt = _fp32_column(row, _BIAS_CORRECTION2_SQRT)
 
     for offset in range(0, CHUNK, BLOCK):
         index = offset + tl.arange(0, BLOCK)
@@ -117,52 +113,92 @@ def _masked_optim_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, grad_scale_
         tl.store(p_ptr + index, from_fp32(tl.where(keep, p, 0.0), DTYPE), mask=inside)
 
 
-def _step(params, grads, states, masks, corrections, grad_scale, hyper, **flags):
-    """Stage every tensor in its parameter's layout, launch one kernel per dtype, write back."""
+_TABLES = tables.Cache()
+_ADDRESS, _STRIDES, _DTYPE = torch.Tensor.data_ptr, torch.Tensor.stride, attrgetter("dtype")
+
+
+def _layout_key(params, states, masks):
+    """Everything a step's row tables and its staging decisions are built from (tables.Cache):
+    the params' addresses, sizes, strides and dtypes, the addresses and strides of the state
+    and the masks."""
+    key = [params[0].device, tuple(map(_ADDRESS, params)), tuple(map(torch.Tensor.size, params)),
+           tuple(map(_STRIDES, params)), tuple(map(_DTYPE, params))]
+    for state in states:
+        key += [tuple(map(_ADDRESS, state)), tuple(map(_STRIDES, state))]
+    key.append(tuple(None if m is None else (m.data_ptr(), m.stride()) for m in masks))
+    return tuple(key)
+
+
+class _Tables:
+    """A step's tables: the groups' rows and chunks, and the address tables of the gradients
+    of the latest call."""
+
+    def __init__(self, device, params, states, masks):
+        self.device = device
+        self.strides = tuple(map(_STRIDES, params))  # gradients in other layouts are staged
+
+        def row_of(i):
+            addresses = [params[i], *(state[i] for state in states)]
+            addresses += [None] * (_ADDRESSES - 1 - len(addresses)) + [masks[i]]
+            return [0 if t is None else t.data_ptr() for t in addresses] + [params[i].numel()]
+
+        self.groups, _ = tables.grouped(device, params, row_of, _ADDRESSES, CHUNK)
+        self._grads = None, None  # addresses, and per group (address table, aligned)
+
+    def gradients(self, grads):
+        """Per group, the gradients' address table and whether all the group's addresses are
+        aligned; built again only when a gradient's address changed."""
+        addresses = tuple(map(_ADDRESS, grads))
+        if addresses != self._grads[0]:
+            built, aligned, _ = tables.address_tables(self.device, self.groups, addresses)
+            self._grads = addresses, [(t, a and group.aligned)
+                                      for t, a, group in zip(built, aligned, self.groups)]
+        return self._grads[1]
+
+
+def _step(params, grads, states, masks, grad_scale, hyper, **flags):
+    """Launch one kernel per dtype, with tables from the cache where the tensors have not
+    moved; tensors in another layout than their parameter's are staged and written back."""
     device = params[0].device
     staging = tables.Staging()
-    params = [staging.dense(p, written=True) for p in params]
-    grads = [staging.like(g, p, written=False) for g, p in zip(grads, params)]
-    states = [[staging.like(s, p, written=True) for s, p in zip(state, params)]
-              for state in states]
-    masks = [None if m is None else staging.like(m, p, written=False)
-             for m, p in zip(masks, params)]
+    key = _layout_key(params, states, masks)
+    step_tables = _TABLES.get(key)
+    if step_tables is None:
+        params = [staging.dense(p, written=True) for p in params]
+        states = [[staging.like(s, p, written=True) for s, p in zip(state, params)]
+                  for state in states]
+        masks = [None if m is None else staging.like(m, p, written=False)
+                 for m, p in zip(masks, params)]
+        step_tables = _TABLES.add(key, _Tables(device, params, states, masks),
+                                  reusable=not staging.staged)
+    if tuple(map(_STRIDES, grads)) != step_tables.strides:
+        grads = [staging.like(g, p, written=False) for g, p in zip(grads, params)]
 
-    # fp32 rounding of the host's doubles, as torch does with a Python scalar
-    correction_bits = torch.tensor(corrections, dtype=torch.float32).view(torch.int32).tolist()
-
-    def row_of(i):
-        addresses = [params[i], grads[i], *(state[i] for state in states)]
-        addresses += [None] * (_ADDRESSES - 1 - len(addresses)) + [masks[i]]
-        return ([0 if t is None else t.data_ptr() for t in addresses] + [params[i].numel()]
-                + correction_bits[i])
-
-    groups, _ = tables.grouped(device, params, row_of, _ADDRESSES, CHUNK)
     with tables.on_device(device):
-        for group in groups:
+        for group, (grads_table, aligned) in zip(step_tables.groups,
+                                                 step_tables.gradients(grads)):
             for full, chunk_rows, chunk_starts in group.launches():
                 _masked_optim_kernel[(chunk_rows.numel(),)](
-                    group.rows, chunk_rows, chunk_starts,
+                    group.rows, grads_table, chunk_rows, chunk_starts,
                     group.rows if grad_scale is None else grad_scale, **hyper, DTYPE=group.dtype,
-                    HAS_GRAD_SCALE=grad_scale is not None, ALIGNED=group.aligned, FULL=full,
+                    HAS_GRAD_SCALE=grad_scale is not None, ALIGNED=aligned, FULL=full,
                     CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS, **flags)
     staging.finish()
 
 
 def _hyper(lr=0.0, weight_decay=0.0, decay_factor=1.0, momentum=0.0, dampening=0.0, beta1=0.0,
-           beta2=0.0, eps=0.0):
+           beta2=0.0, eps=0.0, step_size=0.0, bias_correction2_sqrt=0.0):
     """Runtime scalars of the kernel; differences like 1 - beta1 are taken in double here."""
     return dict(lr=lr, weight_decay=weight_decay, decay_factor=decay_factor, momentum=momentum,
                 one_minus_dampening=1 - dampening, one_minus_beta1=1 - beta1, beta2=beta2,
-                one_minus_beta2=1 - beta2, eps=eps)
+                one_minus_beta2=1 - beta2, eps=eps, step_size=step_size,
+                bias_correction2_sqrt=bias_correction2_sqrt)
 
 
 def masked_sgd_(params, grads, momentum_buffers, masks, lr, momentum, dampening, weight_decay,
                 nesterov, maximize, grad_scale):
     has_momentum = momentum != 0
-    no_corrections = [(0.0, 0.0)] * len(params)
-    _step(params, grads, [momentum_buffers] if has_momentum else [], masks, no_corrections,
-          grad_scale,
+    _step(params, grads, [momentum_buffers] if has_momentum else [], masks, grad_scale,
           _hyper(lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=dampening),
           ADAM=False, DECOUPLED=False, HAS_MOMENTUM=has_momentum, NESTEROV=nesterov,
           MAXIMIZE=maximize)
@@ -170,8 +206,22 @@ def masked_sgd_(params, grads, momentum_buffers, masks, lr, momentum, dampening,
 
 def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, beta2, eps,
                  weight_decay, decoupled, maximize, grad_scale):
-    corrections = [(lr / (1 - beta1**step), math.sqrt(1 - beta2**step)) for step in steps]
-    _step(params, grads, [exp_avgs, exp_avg_sqs], masks, corrections, grad_scale,
-          _hyper(lr=lr, weight_decay=weight_decay, decay_factor=1 - lr * weight_decay,
-                 beta1=beta1, beta2=beta2, eps=eps),
-          ADAM=True, DECOUPLED=decoupled, HAS_MOMENTUM=False, NESTEROV=False, MAXIMIZE=maximize)
+    lists = [params, grads, exp_avgs, exp_avg_sqs, masks]
+    for step, chosen in _by_step(steps):
+        ps, gs, ms, vs, ks = lists if chosen is None else [[x[i] for i in chosen] for x in lists]
+        _step(ps, gs, [ms, vs], ks, grad_scale,
+              _hyper(lr=lr, weight_decay=weight_decay, decay_factor=1 - lr * weight_decay,
+                     beta1=beta1, beta2=beta2, eps=eps, step_size=lr / (1 - beta1**step),
+                     bias_correction2_sqrt=math.sqrt(1 - beta2**step)),
+              ADAM=True, DECOUPLED=decoupled, HAS_MOMENTUM=False, NESTEROV=False,
+              MAXIMIZE=maximize)
+
+
+def _by_step(steps):
+    """(step count, indices of the tensors at it) per count; indices None when all agree."""
+    if len(set(steps)) == 1:
+        return [(steps[0], None)]
+    chosen = {}
+    for i, step in enumerate(steps):
+        chosen.setdefault(step, []).append(i)
+    return list(chosen.items())

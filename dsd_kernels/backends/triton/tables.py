@@ -9,6 +9,11 @@ type is a constexpr, so at most three launches per list), and each group gets:
 All tables of a call travel in ONE host-to-device copy from pinned memory (`upload`), without
 synchronising with the device. Elements are visited in memory order: each tensor must be
 dense in memory (`dense_in_memory`); callers stage other tensors through a dense copy.
+
+Building tables costs host time per tensor, so an op keeps them in a `Cache` and builds them
+again only when the tensors they describe change. Addresses that change with every call
+(gradients, freshly allocated outputs) live in their own small tables (`address_tables`),
+and the scalars of a call (learning rate, bias corrections) are kernel arguments.
 """
 
 import contextlib
@@ -83,6 +88,48 @@ def grouped(device, tensors, row_of, addresses: int, chunk: int, *extra: torch.T
     return groups, on_device[:len(extra)]
 
 
+def address_tables(device, groups: list[Group], addresses: tuple[int, ...],
+                   *extra: torch.Tensor):
+    """Per group, an int64 table of one data address per row (`addresses[i]` for tensor i),
+    for tensors that move while the groups' other tables stay; sent with the `extra` host
+    tables in one copy. Returns (the groups' tables, whether each group's addresses are
+    aligned, the extra device tables)."""
+    host = [torch.tensor([addresses[i] for i in group.indices], dtype=torch.int64)
+            for group in groups]
+    aligned = [all(addresses[i] % VECTOR_ALIGNMENT == 0 for i in group.indices)
+               for group in groups]
+    on_device = upload(device, *host, *extra)
+    return on_device[:len(groups)], aligned, on_device[len(groups):]
+
+
+class Cache(dict):
+    """An op's tables of its recent calls, each under the key of everything it was built from.
+
+    A key holds every input of the build (device, addresses, element counts, dtypes; a key
+    taken before staging also the sizes and strides that decide a copy), so a table found
+    under a call's key is exactly the table the call would build: none can be stale. Tables
+    hold addresses, never the tensors: a tensor freed and another of the same geometry
+    allocated at its address reuse the same, still correct, table. The oldest entry goes
+    first (moving a hit to the end would hash and compare its key twice per call).
+    """
+
+    SIZE = 16  # a training loop's param groups x devices x dtype mixes, with room to spare
+
+    def __init__(self):
+        super().__init__()
+        self.builds = 0  # misses: tables built since the cache was made
+
+    def add(self, key, built, reusable: bool = True):
+        """Count a build and keep its tables; not when they are not `reusable`: built from
+        staging copies of the tensors the key describes. Returns them."""
+        self.builds += 1
+        if reusable:
+            self[key] = built
+            if len(self) > self.SIZE:
+                del self[next(iter(self))]
+        return built
+
+
 def chunk_table(numels: list[int], chunk: int) -> list[torch.Tensor]:
     """Row index (int32) and first element (int64) of every CHUNK-sized piece of every
     tensor: for the full pieces, then for the shorter last pieces."""
@@ -134,24 +181,26 @@ class Staging:
 
     A tensor whose strides differ from the reference is copied into the reference's layout;
     `finish()` copies the staged tensors that the kernel wrote back to the caller's tensors.
+    `staged` says whether any copy was made.
     """
 
     def __init__(self):
         self._write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.staged = False
 
     def dense(self, t: torch.Tensor, written: bool) -> torch.Tensor:
         if dense_in_memory(t):
             return t
-        staged = t.contiguous()
-        if written:
-            self._write_back.append((t, staged))
-        return staged
+        return self._copy(t, t.contiguous(), written)
 
     def like(self, t: torch.Tensor, ref: torch.Tensor, written: bool) -> torch.Tensor:
         """`t` in the layout of `ref` (which is dense in memory)."""
         if t.stride() == ref.stride():
             return t
-        staged = torch.empty_like(ref, dtype=t.dtype).copy_(t)
+        return self._copy(t, torch.empty_like(ref, dtype=t.dtype).copy_(t), written)
+
+    def _copy(self, t: torch.Tensor, staged: torch.Tensor, written: bool) -> torch.Tensor:
+        self.staged = True
         if written:
             self._write_back.append((t, staged))
         return staged

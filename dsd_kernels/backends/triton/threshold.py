@@ -34,7 +34,11 @@ A list of mixed dtypes takes the passes of its widest dtype. Survivors are int32
 A segment is a set of tensors ranked together: one per tensor for scope="layer", one for all
 of them for scope="global" and for `kth_smallest_abs`. The tensors are read where they lie
 (dense ones in memory order: the order does not change a k-th value), never concatenated.
+Tables that depend only on the tensors and their segments are cached (tables.Cache); the
+ranks, which the select kernel updates, are sent with each call.
 """
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -197,6 +201,18 @@ def _threshold_select_kernel(histograms_ptr, prefix_ptr, rank_ptr, modes_ptr,
             tl.store(modes_ptr + segment, _APPENDING)
 
 
+class _SelectTables(NamedTuple):
+    """What radix_select needs besides the ranks, from the tensors and their segments only."""
+    groups: list[tables.Group]
+    capacities: torch.Tensor  # per segment, how many survivors its region holds
+    bases: torch.Tensor  # per segment, where its region begins in the survivor buffer
+    survivor_chunks: tuple[torch.Tensor, torch.Tensor]  # segment and start of each chunk
+    room: int  # survivors of all segments
+
+
+_TABLES = tables.Cache()
+
+
 def radix_select(xs, ranks, segments):
     """Per segment, the rank-th smallest |x| of its tensors (ranks[s] >= 1) as an int32 fp32
     pattern, and how many entries equal to it are among the rank smallest (the ties to take).
@@ -207,11 +223,9 @@ def radix_select(xs, ranks, segments):
     return _radix_select(xs, ranks, segments)[:2]
 
 
-def _radix_select(xs, ranks, segments):
-    """radix_select, also returning the segments' final modes and survivor counts."""
-    device = xs[0].device
-    passes = max(PASSES[x.dtype] for x in xs)
-    numels = [0] * len(ranks)
+def _select_tables(device, xs, segments, count):
+    """radix_select's tables for these tensors and their segments (`count` of them)."""
+    numels = [0] * count
     for x, segment in zip(xs, segments):
         numels[segment] += x.numel()
     capacities = torch.tensor(numels, dtype=torch.int64) // SURVIVOR_SHARE
@@ -219,10 +233,24 @@ def _radix_select(xs, ranks, segments):
     # Chunks of every segment's survivor region; how far each is filled is known on the device.
     full_rows, full_starts, tail_rows, tail_starts = tables.chunk_table(capacities.tolist(),
                                                                         CHUNK)
-    groups, (rank, capacities, bases, survivor_chunk_segments, survivor_chunk_starts) = \
-        tables.grouped(device, xs, lambda i: [xs[i].data_ptr(), xs[i].numel(), segments[i]],
-                       1, CHUNK, torch.tensor(ranks, dtype=torch.int64), capacities, bases,
-                       torch.cat([full_rows, tail_rows]), torch.cat([full_starts, tail_starts]))
+    groups, (capacities, bases, chunk_segments, chunk_starts) = tables.grouped(
+        device, xs, lambda i: [xs[i].data_ptr(), xs[i].numel(), segments[i]], 1, CHUNK,
+        capacities, bases, torch.cat([full_rows, tail_rows]), torch.cat([full_starts, tail_starts]))
+    return _SelectTables(groups, capacities, bases, (chunk_segments, chunk_starts),
+                         sum(n // SURVIVOR_SHARE for n in numels))
+
+
+def _radix_select(xs, ranks, segments):
+    """radix_select, also returning the segments' final modes and survivor counts."""
+    device = xs[0].device
+    passes = max(PASSES[x.dtype] for x in xs)
+    key = (device, tuple(map(torch.Tensor.data_ptr, xs)), tuple(x.numel() for x in xs),
+           tuple(x.dtype for x in xs), tuple(segments), len(ranks))
+    found = _TABLES.get(key)
+    if found is None:
+        found = _TABLES.add(key, _select_tables(device, xs, segments, len(ranks)))
+    survivor_chunk_segments, survivor_chunk_starts = found.survivor_chunks
+    (rank,) = tables.upload(device, torch.tensor(ranks, dtype=torch.int64))
     prefix = torch.zeros(len(ranks), dtype=torch.int32, device=device)
     histograms = torch.zeros(len(ranks), BINS, dtype=torch.int64, device=device)
     modes = torch.zeros(len(ranks), dtype=torch.int32, device=device)
@@ -230,25 +258,25 @@ def _radix_select(xs, ranks, segments):
     # Survivors are appended in a pass p with 1 <= p <= passes - 2 (0-based): after pass 0 a
     # bucket size is known, and a later pass must remain to read them.
     compacts = passes >= 3
-    room = sum(n // SURVIVOR_SHARE for n in numels) if compacts else 0
-    survivors = torch.empty(max(room, 1), dtype=torch.int32, device=device)
+    survivors = torch.empty(max(found.room if compacts else 0, 1), dtype=torch.int32,
+                            device=device)
     with tables.on_device(device):
         for p, (shift, width) in enumerate(DIGITS[:passes]):
-            for group in groups:
+            for group in found.groups:
                 for full, chunk_rows, chunk_starts in group.launches():
                     _threshold_histogram_kernel[(chunk_rows.numel(),)](
                         group.rows, chunk_rows, chunk_starts, prefix, histograms, modes,
-                        survivors, survivor_counts, bases, capacities,
+                        survivors, survivor_counts, found.bases, found.capacities,
                         DTYPE=group.dtype, SHIFT=shift, WIDTH=width, BINS=BINS,
                         APPEND=1 <= p <= passes - 2, ALIGNED=group.aligned, FULL=full,
                         CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
             if p >= 2 and survivor_chunk_segments.numel():
                 _survivor_histogram_kernel[(survivor_chunk_segments.numel(),)](
                     survivor_chunk_segments, survivor_chunk_starts, prefix, histograms, modes,
-                    survivors, survivor_counts, bases, SHIFT=shift, WIDTH=width, BINS=BINS,
-                    CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                    survivors, survivor_counts, found.bases, SHIFT=shift, WIDTH=width,
+                    BINS=BINS, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
             _threshold_select_kernel[(len(ranks),)](histograms, prefix, rank, modes,
-                                                    capacities, WIDTH=width, BINS=BINS,
+                                                    found.capacities, WIDTH=width, BINS=BINS,
                                                     COMPACT_NEXT=1 <= p + 1 <= passes - 2)
     return prefix << DIGITS[passes - 1][0], rank, modes, survivor_counts
 

@@ -1,0 +1,251 @@
+"""Host time of one masked AdamW step on the Triton (CUDA) path, launches stubbed, against
+torch.optim.AdamW(fused=True)'s step on the same number of tensors, in the same run.
+
+    python bench/bench_step_overhead.py                 # this CPU, no GPU needed
+    python bench/bench_step_overhead.py --device cuda   # also the real steps on the GPU
+
+Lists: ResNet-50's 161 parameter tensors and GPT-2 small's 148, masks on every matrix.
+The stub: every Triton launch becomes a compile-only warm-up (JITFunction.run with
+warmup=True, as tests/_compile_for_gpu.py does), so Triton still binds the arguments,
+computes the specialization key and finds the compiled kernel, which is all the host work of
+a launch but the driver call. On a CPU, Triton gets that script's stand-in driver (target
+sm_90), the Triton kernels are registered for CPU tensors, and the tensors have their real
+sizes (so the chunk tables do) but their memory is never touched. CPU tensors skip the
+pinned-memory upload of the tables and the device switch: the steady state needs neither.
+
+Rows of dsd (seconds are host time per MaskedAdamW.step):
+- "cached, same grads": the steady state of a training loop whose gradients come back where
+  they were (what CUDA's caching allocator usually gives after zero_grad(set_to_none=True));
+- "cached, grads moved": gradients at new addresses every step (two sets alternate; the
+  time of assigning them alone is subtracted): the gradients' table is built and sent again;
+- "uncached": every table built every step (the cache cleared before each);
+- "op not run": MaskedAdamW.step with a no-op kernel, dsd_kernels.optim's own Python work.
+torch fused runs for real on one-element CPU tensors, the closest measure of its per-step
+host work without a GPU. With --device cuda the same rows are timed on CUDA tensors (real
+driver, launches still stubbed), and then both real steps on the GPU.
+"""
+
+import argparse
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # the stub needs compiled kernels, not interpreted
+
+import torch  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+import dsd_kernels as dk  # noqa: E402
+from _cases import resnet50_shapes  # noqa: E402
+from _timing import environment, median_seconds, print_table, write_rows  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from _compile_for_gpu import CompileOnlyDriver  # noqa: E402
+
+from dsd_kernels.backends.triton import mask, optim, tables  # noqa: E402
+
+ADAMW = dict(lr=1e-3, weight_decay=1e-2)
+COLUMNS = ["case", "impl", "ms", "x_torch", "builds/step", "uploads/step"]
+
+
+def gpt2_small_shapes() -> list[tuple[int, ...]]:
+    """Hugging Face GPT-2 small's parameter shapes (Conv1D weights are in x out), in
+    named_parameters() order."""
+    d = 768
+    block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,),
+             (4 * d, d), (d,)]
+    return [(50257, d), (1024, d)] + block * 12 + [(d,), (d,)]
+
+
+@contextmanager
+def stubbed_launches():
+    """Every Triton launch a compile-only warm-up: all of a launch's host work but the
+    driver call."""
+    launch = JITFunction.run
+
+    def warm_up(self, *args, grid, warmup, **kwargs):
+        return launch(self, *args, grid=grid, warmup=True, **kwargs)
+
+    JITFunction.run = warm_up
+    try:
+        yield
+    finally:
+        JITFunction.run = launch
+
+
+@contextmanager
+def serving(device: str, kernels: dict):
+    """The given kernels for the device's dispatch key, the torch backend elsewhere."""
+    dk.use_backend("torch")
+    lib = torch.library.Library("dsd", "IMPL")
+    for op, kernel in kernels.items():
+        lib.impl(op, kernel, "CUDA" if device == "cuda" else "CPU")
+    try:
+        yield
+    finally:
+        lib._destroy()
+        dk.use_backend("auto")
+
+
+TRITON = {"masked_adam_": optim.masked_adam_, "apply_masks_": mask.apply_masks_}
+
+
+def _masked_adamw(shapes, device, untouched: bool):
+    """A MaskedAdamW over parameters of these shapes, with state, gradients and masks on the
+    matrices; with `untouched`, memory no stubbed step ever touches is left unwritten."""
+    make = torch.empty if untouched else torch.randn
+    params = [torch.nn.Parameter(make(shape, device=device)) for shape in shapes]
+    for p in params:
+        p.grad = make(p.shape, device=device)
+    opt = dk.MaskedAdamW(params, **ADAMW)
+    state = torch.empty_like if untouched else torch.zeros_like
+    for p in params:  # the state a first step would create
+        opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": state(p), "exp_avg_sq": state(p)}
+    opt.set_masks({p: torch.rand(p.shape, device=device) > 0.5 for p in params if p.dim() > 1})
+    return params, opt
+
+
+def _per_call(fn, counters):
+    """fn, counting its calls, and the per-call growth of `counters` (functions -> int)."""
+    calls, start = [0], [c() for c in counters]
+
+    def counted():
+        calls[0] += 1
+        fn()
+
+    def growth():
+        return [(c() - s) / max(calls[0], 1) for c, s in zip(counters, start)]
+    return counted, growth
+
+
+def _host_rows(case, shapes, device, min_time, env):
+    """The stubbed dsd rows and torch fused on one-element tensors, for one tensor list."""
+    rows = []
+    uploads = [0]
+    upload = tables.upload
+
+    def counted_upload(device_, *host):
+        uploads[0] += 1
+        return upload(device_, *host)
+
+    tables.upload = counted_upload
+    counters = [lambda: optim._TABLES.builds, lambda: uploads[0]]
+
+    def row(impl, seconds, per_step=(None, None)):
+        rows.append(dict(env, op="step_overhead", case=case, tensors=len(shapes),
+                         numel=sum(torch.Size(s).numel() for s in shapes), impl=impl,
+                         seconds=seconds, builds_per_step=per_step[0],
+                         uploads_per_step=per_step[1], load_avg_1min=os.getloadavg()[0]))
+        print(f"  {case:>24}  {impl:<44} {seconds * 1e3:.3f} ms", flush=True)
+
+    try:
+        with serving(device, TRITON), stubbed_launches():
+            params, opt = _masked_adamw(shapes, device, untouched=device == "cpu")
+            opt.step()  # compiles the variants once
+            step, growth = _per_call(opt.step, counters)
+            row("dsd MaskedAdamW, cached, same grads", median_seconds(step, "cpu",
+                                                                        min_time=min_time),
+                growth())
+
+            grads = [[p.grad for p in params], [torch.empty_like(p) for p in params]]
+            turn = [0]
+
+            def swap():
+                turn[0] ^= 1
+                for p, g in zip(params, grads[turn[0]]):
+                    p.grad = g
+
+            def swap_and_step():
+                swap()
+                opt.step()
+
+            swapped, growth = _per_call(swap_and_step, counters)
+            seconds = median_seconds(swapped, "cpu", min_time=min_time)
+            seconds -= median_seconds(swap, "cpu", min_time=min_time)
+            row("dsd MaskedAdamW, cached, grads moved", seconds, growth())
+
+            def uncached():
+                optim._TABLES.clear()
+                opt.step()
+
+            fresh, growth = _per_call(uncached, counters)
+            row("dsd MaskedAdamW, uncached", median_seconds(fresh, "cpu", min_time=min_time),
+                growth())
+        with serving(device, {"masked_adam_": lambda *args: None}):
+            row("dsd MaskedAdamW, op not run", median_seconds(opt.step, "cpu",
+                                                              min_time=min_time))
+        del params, opt
+    finally:
+        tables.upload = upload
+
+    tiny = [torch.nn.Parameter(torch.zeros(1)) for _ in shapes]
+    for p in tiny:
+        p.grad = torch.ones(1)
+    fused = torch.optim.AdamW(tiny, **ADAMW, fused=True)
+    row("torch AdamW fused, 1-element CPU tensors",
+        median_seconds(fused.step, "cpu", min_time=min_time))
+    torch_seconds = rows[-1]["seconds"]
+    for r in rows:
+        r["x_torch"] = r["seconds"] / torch_seconds
+    return rows
+
+
+def _device_rows(case, shapes, min_time, env):
+    """Both real steps on the GPU (median device time per step)."""
+    rows = []
+    dk.use_backend("triton")
+    for impl, make in [("dsd MaskedAdamW (real step)", lambda ps: dk.MaskedAdamW(ps, **ADAMW)),
+                       ("torch AdamW fused (real step)",
+                        lambda ps: torch.optim.AdamW(ps, **ADAMW, fused=True))]:
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = make(params)
+        if isinstance(opt, dk.MaskedAdamW):
+            opt.set_masks({p: torch.rand(p.shape, device="cuda") > 0.5
+                           for p in params if p.dim() > 1})
+        seconds = median_seconds(opt.step, "cuda", min_time=min_time)
+        rows.append(dict(env, op="step_overhead", case=case, tensors=len(shapes),
+                         numel=sum(p.numel() for p in params), impl=impl, seconds=seconds))
+        print(f"  {case:>24}  {impl:<44} {seconds * 1e3:.3f} ms", flush=True)
+        del params, opt
+    dk.use_backend("auto")
+    for r in rows:
+        r["x_torch"] = r["seconds"] / rows[-1]["seconds"]
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--min-time", type=float, default=2.0,
+                   help="seconds each measurement runs at least")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads (default 1: a step's host work is one thread, "
+                   "and tiny ops on more threads stall on a busy core)")
+    p.add_argument("--out", help="JSON rows (default: bench/results/<device>_step_overhead.json)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        driver.set_active(CompileOnlyDriver(90))
+    env = environment(args.device)
+    print(f"step overhead: {env['device_name']}, {env['cpu_threads']} threads")
+    rows = []
+    for case, shapes in [("resnet50", resnet50_shapes()), ("gpt2-small", gpt2_small_shapes())]:
+        case = f"{case} ({len(shapes)} tensors)"
+        rows += _host_rows(case, shapes, args.device, args.min_time, env)
+        if args.device == "cuda":
+            rows += _device_rows(case, shapes, args.min_time, env)
+    path = Path(args.out or Path(__file__).parent / "results" /
+                f"{args.device}_step_overhead.json")
+    write_rows(path, rows)
+    print_table([{"case": r["case"], "impl": r["impl"], "ms": f"{r['seconds'] * 1e3:.3f}",
+                  "x_torch": r["x_torch"], "builds/step": r.get("builds_per_step"),
+                  "uploads/step": r.get("uploads_per_step")} for r in rows], COLUMNS)
+    print(f"rows written to {path}")
+
+
+if __name__ == "__main__":
+    main()
