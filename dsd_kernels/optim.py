@@ -316,7 +316,7 @@ def make_masked_(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     for i, group in enumerate(optimizer.param_groups):
         _refuse_unsupported(group, f"param group {i}")
     old_step = type(optimizer).step  # hooked by torch.optim; __wrapped__ is torch's own step
-    old_steps = [old_step] + [getattr(old_step, "__wrapped__")] * hasattr(old_step, "__wrapped__")
+    old_steps = [old_step, getattr(old_step, "__wrapped__", old_step)]
     redirect = _step_references(optimizer, old_steps)
     optimizer.__class__ = masked_class
     optimizer._masks = {}
