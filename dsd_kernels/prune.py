@@ -108,11 +108,12 @@ def _scores(parameters, importance_scores) -> tuple[list, list, list, list]:
             raise TypeError(f"parameters must hold (module, name) pairs, got {pair!r}")
         module, name = pair
         masks.append(_pruned_state(module, name))
-        score = importance_scores.get(pair, getattr(module, name))
-        if score.shape != getattr(module, name).shape:
+        param = getattr(module, name)
+        score = importance_scores.get(pair, param)
+        if score.shape != param.shape:
             raise ValueError(f"the importance scores of {type(module).__name__}.{name} have "
                              f"shape {tuple(score.shape)}, not the parameter's "
-                             f"{tuple(getattr(module, name).shape)}")
+                             f"{tuple(param.shape)}")
         scores.append(score)
         labels.append(f"{type(module).__name__}.{name}")
     return pairs, scores, masks, labels
