@@ -18,7 +18,7 @@ import _kill
 from dsd.cli import main
 from dsd.config import RunConfig
 from dsd.models import build_model
-from dsd.trainer import RunError, train
+from dsd.trainer import TIMING_KEYS, RunError, train
 
 # Tiny and fast, but with every transition: dense -> sparse -> re-dense, plus the baseline arm
 # that branches off after the first dense phase. Dropout makes the result depend on the RNG.
@@ -41,7 +41,8 @@ _KILLER = textwrap.dedent("""
 def _rows(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
-        del row["seconds"]
+        for key in TIMING_KEYS:
+            del row[key]
     return rows
 
 

@@ -76,6 +76,8 @@ def test_resume_flag_continues_with_the_saved_config(tmp_path, capsys):
     (["--phases", "-1,1,1"], None, "--phases: every phase needs at least 1 epoch, got -1"),
     (["--phases", ""], None, "--phases is empty"),
     (["--exclude", "hidden.9.*"], None, "'hidden.9.*' matches no parameter"),
+    (["--model", "resnet"], None, "--model: unknown model 'resnet'; choose one of auto, mlp"),
+    (["--model-args", '{"depth": 3}'], None, "--model-args are for a MODULE:FACTORY model"),
     ([], 'task = "imagenet"\n', "unknown task 'imagenet'; choose one of mnist1d, digits"),
     ([], 'model = "resnet"\n', "unknown model 'resnet'"),
     ([], "sparsty = 0.5\n", "unknown key 'sparsty'; did you mean 'sparsity'?"),
@@ -95,13 +97,15 @@ def test_bad_input_is_a_clear_error_and_leaves_no_run_dir(tmp_path, capsys, args
     assert list(tmp_path.iterdir()) == ([tmp_path / "bad.toml"] if config_text else [])
 
 
-@pytest.mark.parametrize("flag, value", [("--task", "imagenet"), ("--model", "resnet"),
-                                         ("--lr", "fast")])
+@pytest.mark.parametrize("flag, value", [("--task", "imagenet"), ("--lr", "fast"),
+                                         ("--model-args", "{depth: 3}"),
+                                         ("--model-args", "[3]")])
 def test_bad_flags_are_rejected_by_the_parser(tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", flag, value, "--out", str(tmp_path / "run")])
     assert exit_info.value.code == 2
-    assert "invalid" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"argument {flag}: " in err and ("invalid" in err or "expected a JSON object" in err)
     assert not (tmp_path / "run").exists()
 
 

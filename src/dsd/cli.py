@@ -1,6 +1,7 @@
 """The `dsd` command: `dsd train`, `dsd study`, `dsd info`."""
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -13,7 +14,7 @@ import torch
 
 from . import __version__, report
 from .config import ConfigError, RunConfig
-from .trainer import RunDirError, RunError, default_run_dir, load_config, train
+from .trainer import RunDirError, RunError, dry_run, load_config, train
 
 
 def _comma_list(item_type):
@@ -25,6 +26,18 @@ def _comma_list(item_type):
             raise argparse.ArgumentTypeError(
                 f"expected comma-separated {item_type.__name__}s, got {text!r}") from None
     return parse
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({error})") \
+            from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"depth\": 3}}', got "
+                                         f"{text!r}")
+    return value
 
 
 def _flag(key: str) -> str:
@@ -42,6 +55,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                   "help": f"{f.metadata['help']} (default: {default})"}
         if f.type is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.type is dict:
+            kwargs["type"] = _json_object
+            kwargs["metavar"] = "JSON"
         elif getattr(f.type, "__origin__", None) is list:
             kwargs["type"] = _comma_list(f.type.__args__[0])
             kwargs["metavar"] = "A,B,..."
@@ -70,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
                               help="resume the run in RUN_DIR with its own config")
     train_parser.add_argument("--quiet", action="store_true",
                               help="no progress bars or per-epoch lines; only the summary")
+    train_parser.add_argument("--dry-run", action="store_true",
+                              help="check the data, model and --init file, list the parameters "
+                                   "and what the plan prunes of each, and exit (nothing written)")
     _add_config_flags(train_parser)
 
     study_parser = commands.add_parser(
@@ -103,16 +122,20 @@ def _train(args) -> int:
             if error.key in given:
                 raise error.labelled(_flag(error.key)) from None
             raise
-        option, out = ("--out", args.out) if args.out else ("run directory",
-                                                            default_run_dir(config))
+        option, out = ("--out", args.out) if args.out else ("run directory", None)
     try:
         if config is None:  # --resume: the run's own config
             config = load_config(out)
+        if args.dry_run:
+            print(dry_run(config), end="")
+            return 0
         summary = train(config, out, quiet=args.quiet)
     except RunDirError as error:
         raise RunError(f"{option} {error}") from None
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: dsd train --resume {out}", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        where = getattr(interrupt, "run_dir", out)
+        if where is not None:
+            print(f"\ninterrupted; continue with: dsd train --resume {where}", file=sys.stderr)
         return 130
     if os.environ.get("RANK", "0") == "0":  # under torchrun (which sets RANK), rank 0 reports
         print(report.table(summary), end="")

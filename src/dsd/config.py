@@ -13,13 +13,14 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .models import MODELS
-from .plan import SCOPES, Plan
-from .tasks import TASKS
+from .models import MODELS, is_factory
+from .plan import KINDS, SCOPES, Plan
+from .tasks import DATA_TASKS, TASKS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "triton", "cpp", "torch")
+AMP = ("off", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
@@ -35,7 +36,8 @@ class ConfigError(ValueError):
 
 
 def _option(default, help, choices=None):
-    kwargs = {"default_factory": lambda: list(default)} if isinstance(default, list) else \
+    mutable = isinstance(default, (list, dict))
+    kwargs = {"default_factory": lambda: type(default)(default)} if mutable else \
         {"default": default}
     return field(metadata={"help": help, "choices": choices}, **kwargs)
 
@@ -64,13 +66,27 @@ _RANGES = {
     "checkpoint_every": (lambda v: v >= 1, "an integer >= 1"),
     "threads": (lambda v: v >= 0, "an integer >= 0"),
     "mnist1d_samples": (lambda v: v >= 100, "an integer >= 100"),
+    "seq_len": (lambda v: v >= 1, "an integer >= 1"),
+    "rnn_layers": (lambda v: v >= 1, "an integer >= 1"),
+    "workers": (lambda v: v >= 0, "an integer >= 0"),
 }
+_PATHS = ("data", "init")  # stored absolute: a run resumes from any working directory
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    task: str = _option("mnist1d", "embedded task (generated or shipped, no download)", TASKS)
-    model: str = _option("mlp", "mlp (LeNet-300-100), cnn, gru or lstm", MODELS)
+    task: str = _option("mnist1d", "task: mnist1d and digits are embedded; cifar10, cifar100 "
+                        "and tensors read --data; text reads --data or its embedded corpus", TASKS)
+    data: str = _option("", "the task's data: a CIFAR directory (cifar-10-batches-py or "
+                        "cifar-100-python, or the folder holding it), a UTF-8 text file (text), a "
+                        ".pt or .npz of x and y tensors (tensors)")
+    model: str = _option("auto", f"a built-in model ({', '.join(MODELS)}; auto: the task's "
+                         "default), or MODULE:FACTORY, a callable returning an nn.Module (e.g. "
+                         "torchvision.models:resnet18)")
+    model_args: dict = _option({}, "keyword arguments of a MODULE:FACTORY model (JSON on the "
+                               "command line, a table in a config file)")
+    init: str = _option("", "state_dict to start from (a checkpoint file, or model.pt of an "
+                        "earlier run): the first phase trains on from these weights")
     phases: list[int] = _option([12, 12, 12], "epochs of each phase, alternating dense and "
                                 "sparse from dense: 12,12,12 is DSD, 8,8,8,8,8 is DSDSD")
     sparsity: float = _option(0.5, "fraction of each prunable tensor pruned in sparse phases")
@@ -79,6 +95,8 @@ class RunConfig:
     include: list[str] = _option([], "prune exactly the parameters matching these fnmatch "
                                  "patterns (default: Linear/Conv/RNN/Embedding weights)")
     exclude: list[str] = _option([], "never prune parameters matching these patterns")
+    first_phase: str = _option("dense", "kind of the first phase: sparse starts by pruning (S-D "
+                               "on a converged --init network); the phases then alternate", KINDS)
     redense_lr_factor: float = _option(0.1, "learning-rate factor applied at each re-dense")
     optimizer: str = _option("adam", "optimizer (run as its dsd_kernels masked version)",
                              OPTIMIZERS)
@@ -94,8 +112,16 @@ class RunConfig:
     mlp_hidden: list[int] = _option([300, 100], "hidden widths of the MLP")
     cnn_channels: list[int] = _option([32, 32], "channels of the CNN's stride-2 convolutions")
     rnn_hidden: int = _option(64, "hidden size of the GRU/LSTM")
+    rnn_layers: int = _option(1, "stacked layers of the GRU/LSTM")
+    seq_len: int = _option(128, "characters per training sequence (text)")
     dropout: float = _option(0.0, "dropout on the MLP's hidden activations, or before the "
                              "classifier of the CNN and RNN")
+    amp: str = _option("off", "mixed precision: autocast to bf16, or to fp16 with gradient "
+                       "scaling", AMP)
+    channels_last: bool = _option(False, "channels-last memory format for image models and "
+                                  "their inputs")
+    workers: int = _option(0, "DataLoader worker processes preparing the training batches "
+                           "(0: in the training process)")
     device: str = _option("auto", "where to train (auto: cuda if available)", DEVICES)
     backend: str = field(default_factory=_backend_from_env, metadata={
         "help": "dsd_kernels backend (auto: the fastest that loads)", "choices": BACKENDS,
@@ -112,7 +138,23 @@ class RunConfig:
                 raise ValueError(f"unknown {f.name} {value!r}; choose one of "
                                  f"{', '.join(f.metadata['choices'])}")
         self._check_ranges()
+        self._check_model()
+        for name in _PATHS:
+            if getattr(self, name):  # frozen: the absolute path replaces the given one
+                object.__setattr__(self, name, str(Path(getattr(self, name)).expanduser()
+                                                   .resolve()))
         self.plan()  # the plan validates phases, sparsity and patterns
+
+    def _check_model(self):
+        if self.model not in MODELS and not is_factory(self.model):
+            raise ConfigError("model", f": unknown model {self.model!r}; choose one of "
+                              f"{', '.join(MODELS)}, or give MODULE:FACTORY")
+        if self.model_args and not is_factory(self.model):
+            raise ConfigError("model_args", f" are for a MODULE:FACTORY model; the built-in "
+                              f"{self.model!r} takes its own keys (mlp_hidden, rnn_hidden, ...)")
+        for key in self.model_args:
+            if not key.isidentifier():
+                raise ConfigError("model_args", f": {key!r} is not a keyword argument name")
 
     def _check_ranges(self):
         if not self.phases:
@@ -131,7 +173,8 @@ class RunConfig:
     def plan(self) -> Plan:
         return Plan.from_lengths(self.phases, sparsity=self.sparsity,
                                  redense_lr_factor=self.redense_lr_factor, scope=self.scope,
-                                 include=self.include, exclude=self.exclude)
+                                 include=self.include, exclude=self.exclude,
+                                 first=self.first_phase)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -169,16 +212,27 @@ class RunConfig:
 
     def to_toml(self) -> str:
         """TOML that `from_toml` reads back to an equal config (JSON escapes are valid TOML)."""
-        lines = []
-        for key, value in self.to_dict().items():
-            lines.append(f"{key} = {json.dumps(value)}")
-        return "\n".join(lines) + "\n"
+        return "".join(f"{key} = {_toml_value(value)}\n" for key, value in self.to_dict().items())
+
+
+def _toml_value(value) -> str:
+    """A TOML literal: JSON's strings, numbers, booleans and arrays are valid TOML; a table
+    is written inline (TOML's `key = value` pairs, not JSON's `"key": value`)."""
+    if isinstance(value, dict):
+        pairs = ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items())
+        return f"{{{pairs}}}"
+    if isinstance(value, list):
+        return f"[{', '.join(_toml_value(v) for v in value)}]"
+    return json.dumps(value)
 
 
 def _check_type(name: str, value, annotation) -> None:
     """Strict types: a TOML typo such as sparsity = "0.5" is an error, not a silent cast."""
     origin = getattr(annotation, "__origin__", annotation)
-    if origin is list:
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(name, f" must be a table of keyword arguments, got {value!r}")
+    elif origin is list:
         (item,) = annotation.__args__
         if not isinstance(value, list) or not all(_is(v, item) for v in value):
             raise ConfigError(name, f" must be a list of {item.__name__}, got {value!r}")

@@ -84,17 +84,25 @@ class Plan:
 
     @classmethod
     def from_lengths(cls, lengths, *, sparsity: float = 0.5, redense_lr_factor: float = 0.1,
-                     unit: str = "epochs", scope: str = "layer", include=(),
-                     exclude=()) -> "Plan":
-        """Alternating phases starting dense: [10, 10, 10] is dense 10, sparse 10, re-dense 10."""
+                     unit: str = "epochs", scope: str = "layer", include=(), exclude=(),
+                     first: str = "dense") -> "Plan":
+        """Alternating phases: [10, 10, 10] is dense 10, sparse 10, re-dense 10; with
+        first="sparse", [10, 10] is sparse 10, re-dense 10 (S-D on a converged network).
+
+        Each re-dense phase (a dense phase after a sparse one) multiplies the learning rate by
+        `redense_lr_factor`; a sparse phase keeps the rate of the phase before it.
+        """
         if not (isinstance(redense_lr_factor, (int, float)) and redense_lr_factor > 0):
             raise ValueError(f"redense_lr_factor must be > 0, got {redense_lr_factor!r}")
+        if first not in KINDS:
+            raise ValueError(f"first must be one of {KINDS}, got {first!r}")
         lengths = list(lengths)
         if not lengths:
             raise ValueError("a plan needs at least one phase")
         phases, lr_scale = [], 1.0
+        offset = KINDS.index(first)
         for i, length in enumerate(lengths):
-            if i % 2 == 0:
+            if KINDS[(i + offset) % 2] == "dense":
                 if i > 0:
                     lr_scale *= redense_lr_factor
                 phases.append(Phase("dense", length, lr_scale=lr_scale))

@@ -9,6 +9,7 @@ from matplotlib.figure import Figure
 import dsd_kernels
 
 _FINAL_KEYS = ("train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "sparsity")
+_BPC_KEYS = ("train_bpc", "val_bpc", "test_bpc")  # text tasks
 
 
 def _phase_name(plan, index: int) -> str:
@@ -26,7 +27,8 @@ def full_history(history: dict, arm: str, branch_epoch: int) -> list[dict]:
 
 
 def summary(config, plan, history: dict, sparsity: dict, branch_epoch: int, seconds: float,
-            run_dir: Path) -> dict:
+            run_dir: Path, model: str) -> dict:
+    """`model`: the model's name (the task's default resolved, or the factory)."""
     phases = [{"phase": i + 1, "name": _phase_name(plan, i), "kind": p.kind,
                "first_epoch": start + 1, "last_epoch": start + p.length,
                "sparsity": p.sparsity, "lr": config.lr * p.lr_scale}
@@ -34,33 +36,51 @@ def summary(config, plan, history: dict, sparsity: dict, branch_epoch: int, seco
     arms = {}
     for arm in history:
         rows = {row["epoch"]: row for row in full_history(history, arm, branch_epoch)}
+        keys = _FINAL_KEYS + (_BPC_KEYS if "test_bpc" in rows[plan.total] else ())
+        own = history[arm]  # the epochs this arm trained itself
         arms[arm] = {
-            "final": {key: rows[plan.total][key] for key in _FINAL_KEYS},
-            "phase_end": [{key: rows[phase["last_epoch"]][key] for key in _FINAL_KEYS}
+            "final": {key: rows[plan.total][key] for key in keys},
+            "phase_end": [{key: rows[phase["last_epoch"]][key] for key in keys}
                           for phase in phases],
+            "examples_per_second": _median([row["examples_per_second"] for row in own]),
+            "optimizer_share": _median([row["optimizer_share"] for row in own]),
             "layer_sparsity_at_phase_end": [record["end"] for record in sparsity[arm]],
             "model_file": str(run_dir / ("model.pt" if arm == "dsd" else "baseline_model.pt")),
         }
-    result = {"config": config.to_dict(), "run_dir": str(run_dir), "phases": phases,
+    result = {"config": config.to_dict(), "model": model, "run_dir": str(run_dir),
+              "phases": phases,
               "arms": arms, "branch_epoch": branch_epoch if "baseline" in arms else None,
               "train_seconds": round(seconds, 2),
               "kernels": dsd_kernels.selected_backends()}
     if "baseline" in arms:
-        result["test_acc_difference"] = (arms["dsd"]["final"]["test_acc"]
-                                         - arms["baseline"]["final"]["test_acc"])
+        for key in ("test_acc", "test_bpc"):
+            if key in arms["dsd"]["final"]:
+                result[f"{key}_difference"] = (arms["dsd"]["final"][key]
+                                               - arms["baseline"]["final"][key])
     return result
+
+
+def _median(values: list[float]) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def table(result: dict) -> str:
     """The end-of-run text: per-phase accuracy of each arm, per-layer sparsity, the verdict."""
     config = result["config"]
     arms = result["arms"]
-    lines = [f"DSD on {config['task']} / {config['model']}, seed {config['seed']}: phases "
+    text = "test_bpc" in arms["dsd"]["final"]
+    metric, name = ("test_bpc", "bpc") if text else ("test_acc", "acc")
+    shown = (lambda v: f"{v:.4f}") if text else (lambda v: f"{v:.2%}")
+    lines = [f"DSD on {config['task']} / {result['model']}, seed {config['seed']}: phases "
              f"{','.join(map(str, config['phases']))} epochs, sparsity {config['sparsity']:.0%} "
              f"({config['scope']} scope), {config['optimizer']} lr {config['lr']:g}"]
-    header = ["phase", "epochs", "lr", "DSD test acc", "DSD test loss"]
+    header = ["phase", "epochs", "lr", f"DSD test {name}", "DSD test loss"]
     if "baseline" in arms:
-        header += ["dense test acc", "dense test loss"]
+        header += [f"dense test {name}", "dense test loss"]
     rows = []
     for i, phase in enumerate(result["phases"]):
         epochs = (str(phase["first_epoch"]) if phase["first_epoch"] == phase["last_epoch"]
@@ -68,18 +88,25 @@ def table(result: dict) -> str:
         cells = [f"{phase['phase']} {phase['name']}", epochs, f"{phase['lr']:.3g}"]
         for arm in arms:
             end = arms[arm]["phase_end"][i]
-            cells += [f"{end['test_acc']:.2%}", f"{end['test_loss']:.4f}"]
+            cells += [shown(end[metric]), f"{end['test_loss']:.4f}"]
         rows.append(cells)
     lines += _aligned([header] + rows)
     final = arms["dsd"]["final"]
+    what = "bits per character" if text else "accuracy"
     if "baseline" in arms:
         dense = arms["baseline"]["final"]
-        lines.append(f"final test accuracy: DSD {final['test_acc']:.2%}, dense baseline "
-                     f"{dense['test_acc']:.2%} ({100 * result['test_acc_difference']:+.2f} "
-                     "points; one seed: bench/accuracy.py measures the seed noise)")
+        difference = result[f"{metric}_difference"]
+        gap = f"{difference:+.4f} bpc" if text else f"{100 * difference:+.2f} points"
+        lines.append(f"final test {what}: DSD {shown(final[metric])}, dense baseline "
+                     f"{shown(dense[metric])} ({gap}; one seed: bench/accuracy.py measures the "
+                     "seed noise)")
     else:
-        lines.append(f"final test accuracy: DSD {final['test_acc']:.2%} (add --baseline for "
-                     "the equal-budget dense run)")
+        lines.append(f"final test {what}: DSD {shown(final[metric])} (add --baseline for the "
+                     "equal-budget dense run)")
+    speed = arms["dsd"]["examples_per_second"]
+    if speed is not None:
+        lines.append(f"training speed (DSD, median epoch): {speed:,.0f} examples/s, the masked "
+                     f"optimizer's step {arms['dsd']['optimizer_share']:.1%} of the time")
     layers = arms["dsd"]["layer_sparsity_at_phase_end"]
     if layers:
         names = list(layers[0])
@@ -97,7 +124,11 @@ def _aligned(grid: list[list[str]]) -> list[str]:
 
 
 def plot(plan, history: dict, *, title: str, branch_epoch: int) -> bytes:
-    """PNG of loss and accuracy per epoch, phases shaded and labelled; the baseline dashed."""
+    """PNG of loss and accuracy (bits per character for text) per epoch, phases shaded and
+    labelled; the baseline dashed."""
+    text = any("test_bpc" in row for row in history["dsd"])
+    metric, scale, metric_label = ("test_bpc", 1, "bits per character") if text else \
+        ("test_acc", 100, "accuracy (%)")
     figure = Figure(figsize=(11, 4.2), layout="constrained")
     FigureCanvasAgg(figure)
     loss_axes, acc_axes = figure.subplots(1, 2)
@@ -112,9 +143,9 @@ def plot(plan, history: dict, *, title: str, branch_epoch: int) -> bytes:
                        alpha=0.5, label=f"{label} train")
         loss_axes.plot(epochs, [row["test_loss"] for row in rows], color=color, linestyle=line,
                        label=f"{label} test")
-        acc_axes.plot(epochs, [100 * row["test_acc"] for row in rows], color=color,
+        acc_axes.plot(epochs, [scale * row[metric] for row in rows], color=color,
                       linestyle=line, label=f"{label} test")
-    for axes, ylabel in ((loss_axes, "cross-entropy loss"), (acc_axes, "accuracy (%)")):
+    for axes, ylabel in ((loss_axes, "cross-entropy loss"), (acc_axes, metric_label)):
         for i, (phase, start) in enumerate(zip(plan.phases, plan.starts)):
             if phase.kind == "sparse":
                 axes.axvspan(start + 0.5, start + phase.length + 0.5, color="0.85", zorder=0)

@@ -1,5 +1,6 @@
-"""`dsd train`: run a DSD plan (and optionally its equal-budget dense baseline) on an embedded
-task, with a run directory, checkpoints that resume bit-exactly, metrics, a plot and a summary.
+"""`dsd train`: run a DSD plan (and optionally its equal-budget dense baseline) on a task (an
+embedded one or the user's data, a built-in model or the user's factory), with a run
+directory, checkpoints that resume bit-exactly, metrics, a plot and a summary.
 
 Run directory:
     config.toml           every choice of the run (`dsd train --config` reads it back)
@@ -11,15 +12,18 @@ Run directory:
     checkpoints/last.pt   resume point; checkpoints/branch.pt is where the baseline branches off
 
 Pairing: the baseline starts from the DSD run's state at the end of the first dense phase (same
-init, same optimizer state, same RNG), and every epoch's batch order depends only on the seed
-and the epoch, so the two arms differ only in the masks.
+init, same optimizer state, same RNG; at the start when the plan starts sparse), and every
+epoch's batches depend only on the seed and the epoch (batches.py), so the two arms differ only
+in the masks.
 """
 
+import contextlib
 import fcntl
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from datetime import datetime
@@ -33,14 +37,17 @@ from tqdm.auto import tqdm
 import dsd_kernels
 from dsd_kernels.optim import MaskedAdam, MaskedAdamW, MaskedSGD, step_lr
 
-from . import checkpoint, report
+from . import batches, checkpoint, report
 from .config import RunConfig
-from .models import build_model
+from .models import build_model, default_model, is_factory, model_from_factory
 from .runner import DSD
 from .tasks import load_task
 from .world import World
 
-FORMAT = 1  # checkpoint layout version
+FORMAT = 2  # checkpoint layout version
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Metrics that measure the machine, not the training: they differ between equal runs.
+TIMING_KEYS = ("seconds", "train_seconds", "examples_per_second", "optimizer_share")
 _EVAL_BATCH = 1024
 
 
@@ -56,31 +63,39 @@ class RunDirError(RunError):
         return f"{self.args[0]}: {self.args[1]}"
 
 
-def default_run_dir(config: RunConfig) -> Path:
+def model_label(config: RunConfig, data) -> str:
+    """The model's name: the built-in one ("auto" resolved for the task) or the factory spec."""
+    if is_factory(config.model):
+        return config.model
+    if config.model == "auto":
+        return default_model(data.kind, data.signal_shape)
+    return config.model
+
+
+def default_run_dir(config: RunConfig, label: str) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{config.task}-{config.model}-s{config.seed}-{stamp}"
+    name = re.sub(r"[^\w.-]+", "_", label.rpartition(":")[2])  # a factory: its callable's name
+    return Path("runs") / f"{config.task}-{name}-s{config.seed}-{stamp}"
 
 
 def train(config: RunConfig, run_dir=None, *, quiet: bool = False) -> dict:
     """Run (or resume) `config` in `run_dir`; returns the summary dict.
 
     A run directory that already holds this config resumes from its last checkpoint (or, if
-    finished, just reports). Everything is validated before the directory is created, and the
-    directory is locked while the run lasts: a second run on it is refused.
+    finished, just reports). Everything is validated before the directory is created (data,
+    model, --init file), and the directory is locked while the run lasts: a second run on it
+    is refused. A KeyboardInterrupt leaves with the run directory as its `run_dir`.
     """
     world, device = World.start(_resolve_device(config.device))
-    run_dir = Path(world.from_main(str(run_dir) if run_dir is not None
-                                   else str(default_run_dir(config))))
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
         dsd_kernels.use_backend(config.backend)
     except dsd_kernels.BackendUnavailable as reason:
         raise RunError(str(reason)) from None
-    data = load_task(config.task, val_fraction=config.val_fraction,
-                     mnist1d_samples=config.mnist1d_samples)
-    # Build once before touching the disk: include/exclude patterns are checked on the model.
-    _Arm.build(config, data, "dsd", device)
+    data, init, _ = prepare(config, device)
+    run_dir = Path(world.from_main(str(run_dir) if run_dir is not None
+                                   else str(default_run_dir(config, model_label(config, data)))))
     lock, problem = None, None
     if world.main:  # one process claims the directory; all of them learn what went wrong
         try:
@@ -91,15 +106,139 @@ def train(config: RunConfig, run_dir=None, *, quiet: bool = False) -> dict:
     if problem:
         raise problem
     try:
-        summary = _Run(config, data, run_dir, device, quiet, world).execute()
+        summary = _Run(config, data, init, run_dir, device, quiet, world).execute()
         world.close()
         return summary
+    except KeyboardInterrupt as interrupt:
+        interrupt.run_dir = run_dir
+        raise
     except checkpoint.WriteError as error:
         raise checkpoint.WriteError(f"{error}; nothing saved before it is lost: resume with "
                                     f"`dsd train --resume {run_dir}`") from None
     finally:
         if lock is not None:
             os.close(lock)
+
+
+def prepare(config: RunConfig, device) -> tuple:
+    """(data, init state_dict or None, a built model): everything a run needs that can be
+    wrong, checked before any file is written. The model is the run's initial one."""
+    data = load_task(config.task, data=config.data or None, val_fraction=config.val_fraction,
+                     mnist1d_samples=config.mnist1d_samples, seq_len=config.seq_len)
+    if config.channels_last and not (data.kind == "image" and len(data.signal_shape) == 3):
+        raise RunError(f"channels_last needs (C, H, W) image inputs; task {config.task} has "
+                       f"{data.kind} inputs of shape {tuple(data.signal_shape)}")
+    init = _read_init(config.init) if config.init else None
+    # Include/exclude patterns, the init file's keys and the model's output get checked here.
+    model = _Arm.build(config, data, "dsd", device, init=init).model
+    _check_output(model, data, device, config)
+    return data, init, model
+
+
+def dry_run(config: RunConfig) -> str:
+    """What `dsd train --dry-run` prints: every parameter of the model, whether the plan prunes
+    it and how many of its weights each sparse phase zeroes; nothing is written."""
+    data, _, model = prepare(config, _resolve_device(config.device))
+    plan = config.plan()
+    prunable = {name for name, _ in DSD(model, MaskedSGD(model.parameters(), lr=1.0),
+                                        plan).named_prunable}
+    sparse = [phase.sparsity for phase in plan.phases if phase.kind == "sparse"]
+    rows = [["parameter", "shape", "weights", "pruned"]]
+    for name, p in model.named_parameters():
+        pruned = "-"
+        if name in prunable and not sparse:
+            pruned = "0 (no sparse phase)"
+        elif name in prunable and plan.scope == "global":
+            pruned = "ranked with all prunable tensors"
+        elif name in prunable:
+            pruned = ", ".join(f"{math.floor(s * p.numel()):,}" for s in sorted(set(sparse)))
+        rows.append([name, "x".join(map(str, p.shape)), f"{p.numel():,}", pruned])
+    total = sum(p.numel() for p in model.parameters())
+    selected = sum(p.numel() for name, p in model.named_parameters() if name in prunable)
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [f"task {config.task} ({data.source or 'embedded'}): {len(data.y_train):,} training, "
+             f"{len(data.y_val):,} validation, {len(data.y_test):,} test examples of shape "
+             f"{tuple(data.signal_shape)}, {data.num_classes} classes",
+             f"model {model_label(config, data)}: {total:,} parameters, {len(prunable)} tensors "
+             f"prunable holding {selected:,} weights ({selected / total:.1%}); plan "
+             f"{','.join(map(str, config.phases))} epochs from {config.first_phase}, sparsity "
+             f"{config.sparsity:g} ({config.scope} scope)"
+             + (f", from {config.init}" if config.init else "")
+             + (f": {math.floor(config.sparsity * selected):,} weights pruned in all"
+                if plan.scope == "global" and sparse else "")]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _read_init(path: str) -> dict:
+    """The state_dict in an --init file: a plain one, or the entry "state_dict", "model" or
+    "model_state_dict" of a checkpoint dict (a dsd checkpoint's is "model")."""
+    try:
+        state = checkpoint.load_torch(path)
+    except checkpoint.ReadError as error:
+        raise RunError(f"init file: {error}") from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not (isinstance(state, dict) and state and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+        raise RunError(f"init file {path} holds no state_dict (a dict of parameter names to "
+                       "tensors, alone or as the 'state_dict' or 'model' entry of a dict)")
+    where = _non_finite(state)
+    if where is not None:
+        raise RunError(f"init file {path} holds NaN or Inf in {where!r}")
+    return state
+
+
+def _load_init(model: torch.nn.Module, state: dict, path: str) -> None:
+    """Load `state` into `model`, or raise naming every key and shape that does not match."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} is {tuple(state[k].shape)} there, {tuple(own[k].shape)} in the model"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    problems = [f"{what} {_listed(keys)}" for what, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected)) if keys]
+    if shapes:
+        problems.append(f"shapes differ: {_listed(shapes)}")
+    if problems:
+        raise RunError(f"init file {path} does not fit the model: {'; '.join(problems)}")
+    model.load_state_dict(state)
+
+
+def _listed(items: list[str], most: int = 4) -> str:
+    more = f" and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
+
+
+def _check_output(model, data, device, config: RunConfig) -> None:
+    """Two validation examples through the model: its output must hold one score per class
+    (per character for text), or the run would fail at its first batch."""
+    x = data.x_val[:2].to(device)
+    expected = (len(x), *data.y_val.shape[1:], data.num_classes)
+    try:
+        with torch.no_grad(), _autocast(config, device):
+            model.eval()
+            out = model(x)
+    except Exception as error:  # the user's model on our inputs: any failure is theirs to fix
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise RunError(f"model {model_label(config, data)} fails on task {config.task}'s inputs "
+                       f"(a batch of shape {tuple(x.shape)}): {type(error).__name__}: "
+                       f"{first_line}") from None
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if shape != expected:
+        hint = " (give model_args such as num_classes)" if is_factory(config.model) else ""
+        raise RunError(f"model {model_label(config, data)} gives output {shape} for a batch of "
+                       f"shape {tuple(x.shape)}; task {config.task} needs {expected} "
+                       f"({data.num_classes} classes){hint}")
+
+
+def _autocast(config: RunConfig, device):
+    if config.amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_AMP_DTYPES[config.amp])
 
 
 def load_config(run_dir) -> RunConfig:
@@ -200,20 +339,38 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _Arm:
-    """One arm's live objects: the model, its masked optimizer and the DSD runner; `net` is the
-    module that runs the batches (the model itself, or its DDP wrapper under torchrun)."""
+def _losses(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every prediction (one per example; one per character for text), in
+    fp32 whatever the autocast dtype, and the number of correct ones."""
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    losses = F.cross_entropy(flat, y.reshape(-1), reduction="none")
+    return losses, (flat.argmax(1) == y.reshape(-1)).sum()
 
-    def __init__(self, name, model, dsd, net):
-        self.name, self.model, self.dsd, self.net = name, model, dsd, net
+
+class _Arm:
+    """One arm's live objects: the model, its masked optimizer, the DSD runner and (fp16) the
+    gradient scaler; `net` is the module that runs the batches (the model itself, or its DDP
+    wrapper under torchrun)."""
+
+    def __init__(self, name, model, dsd, net, scaler):
+        self.name, self.model, self.dsd, self.net, self.scaler = name, model, dsd, net, scaler
 
     @classmethod
-    def build(cls, config: RunConfig, data, name: str, device,
-              world: World | None = None) -> "_Arm":
+    def build(cls, config: RunConfig, data, name: str, device, world: World | None = None,
+              init: dict | None = None) -> "_Arm":
         torch.manual_seed(config.seed)  # the same initial weights for both arms and devices
-        model = build_model(config.model, data.signal_shape, data.num_classes,
-                            mlp_hidden=config.mlp_hidden, cnn_channels=config.cnn_channels,
-                            rnn_hidden=config.rnn_hidden, dropout=config.dropout).to(device)
+        if is_factory(config.model):
+            model = model_from_factory(config.model, config.model_args)
+        else:
+            model = build_model(config.model, data.signal_shape, data.num_classes,
+                                kind=data.kind, mlp_hidden=config.mlp_hidden,
+                                cnn_channels=config.cnn_channels, rnn_hidden=config.rnn_hidden,
+                                rnn_layers=config.rnn_layers, dropout=config.dropout)
+        if init is not None:
+            _load_init(model, init, config.init)
+        model = model.to(device)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         if config.optimizer == "sgd":
             optimizer = MaskedSGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                   weight_decay=config.weight_decay)
@@ -222,31 +379,66 @@ class _Arm:
             optimizer = masked(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         plan = config.plan()
         dsd = DSD(model, optimizer, plan if name == "dsd" else plan.dense_baseline())
-        return cls(name, model, dsd, world.wrap(model, device) if world else model)
+        scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
+        return cls(name, model, dsd, world.wrap(model, device) if world else model, scaler)
 
     @property
     def optimizer(self):
         return self.dsd.optimizer
 
 
+class _StepClock:
+    """Seconds spent in the optimizer's step over an epoch. On CUDA the step is timed on the
+    stream with events: a host clock would see only the kernel launches."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.seconds, self.events = 0.0, []
+
+    @contextlib.contextmanager
+    def timing(self):
+        if self.cuda:
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            yield
+            end.record()
+            self.events.append((start, end))
+        else:
+            began = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - began
+
+    def total(self) -> float:
+        if self.events:
+            self.events[-1][1].synchronize()
+            self.seconds += sum(a.elapsed_time(b) for a, b in self.events) / 1000
+            self.events = []
+        return self.seconds
+
+
 class _Run:
-    def __init__(self, config: RunConfig, data, run_dir: Path, device, quiet: bool,
-                 world: World):
+    def __init__(self, config: RunConfig, data, init: dict | None, run_dir: Path, device,
+                 quiet: bool, world: World):
         self.config, self.data, self.run_dir, self.device = config, data, run_dir, device
-        self.world = world
+        self.init, self.world = init, world
         self.quiet = quiet or not world.main
         self.bars = not self.quiet and sys.stderr.isatty()
         self.plan = config.plan()
         self.arm_names = ["dsd", "baseline"] if config.baseline else ["dsd"]
-        # The arms share the first phase (a config's plan starts dense); the baseline branches
-        # off after it.
-        self.branch_epoch = self.plan.phases[0].length
+        # The arms share a first dense phase; the baseline branches off after it (or at the
+        # start, from the same weights, when the plan starts sparse).
+        self.branch_epoch = self.plan.phases[0].length if self.plan.phases[0].kind == "dense" \
+            else 0
         self.ckpt_dir = run_dir / "checkpoints"
         self.history = {name: [] for name in self.arm_names}
         self.sparsity = {name: [] for name in self.arm_names}
         self.seconds = 0.0
-        self.data_on_device = {split: getattr(data, split).to(device) for split in
-                               ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
+        # Workers prepare batches from CPU memory; without them the batches are cut on the
+        # device from tensors moved there once.
+        self.data_on_device = {split: getattr(data, split).to(
+            "cpu" if split.endswith("train") and config.workers else device)
+            for split in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
+        self.predictions_per_example = math.prod(data.y_train.shape[1:])  # text: seq_len
 
     # ---- checkpoints -------------------------------------------------------------------
     def _state(self, arm: _Arm | None, next_epoch: int) -> dict:
@@ -255,6 +447,7 @@ class _Run:
                 "model": arm.model.state_dict() if arm else None,
                 "optimizer": arm.optimizer.state_dict() if arm else None,
                 "phase_index": arm.dsd.phase_index if arm else None,
+                "scaler": arm.scaler.state_dict() if arm and arm.scaler else None,
                 "rng": _rng_state(), "history": self.history, "sparsity": self.sparsity,
                 "seconds": self.seconds}
 
@@ -299,6 +492,8 @@ class _Run:
             # The arms' phases agree up to the branch, so a phase index carries across.
             arm.dsd.load_state_dict({"phase_index": state["phase_index"],
                                      "plan": arm.dsd.plan.to_dict()})
+            if arm.scaler:
+                arm.scaler.load_state_dict(state["scaler"])
             _set_rng_state(state["rng"])
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
             first_line = (str(error).strip().splitlines() or [""])[0]
@@ -320,12 +515,15 @@ class _Run:
                 self._say(f"resuming {self.run_dir}: {arm.name} arm at epoch {next_epoch + 1}")
         else:
             arm, next_epoch = _Arm.build(self.config, self.data, "dsd", self.device,
-                                         self.world), 0
+                                         self.world, self.init), 0
         if self.world.main:
             with checkpoint.writing(self.ckpt_dir):
                 self.ckpt_dir.mkdir(exist_ok=True)
             checkpoint.remove_stale_temps(self.ckpt_dir)
             checkpoint.remove_stale_temps(self.run_dir)
+        if next_epoch == 0 and arm is not None and self.config.baseline \
+                and self.branch_epoch == 0:
+            self._save(arm, 0, "branch.pt")  # a sparse-first plan: both arms start here
         self._rewrite_metrics()
         while arm is not None:
             self._train_arm(arm, next_epoch)
@@ -356,14 +554,20 @@ class _Run:
             began = time.perf_counter()
             if arm.dsd.epoch_start(epoch):
                 self._phase_started(arm, epoch)
-            train_loss, train_acc = self._train_epoch(arm, epoch)
+            train_loss, train_acc, train_seconds, step_seconds = self._train_epoch(arm, epoch)
             self._check_finite(arm, epoch, train_loss)
             row = {"arm": arm.name, "epoch": epoch + 1, "phase": arm.dsd.phase_index,
                    "kind": arm.dsd.phase.kind, "lr": step_lr(arm.optimizer.param_groups[0]),
                    "train_loss": train_loss, "train_acc": train_acc}
             for split in ("val", "test"):
                 row[f"{split}_loss"], row[f"{split}_acc"] = self._evaluate(arm.model, split)
+            if self.data.kind == "text":  # bits per character: the loss in nats over ln 2
+                for split in ("train", "val", "test"):
+                    row[f"{split}_bpc"] = row[f"{split}_loss"] / math.log(2)
             row["sparsity"] = self._overall_sparsity(arm)
+            row["train_seconds"] = round(train_seconds, 3)
+            row["examples_per_second"] = round(len(self.data.y_train) / train_seconds, 1)
+            row["optimizer_share"] = round(step_seconds / train_seconds, 4)
             self.seconds += time.perf_counter() - began
             row["seconds"] = round(time.perf_counter() - began, 3)
             self.history[arm.name].append(row)
@@ -409,46 +613,61 @@ class _Run:
         self._say(f"{arm.name:8s} phase {index + 1}/{len(self.plan.phases)} from epoch "
                   f"{epoch + 1}: {what}, lr x{phase.lr_scale:g}")
 
-    def _train_epoch(self, arm: _Arm, epoch: int) -> tuple[float, float]:
-        x, y = self.data_on_device["x_train"], self.data_on_device["y_train"]
-        # The batch order depends only on (seed, epoch): both arms and a resumed run see the
-        # same batches without carrying a data-loader state, whatever the number of ranks.
-        order = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
-        perm = torch.randperm(len(y), generator=order).to(self.device)
-        batch = self.config.batch_size
-        rank, ranks = self.world.rank, self.world.size
-        starts = range(0, len(y), batch)
+    def _train_epoch(self, arm: _Arm, epoch: int) -> tuple[float, float, float, float]:
+        """Train loss and accuracy over the epoch's predictions, the seconds of the epoch's
+        training loop and the seconds of its optimizer steps."""
+        began = time.perf_counter()
+        epoch_batches = batches.EpochBatches(
+            self.data, self.data_on_device["x_train"], self.data_on_device["y_train"],
+            seed=self.config.seed, epoch=epoch, batch_size=self.config.batch_size,
+            rank=self.world.rank, ranks=self.world.size)
+        feed = batches.loader(epoch_batches, workers=self.config.workers,
+                              pin_memory=self.device.type == "cuda")
         arm.net.train()
+        clock = _StepClock(self.device)
         stats = torch.zeros(2, device=self.device)  # loss sum, correct count
-        for i in tqdm(starts, desc=f"epoch {epoch + 1}", disable=not self.bars, leave=False,
-                      unit="batch"):
-            index = perm[i:i + batch]
-            # Each rank takes every ranks-th example of the global batch; the loss is scaled so
-            # that DDP's mean over ranks is the gradient of the global batch's mean loss. A
-            # rank left without examples runs one with weight 0 (DDP needs every rank).
-            local, weight = index[rank::ranks], 1.0
-            if not len(local):
-                local, weight = index[:1], 0.0
-            logits = arm.net(x[local])
-            losses = F.cross_entropy(logits, y[local], reduction="none")
+        per_example, ranks = self.predictions_per_example, self.world.size
+        for x, y, weight, size in tqdm(feed, desc=f"epoch {epoch + 1}", disable=not self.bars,
+                                       leave=False, unit="batch"):
+            x, y = self._to_device(x), y.to(self.device, non_blocking=True)
+            with _autocast(self.config, self.device):
+                logits = arm.net(x)
+                losses, correct = _losses(logits, y)
             arm.optimizer.zero_grad(set_to_none=True)
-            (losses.sum() * (weight * ranks / len(index))).backward()
-            arm.optimizer.step()
-            stats += weight * torch.stack([losses.detach().sum(),
-                                           (logits.argmax(1) == y[local]).sum().float()])
+            # The loss is scaled so that DDP's mean over ranks is the gradient of the global
+            # batch's mean loss (a rank left without examples runs one with weight 0).
+            loss = losses.sum() * (weight * ranks / (size * per_example))
+            (arm.scaler.scale(loss) if arm.scaler else loss).backward()
+            with clock.timing():  # the masked optimizer's share of the step
+                if arm.scaler:
+                    arm.scaler.step(arm.optimizer)
+                    arm.scaler.update()
+                else:
+                    arm.optimizer.step()
+            stats += weight * torch.stack([losses.detach().sum(), correct.float()])
         loss_sum, correct = self.world.sum_(stats).tolist()
-        return loss_sum / len(y), correct / len(y)
+        predictions = len(self.data.y_train) * per_example
+        return (loss_sum / predictions, correct / predictions, time.perf_counter() - began,
+                clock.total())
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last \
+            else x
 
     @torch.no_grad()
     def _evaluate(self, model, split: str) -> tuple[float, float]:
         x, y = self.data_on_device[f"x_{split}"], self.data_on_device[f"y_{split}"]
         model.eval()
-        loss_sum, correct = 0.0, 0
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
         for i in range(0, len(y), _EVAL_BATCH):
-            logits = model(x[i:i + _EVAL_BATCH])
-            loss_sum += F.cross_entropy(logits, y[i:i + _EVAL_BATCH], reduction="sum").item()
-            correct += (logits.argmax(1) == y[i:i + _EVAL_BATCH]).sum().item()
-        return loss_sum / len(y), correct / len(y)
+            with _autocast(self.config, self.device):
+                losses, correct = _losses(model(self._to_device(x[i:i + _EVAL_BATCH])),
+                                          y[i:i + _EVAL_BATCH])
+            stats += torch.stack([losses.double().sum(), correct.double()])
+        loss_sum, correct = stats.tolist()
+        predictions = y.numel()
+        return loss_sum / predictions, correct / predictions
 
     @staticmethod
     def _overall_sparsity(arm: _Arm) -> float:
@@ -474,15 +693,19 @@ class _Run:
 
     def _write_outputs(self) -> dict:
         summary = report.summary(self.config, self.plan, self.history, self.sparsity,
-                                 self.branch_epoch, self.seconds, self.run_dir)
+                                 self.branch_epoch, self.seconds, self.run_dir,
+                                 model_label(self.config, self.data))
         summary["world_size"] = self.world.size
+        summary["examples"] = {split: len(getattr(self.data, f"y_{split}"))
+                               for split in ("train", "val", "test")}
+        summary["data"] = self.data.source
         if not self.world.main:
             return summary
         checkpoint.save_json(self.sparsity, self.run_dir / "sparsity.json")
         checkpoint.save_json(summary, self.run_dir / "summary.json")
         checkpoint.save_text(report.table(summary), self.run_dir / "summary.txt")
         png = report.plot(self.plan, self.history, branch_epoch=self.branch_epoch,
-                          title=f"DSD on {self.config.task} / {self.config.model} "
+                          title=f"DSD on {self.config.task} / {summary['model']} "
                                 f"(sparsity {self.config.sparsity:g}, seed {self.config.seed})")
         checkpoint.save_bytes(png, self.run_dir / "plot.png")
         return summary
