@@ -90,7 +90,7 @@ def table(result: dict) -> str:
             end = arms[arm]["phase_end"][i]
             cells += [shown(end[metric]), f"{end['test_loss']:.4f}"]
         rows.append(cells)
-    lines += _aligned([header] + rows)
+    lines += aligned([header] + rows)
     final = arms["dsd"]["final"]
     what = "bits per character" if text else "accuracy"
     if "baseline" in arms:
@@ -113,12 +113,12 @@ def table(result: dict) -> str:
         lines.append("zero weights per prunable layer at the end of each phase (DSD):")
         grid = [["layer"] + [f"phase {p['phase']}" for p in result["phases"]]]
         grid += [[name] + [f"{record[name]:.1%}" for record in layers] for name in names]
-        lines += _aligned(grid)
+        lines += aligned(grid)
     lines.append(f"run directory: {result['run_dir']} (plot.png, metrics.jsonl, model.pt)")
     return "\n".join(lines) + "\n"
 
 
-def _aligned(grid: list[list[str]]) -> list[str]:
+def aligned(grid: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in grid) for i in range(len(grid[0]))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in grid]
 

@@ -40,7 +40,7 @@ from dsd_kernels.optim import MaskedAdam, MaskedAdamW, MaskedSGD, step_lr
 from . import batches, checkpoint, report
 from .config import RunConfig
 from .models import build_model, default_model, is_factory, model_from_factory
-from .runner import DSD
+from .runner import DSD, prunable_parameters
 from .tasks import load_task
 from .world import World
 
@@ -140,8 +140,7 @@ def dry_run(config: RunConfig) -> str:
     it and how many of its weights each sparse phase zeroes; nothing is written."""
     data, _, model = prepare(config, _resolve_device(config.device))
     plan = config.plan()
-    prunable = {name for name, _ in DSD(model, MaskedSGD(model.parameters(), lr=1.0),
-                                        plan).named_prunable}
+    prunable = {name for name, _ in prunable_parameters(model, plan.include, plan.exclude)}
     sparse = [phase.sparsity for phase in plan.phases if phase.kind == "sparse"]
     rows = [["parameter", "shape", "weights", "pruned"]]
     for name, p in model.named_parameters():
@@ -155,7 +154,6 @@ def dry_run(config: RunConfig) -> str:
         rows.append([name, "x".join(map(str, p.shape)), f"{p.numel():,}", pruned])
     total = sum(p.numel() for p in model.parameters())
     selected = sum(p.numel() for name, p in model.named_parameters() if name in prunable)
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [f"task {config.task} ({data.source or 'embedded'}): {len(data.y_train):,} training, "
              f"{len(data.y_val):,} validation, {len(data.y_test):,} test examples of shape "
              f"{tuple(data.signal_shape)}, {data.num_classes} classes",
@@ -166,7 +164,7 @@ def dry_run(config: RunConfig) -> str:
              + (f", from {config.init}" if config.init else "")
              + (f": {math.floor(config.sparsity * selected):,} weights pruned in all"
                 if plan.scope == "global" and sparse else "")]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines += report.aligned(rows)
     return "\n".join(lines) + "\n"
 
 
