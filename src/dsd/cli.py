@@ -14,6 +14,7 @@ import torch
 
 from . import __version__, report
 from .config import ConfigError, RunConfig
+from .study import BUDGETS, REGIMES
 from .trainer import RunDirError, RunError, dry_run, load_config, train
 
 
@@ -92,17 +93,26 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_flags(train_parser)
 
     study_parser = commands.add_parser(
-        "study", help="DSD vs the equal-budget dense baseline over seeds (paired)")
-    study_parser.add_argument("--tasks", type=_comma_list(str), default=["mnist1d", "digits"])
-    study_parser.add_argument("--models", type=_comma_list(str),
-                              default=["mlp", "cnn", "gru", "lstm"])
-    study_parser.add_argument("--seeds", type=int, default=5, help="seeds per task and model")
+        "study", help="where DSD helps: DSD vs a tuned dense baseline per regime, paired over "
+                      "seeds")
+    study_parser.add_argument("--budget", choices=list(BUDGETS), default="full",
+                              help="quick: a few seconds (a check); full: the README's study "
+                                   "(about an hour on 2 CPU cores with --jobs 2)")
+    study_parser.add_argument("--tasks", type=_comma_list(str), default=None,
+                              help="only these of the budget's tasks")
+    study_parser.add_argument("--regimes", type=_comma_list(str), default=None,
+                              help=f"only these regimes ({', '.join(REGIMES)})")
+    study_parser.add_argument("--seeds", type=int, default=None,
+                              help="seeds per cell (default: the budget's)")
+    study_parser.add_argument("--jobs", type=int, default=1,
+                              help="runs trained at once, each in its own process")
     study_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                               help="a run option for every run, as in a config file "
-                                   "(e.g. --set phases=[8,8,8]); repeatable")
-    study_parser.add_argument("--out", type=Path, required=True, help="results JSON file")
+                                   "(e.g. --set device=\"cuda\"); repeatable")
+    study_parser.add_argument("--out", type=Path, required=True,
+                              help="directory for study_BUDGET.json/.md and one plot per regime")
     study_parser.add_argument("--work", type=Path, default=Path("runs/study"),
-                              help="directory for the runs (resumable)")
+                              help="directory for the runs (an interrupted study resumes)")
 
     commands.add_parser("info", help="show the version, device and dsd_kernels backends")
     return parser

@@ -59,6 +59,8 @@ _RANGES = {
     "redense_lr_factor": (lambda v: 0 < v < math.inf, "a number > 0"),
     "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "label_noise": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "train_examples": (lambda v: v >= 0, "an integer >= 0"),
     "weight_decay": (lambda v: 0 <= v < math.inf, "a number >= 0"),
     "val_fraction": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "batch_size": (lambda v: v >= 1, "an integer >= 1"),
@@ -108,6 +110,12 @@ class RunConfig:
     baseline: bool = _option(False, "also train densely for the same epochs with the same "
                              "LR drop, branching from the end of the first dense phase")
     val_fraction: float = _option(0.1, "share of the training set held out for validation")
+    train_examples: int = _option(0, "train on this many examples of the training split, "
+                                  "drawn per seed (0: all of them)")
+    label_noise: float = _option(0.0, "share of training and validation labels moved to "
+                                 "another class at random, per seed (test labels stay clean)")
+    evaluate_test: bool = _option(True, "evaluate the test split after every epoch; false: "
+                                  "validation only, the test split is never read")
     mnist1d_samples: int = _option(5000, "examples MNIST-1D generates (80%% train, 20%% test)")
     mlp_hidden: list[int] = _option([300, 100], "hidden widths of the MLP")
     cnn_channels: list[int] = _option([32, 32], "channels of the CNN's stride-2 convolutions")

@@ -12,6 +12,11 @@ _FINAL_KEYS = ("train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "sp
 _BPC_KEYS = ("train_bpc", "val_bpc", "test_bpc")  # text tasks
 
 
+def _shown_split(row: dict) -> str:
+    """The split a run reports: test, or validation when the run never read the test split."""
+    return "test" if "test_loss" in row else "val"
+
+
 def _phase_name(plan, index: int) -> str:
     phase = plan.phases[index]
     if phase.kind == "sparse":
@@ -36,7 +41,8 @@ def summary(config, plan, history: dict, sparsity: dict, branch_epoch: int, seco
     arms = {}
     for arm in history:
         rows = {row["epoch"]: row for row in full_history(history, arm, branch_epoch)}
-        keys = _FINAL_KEYS + (_BPC_KEYS if "test_bpc" in rows[plan.total] else ())
+        last = rows[plan.total]  # without the test split (evaluate_test false): no test keys
+        keys = [key for key in _FINAL_KEYS + _BPC_KEYS if key in last]
         own = history[arm]  # the epochs this arm trained itself
         arms[arm] = {
             "final": {key: rows[plan.total][key] for key in keys},
@@ -72,15 +78,16 @@ def table(result: dict) -> str:
     """The end-of-run text: per-phase accuracy of each arm, per-layer sparsity, the verdict."""
     config = result["config"]
     arms = result["arms"]
-    text = "test_bpc" in arms["dsd"]["final"]
-    metric, name = ("test_bpc", "bpc") if text else ("test_acc", "acc")
+    split = _shown_split(arms["dsd"]["final"])
+    text = f"{split}_bpc" in arms["dsd"]["final"]
+    metric, name = (f"{split}_bpc", "bpc") if text else (f"{split}_acc", "acc")
     shown = (lambda v: f"{v:.4f}") if text else (lambda v: f"{v:.2%}")
     lines = [f"DSD on {config['task']} / {result['model']}, seed {config['seed']}: phases "
              f"{','.join(map(str, config['phases']))} epochs, sparsity {config['sparsity']:.0%} "
              f"({config['scope']} scope), {config['optimizer']} lr {config['lr']:g}"]
-    header = ["phase", "epochs", "lr", f"DSD test {name}", "DSD test loss"]
+    header = ["phase", "epochs", "lr", f"DSD {split} {name}", f"DSD {split} loss"]
     if "baseline" in arms:
-        header += [f"dense test {name}", "dense test loss"]
+        header += [f"dense {split} {name}", f"dense {split} loss"]
     rows = []
     for i, phase in enumerate(result["phases"]):
         epochs = (str(phase["first_epoch"]) if phase["first_epoch"] == phase["last_epoch"]
@@ -88,20 +95,20 @@ def table(result: dict) -> str:
         cells = [f"{phase['phase']} {phase['name']}", epochs, f"{phase['lr']:.3g}"]
         for arm in arms:
             end = arms[arm]["phase_end"][i]
-            cells += [shown(end[metric]), f"{end['test_loss']:.4f}"]
+            cells += [shown(end[metric]), f"{end[f'{split}_loss']:.4f}"]
         rows.append(cells)
     lines += aligned([header] + rows)
     final = arms["dsd"]["final"]
     what = "bits per character" if text else "accuracy"
     if "baseline" in arms:
         dense = arms["baseline"]["final"]
-        difference = result[f"{metric}_difference"]
+        difference = final[metric] - dense[metric]
         gap = f"{difference:+.4f} bpc" if text else f"{100 * difference:+.2f} points"
-        lines.append(f"final test {what}: DSD {shown(final[metric])}, dense baseline "
-                     f"{shown(dense[metric])} ({gap}; one seed: bench/accuracy.py measures the "
-                     "seed noise)")
+        lines.append(f"final {split} {what}: DSD {shown(final[metric])}, dense baseline "
+                     f"{shown(dense[metric])} ({gap}; one seed: `dsd study` compares over seeds "
+                     "against a tuned baseline)")
     else:
-        lines.append(f"final test {what}: DSD {shown(final[metric])} (add --baseline for the "
+        lines.append(f"final {split} {what}: DSD {shown(final[metric])} (add --baseline for the "
                      "equal-budget dense run)")
     speed = arms["dsd"]["examples_per_second"]
     if speed is not None:
@@ -126,9 +133,10 @@ def aligned(grid: list[list[str]]) -> list[str]:
 def plot(plan, history: dict, *, title: str, branch_epoch: int) -> bytes:
     """PNG of loss and accuracy (bits per character for text) per epoch, phases shaded and
     labelled; the baseline dashed."""
-    text = any("test_bpc" in row for row in history["dsd"])
-    metric, scale, metric_label = ("test_bpc", 1, "bits per character") if text else \
-        ("test_acc", 100, "accuracy (%)")
+    split = _shown_split(history["dsd"][-1])
+    text = f"{split}_bpc" in history["dsd"][-1]
+    metric, scale, metric_label = (f"{split}_bpc", 1, "bits per character") if text else \
+        (f"{split}_acc", 100, "accuracy (%)")
     figure = Figure(figsize=(11, 4.2), layout="constrained")
     FigureCanvasAgg(figure)
     loss_axes, acc_axes = figure.subplots(1, 2)
@@ -141,10 +149,10 @@ def plot(plan, history: dict, *, title: str, branch_epoch: int) -> bytes:
         epochs = [row["epoch"] for row in rows]
         loss_axes.plot(epochs, [row["train_loss"] for row in rows], color=color, linestyle=line,
                        alpha=0.5, label=f"{label} train")
-        loss_axes.plot(epochs, [row["test_loss"] for row in rows], color=color, linestyle=line,
-                       label=f"{label} test")
+        loss_axes.plot(epochs, [row[f"{split}_loss"] for row in rows], color=color,
+                       linestyle=line, label=f"{label} {split}")
         acc_axes.plot(epochs, [scale * row[metric] for row in rows], color=color,
-                      linestyle=line, label=f"{label} test")
+                      linestyle=line, label=f"{label} {split}")
     for axes, ylabel in ((loss_axes, "cross-entropy loss"), (acc_axes, metric_label)):
         for i, (phase, start) in enumerate(zip(plan.phases, plan.starts)):
             if phase.kind == "sparse":

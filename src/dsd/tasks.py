@@ -19,6 +19,7 @@ held-out text is really unseen.
 
 import builtins
 import codecs
+import dataclasses
 import functools
 import pickle
 import random
@@ -39,6 +40,7 @@ except ImportError:  # numpy 1.x
 TASKS = ("mnist1d", "digits", "cifar10", "cifar100", "text", "tensors")
 DATA_TASKS = ("cifar10", "cifar100", "text", "tensors")  # tasks that read --data
 _SPLIT_SEED = 12345  # the validation carve is the same for every training seed: runs pair up
+_ALTER_SEED = 271828  # with the run's seed: which examples are kept and which labels flip
 _TEST_FRACTION = 0.1  # held out as test where the data has no test split of its own
 
 _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -106,6 +108,41 @@ def load_task(name: str, *, data=None, val_fraction: float = 0.1, mnist1d_sample
 
     return TaskData(name, kind, shape, 10, inputs(x[train]), _int64(y[train]), inputs(x[val]),
                     _int64(y[val]), inputs(x_test), _int64(y_test), source=source)
+
+
+def alter_training(data: TaskData, *, examples: int = 0, label_noise: float = 0.0,
+                   seed: int = 0) -> TaskData:
+    """The task with fewer training examples and/or noisy labels, drawn per seed (the study's
+    small-data and label-noise regimes). `examples` (0: all) keeps that many training examples
+    of a seeded shuffle; `label_noise` replaces that share of the training and validation
+    labels (both come from the training set) with a different class drawn uniformly; the test
+    split stays as it is."""
+    if not examples and not label_noise:
+        return data
+    if data.kind == "text":
+        raise DataError("train_examples and label_noise are for classification tasks; task "
+                        f"{data.name} predicts characters")
+    rng = np.random.default_rng([_ALTER_SEED, seed])
+    x_train, y_train = data.x_train, data.y_train
+    if examples:
+        if examples > len(y_train):
+            raise DataError(f"train_examples {examples} exceeds the {len(y_train):,} training "
+                            f"examples of task {data.name}")
+        kept = torch.from_numpy(np.sort(rng.permutation(len(y_train))[:examples]))
+        x_train, y_train = x_train[kept], y_train[kept]
+    y_val = data.y_val
+    if label_noise:
+        y_train, y_val = (_noisy(y, label_noise, data.num_classes, rng) for y in (y_train, y_val))
+    return dataclasses.replace(data, x_train=x_train, y_train=y_train, y_val=y_val)
+
+
+def _noisy(y: torch.Tensor, share: float, classes: int, rng) -> torch.Tensor:
+    """`y` with round(share * len(y)) labels, chosen at random, moved to another class."""
+    flipped = rng.permutation(len(y))[:round(share * len(y))]
+    shift = rng.integers(1, classes, size=len(flipped))  # never 0: the label really changes
+    noisy = y.clone()
+    noisy[flipped] = (y[flipped] + torch.from_numpy(shift)) % classes
+    return noisy
 
 
 def _carve(n: int, fraction: float):

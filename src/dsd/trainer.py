@@ -41,7 +41,7 @@ from . import batches, checkpoint, report
 from .config import RunConfig
 from .models import build_model, default_model, is_factory, model_from_factory
 from .runner import DSD, prunable_parameters
-from .tasks import load_task
+from .tasks import alter_training, load_task
 from .world import World
 
 FORMAT = 2  # checkpoint layout version
@@ -53,6 +53,10 @@ _EVAL_BATCH = 1024
 
 class RunError(ValueError):
     """A run cannot start or resume as asked (bad config, foreign checkpoint, ...)."""
+
+
+class DivergedError(RunError):
+    """The loss or the weights stopped being finite (a learning rate too high, say)."""
 
 
 class RunDirError(RunError):
@@ -125,6 +129,8 @@ def prepare(config: RunConfig, device) -> tuple:
     wrong, checked before any file is written. The model is the run's initial one."""
     data = load_task(config.task, data=config.data or None, val_fraction=config.val_fraction,
                      mnist1d_samples=config.mnist1d_samples, seq_len=config.seq_len)
+    data = alter_training(data, examples=config.train_examples, label_noise=config.label_noise,
+                          seed=config.seed)
     if config.channels_last and not (data.kind == "image" and len(data.signal_shape) == 3):
         raise RunError(f"channels_last needs (C, H, W) image inputs; task {config.task} has "
                        f"{data.kind} inputs of shape {tuple(data.signal_shape)}")
@@ -237,6 +243,47 @@ def _autocast(config: RunConfig, device):
     if config.amp == "off":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=_AMP_DTYPES[config.amp])
+
+
+def _to_device(x: torch.Tensor, config: RunConfig, device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if config.channels_last else x
+
+
+@torch.no_grad()
+def _evaluate(model, x, y, config: RunConfig, device) -> tuple[float, float]:
+    """Mean loss and accuracy over every prediction of (x, y)."""
+    model.eval()
+    stats = torch.zeros(2, dtype=torch.float64, device=device)
+    for i in range(0, len(y), _EVAL_BATCH):
+        with _autocast(config, device):
+            losses, correct = _losses(model(_to_device(x[i:i + _EVAL_BATCH], config, device)),
+                                      y[i:i + _EVAL_BATCH].to(device))
+        stats += torch.stack([losses.double().sum(), correct.double()])
+    loss_sum, correct = stats.tolist()
+    predictions = y.numel()
+    return loss_sum / predictions, correct / predictions
+
+
+def evaluate_saved(run_dir, split: str, arm: str = "dsd") -> dict:
+    """Loss and accuracy (and bits per character for text) of a finished run's final model
+    (`arm` dsd: model.pt, baseline: baseline_model.pt) on `split` of its task. The study
+    calls it for the test split only after choosing its learning rates on validation."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir)
+    device = _resolve_device(config.device)
+    data, _, model = prepare(config, device)
+    path = run_dir / ("model.pt" if arm == "dsd" else "baseline_model.pt")
+    try:
+        model.load_state_dict(checkpoint.load_torch(path))
+    except checkpoint.ReadError as error:
+        raise RunError(f"cannot evaluate: {error}") from None
+    loss, acc = _evaluate(model, getattr(data, f"x_{split}"), getattr(data, f"y_{split}"),
+                          config, device)
+    result = {f"{split}_loss": loss, f"{split}_acc": acc}
+    if data.kind == "text":
+        result[f"{split}_bpc"] = loss / math.log(2)
+    return result
 
 
 def load_config(run_dir) -> RunConfig:
@@ -433,9 +480,10 @@ class _Run:
         self.seconds = 0.0
         # Workers prepare batches from CPU memory; without them the batches are cut on the
         # device from tensors moved there once.
-        self.data_on_device = {split: getattr(data, split).to(
-            "cpu" if split.endswith("train") and config.workers else device)
-            for split in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
+        self.splits = ("val", "test") if config.evaluate_test else ("val",)
+        self.data_on_device = {name: getattr(data, name).to(
+            "cpu" if split == "train" and config.workers else device)
+            for split in ("train", *self.splits) for name in (f"x_{split}", f"y_{split}")}
         self.predictions_per_example = math.prod(data.y_train.shape[1:])  # text: seq_len
 
     # ---- checkpoints -------------------------------------------------------------------
@@ -557,10 +605,10 @@ class _Run:
             row = {"arm": arm.name, "epoch": epoch + 1, "phase": arm.dsd.phase_index,
                    "kind": arm.dsd.phase.kind, "lr": step_lr(arm.optimizer.param_groups[0]),
                    "train_loss": train_loss, "train_acc": train_acc}
-            for split in ("val", "test"):
+            for split in self.splits:
                 row[f"{split}_loss"], row[f"{split}_acc"] = self._evaluate(arm.model, split)
             if self.data.kind == "text":  # bits per character: the loss in nats over ln 2
-                for split in ("train", "val", "test"):
+                for split in ("train", *self.splits):
                     row[f"{split}_bpc"] = row[f"{split}_loss"] / math.log(2)
             row["sparsity"] = self._overall_sparsity(arm)
             row["train_seconds"] = round(train_seconds, 3)
@@ -581,7 +629,8 @@ class _Run:
             self._append_metrics(row)
             self._say(f"{arm.name:8s} epoch {epoch + 1:3d}/{total}  {row['kind']:6s} "
                       f"lr {row['lr']:.2g}  train loss {train_loss:.4f}  "
-                      f"val acc {row['val_acc']:.2%}  test acc {row['test_acc']:.2%}")
+                      f"val acc {row['val_acc']:.2%}"
+                      + (f"  test acc {row['test_acc']:.2%}" if "test_acc" in row else ""))
         epochs.close()
 
     def _check_finite(self, arm: _Arm, epoch: int, train_loss: float) -> None:
@@ -592,7 +641,7 @@ class _Run:
             return
         lr = step_lr(arm.optimizer.param_groups[0])
         weights = ", weights not finite" if math.isfinite(train_loss) else ""
-        raise RunError(f"training diverged in epoch {epoch + 1} of the {arm.name} arm "
+        raise DivergedError(f"training diverged in epoch {epoch + 1} of the {arm.name} arm "
                        f"({arm.dsd.phase.kind} phase, lr {lr:g}): train loss {train_loss:g}"
                        f"{weights}; stopped before saving it, so the run's files hold only the "
                        "epochs before it (try a lower lr in a new run)")
@@ -649,23 +698,11 @@ class _Run:
                 clock.total())
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last \
-            else x
+        return _to_device(x, self.config, self.device)
 
-    @torch.no_grad()
     def _evaluate(self, model, split: str) -> tuple[float, float]:
-        x, y = self.data_on_device[f"x_{split}"], self.data_on_device[f"y_{split}"]
-        model.eval()
-        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for i in range(0, len(y), _EVAL_BATCH):
-            with _autocast(self.config, self.device):
-                losses, correct = _losses(model(self._to_device(x[i:i + _EVAL_BATCH])),
-                                          y[i:i + _EVAL_BATCH])
-            stats += torch.stack([losses.double().sum(), correct.double()])
-        loss_sum, correct = stats.tolist()
-        predictions = y.numel()
-        return loss_sum / predictions, correct / predictions
+        return _evaluate(model, self.data_on_device[f"x_{split}"],
+                         self.data_on_device[f"y_{split}"], self.config, self.device)
 
     @staticmethod
     def _overall_sparsity(arm: _Arm) -> float:

@@ -1,0 +1,281 @@
+"""The study: its statistics against scipy, the tuning (validation argmax, the test split read
+only after every choice), the regimes' data changes, the quick budget end to end, resuming,
+and bad input."""
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from dsd import study, trainer
+from dsd.cli import main
+from dsd.config import RunConfig
+from dsd.study import (BUDGETS, Cell, benjamini_hochberg, cells_of, choose_lr, holm,
+                       paired_test, run_study)
+from dsd.tasks import DataError, alter_training, load_task
+
+from _runs import metrics_rows
+
+
+# ---- statistics ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(4))
+def test_paired_test_matches_scipy(seed):
+    rng = np.random.default_rng(seed)
+    control = rng.uniform(0.6, 0.9, size=8)
+    treated = control + rng.normal(0.01, 0.02, size=8)
+    result = paired_test(treated, control)
+    reference = stats.ttest_rel(treated, control)
+    assert result["p_value"] == pytest.approx(reference.pvalue, rel=1e-10)
+    low, high = reference.confidence_interval(0.95)
+    assert result["ci95"] == pytest.approx([low, high], rel=1e-10)
+    assert result["mean_diff"] == pytest.approx(np.mean(treated - control), rel=1e-12)
+    assert result["outside_noise"] == (reference.pvalue < 0.05)
+
+
+def test_paired_test_without_spread_has_no_p_value():
+    # +1 of 450 test examples on every seed: equal differences, up to float rounding
+    constant = paired_test([442 / 450, 439 / 450, 440 / 450], [441 / 450, 438 / 450, 439 / 450])
+    assert constant["p_value"] is None and constant["outside_noise"] is None
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        paired_test([0.5], [0.4])
+
+
+@pytest.mark.parametrize("p", [[0.01, 0.04, 0.03, 0.005], [0.2, 0.2, 0.01, 0.9, 0.04, 0.04],
+                               [1.0], list(np.random.default_rng(0).uniform(0, 0.2, 40))])
+def test_benjamini_hochberg_matches_scipy(p):
+    assert benjamini_hochberg(p) == pytest.approx(
+        stats.false_discovery_control(p, method="bh").tolist(), rel=1e-12)
+
+
+def test_holm_on_known_inputs():
+    # Holm (1979): sorted p_(i) times (m - i + 1), made monotone, capped at 1.
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.001, 0.3]) == pytest.approx([0.6, 0.003, 0.6])
+    assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])
+
+
+def test_holm_equals_its_definition_on_random_inputs():
+    p = np.random.default_rng(1).uniform(0, 0.1, 30)
+    order = np.argsort(p)
+    m = len(p)
+    expected = np.empty(m)
+    running = 0.0
+    for rank, i in enumerate(order):  # step-down: never below the adjusted value before it
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        expected[i] = running
+    assert holm(p) == pytest.approx(expected.tolist(), rel=1e-12)
+    assert all(h >= b for h, b in zip(holm(p), benjamini_hochberg(p)))  # Holm is stricter
+
+
+# ---- tuning ------------------------------------------------------------------------------------
+
+def _cell(higher_is_better=True, grid=(1e-3, 2e-3, 4e-3)):
+    config = RunConfig.from_mapping({"task": "digits", "baseline": True})
+    return Cell("digits", "sparsity", 0.5, config, grid, 2e-3, higher_is_better,
+                "acc" if higher_is_better else "bpc")
+
+
+def _record(dsd, dense, metric="acc"):
+    return {"diverged": None, "dsd": {f"val_{metric}": dsd}, "dense": {f"val_{metric}": dense}}
+
+
+def test_chosen_lr_is_the_argmax_of_the_mean_validation_score():
+    records = {1e-3: [_record(0.90, 0.80), _record(0.70, 0.82)],  # means 0.80, 0.81
+               2e-3: [_record(0.85, 0.95), _record(0.85, 0.93)],  # means 0.85, 0.94
+               4e-3: [_record(0.99, 0.90), _record(0.60, 0.90)]}  # means 0.795, 0.90
+    chosen = choose_lr(_cell(), records)
+    assert chosen["dsd"]["lr"] == 2e-3 and chosen["dense"]["lr"] == 2e-3
+    assert chosen["dsd"]["val_mean"] == pytest.approx(0.85)
+    assert not chosen["dsd"]["at_grid_edge"]
+    # the best single seed (0.99 at 4e-3) does not win: the mean over seeds does
+    records[4e-3][1] = _record(0.80, 0.99)
+    chosen = choose_lr(_cell(), records)
+    assert chosen["dsd"]["lr"] == 4e-3 and chosen["dense"]["lr"] == 4e-3
+    assert chosen["dense"]["at_grid_edge"]
+
+
+def test_bits_per_character_are_minimised_and_a_diverged_rate_never_wins():
+    records = {1e-3: [_record(2.5, 2.4, "bpc")] * 2, 2e-3: [_record(2.3, 2.6, "bpc")] * 2,
+               4e-3: [{"diverged": "training diverged", "dsd": None, "dense": None},
+                      _record(1.0, 1.0, "bpc")]}
+    chosen = choose_lr(_cell(higher_is_better=False), records)
+    assert chosen["dsd"]["lr"] == 2e-3 and chosen["dense"]["lr"] == 1e-3
+    assert chosen["dsd"]["val_mean"] == pytest.approx(2.3)
+    assert chosen["dsd"]["val_means"]["0.004"] == math.inf
+
+
+def test_a_tie_takes_the_first_rate_of_the_grid():
+    records = {lr: [_record(0.9, 0.9)] * 2 for lr in (1e-3, 2e-3, 4e-3)}
+    assert choose_lr(_cell(), records)["dsd"]["lr"] == 1e-3
+
+
+# ---- the regimes' data -------------------------------------------------------------------------
+
+def test_label_noise_moves_exactly_that_share_to_another_class_per_seed():
+    data = load_task("digits")
+    noisy = alter_training(data, label_noise=0.3, seed=0)
+    for split in ("y_train", "y_val"):
+        changed = getattr(noisy, split) != getattr(data, split)
+        assert changed.sum().item() == round(0.3 * len(getattr(data, split)))
+    assert torch.equal(noisy.y_test, data.y_test) and torch.equal(noisy.x_train, data.x_train)
+    assert noisy.y_train.min() >= 0 and noisy.y_train.max() < 10
+    again = alter_training(data, label_noise=0.3, seed=0)
+    other = alter_training(data, label_noise=0.3, seed=1)
+    assert torch.equal(again.y_train, noisy.y_train)
+    assert not torch.equal(other.y_train, noisy.y_train)
+
+
+def test_train_examples_keeps_a_seeded_subset_of_the_training_split():
+    data = load_task("digits")
+    small = alter_training(data, examples=100, seed=3)
+    assert len(small.y_train) == len(small.x_train) == 100
+    rows = {tuple(x.flatten().tolist()) for x in data.x_train}
+    assert all(tuple(x.flatten().tolist()) in rows for x in small.x_train)
+    assert torch.equal(small.x_val, data.x_val) and torch.equal(small.x_test, data.x_test)
+    assert alter_training(data) is data
+    with pytest.raises(DataError, match=f"train_examples 5000 exceeds the {len(data.y_train):,} "
+                                        "training examples of task digits"):
+        alter_training(data, examples=5000)
+    with pytest.raises(DataError, match="for classification tasks; task text predicts"):
+        alter_training(load_task("text", seq_len=16), label_noise=0.1)
+
+
+def test_a_run_without_the_test_split_never_evaluates_it(tmp_path, monkeypatch):
+    splits = []
+    evaluate = trainer._Run._evaluate
+    monkeypatch.setattr(trainer._Run, "_evaluate",
+                        lambda self, model, split: splits.append(split) or evaluate(
+                            self, model, split))
+    config = RunConfig.from_mapping({"task": "digits", "phases": [1, 1, 1], "mlp_hidden": [8],
+                                     "baseline": True, "evaluate_test": False,
+                                     "backend": "torch"})
+    summary = trainer.train(config, tmp_path / "run", quiet=True)
+    assert set(splits) == {"val"}
+    assert "test_acc" not in summary["arms"]["dsd"]["final"]
+    assert "test_acc_difference" not in summary
+    rows = metrics_rows(tmp_path / "run")
+    assert rows and not any(key.startswith("test_") for row in rows for key in row)
+    tested = trainer.evaluate_saved(tmp_path / "run", "test", "baseline")
+    assert 0 < tested["test_acc"] <= 1
+
+
+# ---- the study end to end ----------------------------------------------------------------------
+
+def test_quick_study_end_to_end_reads_the_test_split_only_after_every_choice(
+        tmp_path, monkeypatch, capsys):
+    events = []
+    run_evaluate, saved_evaluate, choose = (trainer._Run._evaluate, study.evaluate_saved,
+                                            study.choose_lr)
+    monkeypatch.setattr(trainer._Run, "_evaluate", lambda self, model, split: events.append(
+        ("train-eval", split)) or run_evaluate(self, model, split))
+    monkeypatch.setattr(study, "evaluate_saved", lambda run_dir, split, arm: events.append(
+        ("saved-eval", split)) or saved_evaluate(run_dir, split, arm))
+    monkeypatch.setattr(study, "choose_lr", lambda cell, records: events.append(
+        ("choice", cell.key())) or choose(cell, records))
+
+    out = tmp_path / "out"
+    argv = ["study", "--budget", "quick", "--work", str(tmp_path / "runs"), "--out", str(out),
+            "--set", 'backend="torch"']
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert "12 runs: 0 done, 12 to train" in printed.err
+    assert ("train-eval", "test") not in events
+    last_choice = max(i for i, e in enumerate(events) if e[0] == "choice")
+    first_test = min(i for i, e in enumerate(events) if e[1] == "test")
+    assert first_test > last_choice
+    assert all(e[1] == "test" for e in events if e[0] == "saved-eval")
+
+    result = json.loads((out / "study_quick.json").read_text())
+    spec = BUDGETS["quick"]["tasks"]["digits"]
+    assert [(c["regime"], c["value"]) for c in result["cells"]] == [
+        (r, v) for r, values in spec.regimes.items() for v in values]
+    assert result["runs"] == 3 * 2 * 2  # 3 distinct cells (noise 0 = sparsity 0.5), 2 LRs, 2 seeds
+    for cell in result["cells"]:
+        assert len(cell["runs"]) == 4 and cell["tuned"]["family_size"] == 3
+        for arm in ("dsd", "dense"):  # the choice is the validation argmax of the recorded runs
+            means = {lr: np.mean([r[arm]["val_acc"] for r in cell["runs"] if r["lr"] == lr])
+                     for lr in cell["grid"]}
+            assert cell["choice"][arm]["lr"] == max(cell["grid"], key=lambda lr: means[lr])
+        tuned = cell["tuned"]
+        assert tuned["lr"] == {"dsd": cell["choice"]["dsd"]["lr"],
+                               "dense": cell["choice"]["dense"]["lr"]}
+        assert tuned["paired"]["mean_diff"] == pytest.approx(
+            np.mean(tuned["dsd_test"]) - np.mean(tuned["dense_test"]))
+        assert cell["same_lr"]["lr"] == {"dsd": 4e-3, "dense": 4e-3}
+        assert tuned["verdict"] in ("tie", "DSD better", "DSD worse")
+    noisy = next(c for c in result["cells"] if c["value"] == 0.3)
+    assert noisy["config"]["label_noise"] == 0.3
+    assert printed.out == (out / "study_quick.md").read_text()
+    assert "| sparsity | 90% |" in printed.out and "| label_noise | 30% |" in printed.out
+    for regime in ("sparsity", "label_noise"):
+        assert (out / f"study_quick_{regime}.png").read_bytes()[:4] == b"\x89PNG"
+
+    # A second call trains nothing and gives the same numbers.
+    events.clear()
+    assert main(argv) == 0
+    assert "12 runs: 12 done, 0 to train" in capsys.readouterr().err
+    assert not any(e[0] == "train-eval" for e in events)
+    assert json.loads((out / "study_quick.json").read_text())["cells"] == result["cells"]
+
+
+def test_a_diverged_run_is_recorded_and_not_trained_again(tmp_path, monkeypatch):
+    calls = []
+
+    def diverge(config, run_dir, quiet):
+        calls.append(config.lr)
+        raise trainer.DivergedError("training diverged in epoch 1 of the dsd arm")
+
+    monkeypatch.setattr(study, "train", diverge)
+    config = RunConfig.from_mapping({"task": "digits", "baseline": True})
+    (tmp_path / "run").mkdir()
+    for _ in range(2):
+        record = study.train_one(config, tmp_path / "run")
+        assert record["diverged"].startswith("training diverged")
+    assert calls == [config.lr]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tasks": ["cifar10"]}, "--tasks: budget quick has no task 'cifar10'; it runs digits"),
+    ({"regimes": ["width"]}, "--regimes: 'width' is not a regime of budget quick on digits; "
+                             "choose from label_noise, sparsity"),
+    ({"seeds": 1}, "--seeds must be at least 2 for a paired test"),
+    ({"jobs": 0}, "--jobs must be at least 1, got 0"),
+    ({"settings": {"lr": 0.1}}, "--set lr: the study sets lr itself (every arm picks its own"),
+    ({"settings": {"seed": 3}}, "--set seed: the study sets seed itself (give --seeds"),
+    ({"settings": {"sparsity": 2}}, "--set sparsity must be a number in [0, 1), got 2"),
+])
+def test_bad_study_input_is_one_line_and_writes_nothing(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        run_study("quick", work=tmp_path / "runs", **kwargs)
+    assert "\n" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_study_command_reports_bad_input_on_one_line(tmp_path, capsys):
+    assert main(["study", "--budget", "quick", "--set", "baseline=false", "--out",
+                 str(tmp_path / "out"), "--work", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsd: error: --set baseline: the study sets baseline itself (")
+    assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_full_budget_cells_are_valid_and_share_the_default_runs():
+    cells = cells_of("full")
+    keys = {}
+    for cell in cells:
+        keys.setdefault((cell.task, cell.key()), []).append((cell.regime, cell.value))
+    # the task's default config is one cell, reached from every regime that includes it
+    defaults = [v for v in keys.values() if len(v) > 1]
+    assert len(defaults) == 3 - 1  # mnist1d and digits (text has a single regime)
+    assert {r for r, _ in defaults[0]} == {"label_noise", "width", "first_phase", "sparsity",
+                                            "iterations", "optimizer", "train_examples"}
+    dsdsd = next(c for c in cells if c.regime == "iterations" and c.value == 2)
+    assert dsdsd.config.phases == [12] * 5
+    sgd = next(c for c in cells if c.value == "sgd")
+    assert sgd.grid == (0.0125, 0.025, 0.05, 0.1) and sgd.reference_lr == 0.05
+    assert all(not c.config.evaluate_test and c.config.baseline for c in cells)
