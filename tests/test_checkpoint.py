@@ -14,11 +14,12 @@ import pytest
 import torch
 
 import _kill
+from _runs import untimed_rows
 
 from dsd.cli import main
 from dsd.config import RunConfig
 from dsd.models import build_model
-from dsd.trainer import TIMING_KEYS, RunError, train
+from dsd.trainer import RunError, train
 
 # Tiny and fast, but with every transition: dense -> sparse -> re-dense, plus the baseline arm
 # that branches off after the first dense phase. Dropout makes the result depend on the RNG.
@@ -38,14 +39,6 @@ _KILLER = textwrap.dedent("""
 """)
 
 
-def _rows(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for row in rows:
-        for key in TIMING_KEYS:
-            del row[key]
-    return rows
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference") / "run"
@@ -59,7 +52,7 @@ def _assert_same_run(run_dir, reference):
         assert resumed.keys() == uninterrupted.keys()
         for key in resumed:
             assert torch.equal(resumed[key], uninterrupted[key]), (name, key)
-    assert _rows(run_dir) == _rows(reference)
+    assert untimed_rows(run_dir) == untimed_rows(reference)
     assert json.loads((run_dir / "sparsity.json").read_text()) == \
         json.loads((reference / "sparsity.json").read_text())
 
@@ -108,7 +101,7 @@ def test_hard_kill_mid_save_leaves_a_torn_temp_and_resumes(reference, tmp_path):
 
 
 def test_arms_are_paired_and_differ_only_after_the_branch(reference):
-    rows = _rows(reference)
+    rows = untimed_rows(reference)
     dsd = [r for r in rows if r["arm"] == "dsd"]
     baseline = [r for r in rows if r["arm"] == "baseline"]
     assert [r["epoch"] for r in dsd] == [1, 2, 3, 4, 5, 6]
@@ -141,10 +134,10 @@ def test_checkpoint_from_another_config_is_refused(reference, tmp_path):
 
 def test_a_finished_run_reports_without_training_again(reference):
     mtime = os.stat(reference / "model.pt").st_mtime_ns
-    rows = _rows(reference)
+    rows = untimed_rows(reference)
     summary = train(RunConfig.from_mapping(SETTINGS), reference, quiet=True)
     assert os.stat(reference / "model.pt").st_mtime_ns == mtime
-    assert _rows(reference) == rows
+    assert untimed_rows(reference) == rows
     assert summary == json.loads((reference / "summary.json").read_text())
 
 
@@ -249,5 +242,5 @@ def test_a_diverging_run_stops_at_its_first_non_finite_epoch(tmp_path):
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["next_epoch"] == 4
     assert all(tensor.isfinite().all() for tensor in state["model"].values())
-    assert [row["epoch"] for row in _rows(run_dir)] == [1, 2, 3, 4]
+    assert [row["epoch"] for row in untimed_rows(run_dir)] == [1, 2, 3, 4]
     assert not (run_dir / "model.pt").exists()

@@ -14,9 +14,10 @@ import torch
 
 import _fake_data
 import _kill
+from _runs import untimed_rows
 from dsd.cli import main
 from dsd.config import RunConfig
-from dsd.trainer import TIMING_KEYS, train
+from dsd.trainer import train
 from dsd_kernels.optim import MaskedAdam
 
 TINY = dict(backend="torch", device="cpu", batch_size=16, seed=1)
@@ -34,14 +35,6 @@ def text_file(tmp_path_factory):
 
 def _config(**settings) -> RunConfig:
     return RunConfig.from_mapping({**TINY, **settings})
-
-
-def _rows(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for row in rows:
-        for key in TIMING_KEYS:
-            del row[key]
-    return rows
 
 
 def _same_models(run_a, run_b, names=("model.pt",)):
@@ -93,7 +86,7 @@ def test_cifar_resnet_prunes_exactly_and_leaves_norms_and_biases(cifar, tmp_path
     assert summary["model"] == "resnet20" and summary["world_size"] == 1
     final = summary["arms"]["dsd"]["final"]
     assert final["sparsity"] == 0.0  # re-dense: pruned weights regrew
-    row = _rows(run_dir)[0]
+    row = untimed_rows(run_dir)[0]
     assert row["train_acc"] >= 0 and "test_bpc" not in row
     assert (run_dir / "plot.png").stat().st_size > 0
 
@@ -175,7 +168,7 @@ def test_init_then_sparse_first_plan_branches_the_baseline_at_the_start(cifar, t
     start = json.loads((run_dir / "sparsity.json").read_text())
     assert all(v == pytest.approx(0.5, abs=1e-3) for v in start["dsd"][0]["start"].values())
     assert all(v == 0 for v in start["baseline"][0]["start"].values())
-    baseline_rows = [row for row in _rows(run_dir) if row["arm"] == "baseline"]
+    baseline_rows = [row for row in untimed_rows(run_dir) if row["arm"] == "baseline"]
     assert [row["epoch"] for row in baseline_rows] == [1, 2]
     assert [row["lr"] for row in baseline_rows] == pytest.approx([1e-3, 1e-4])
 
@@ -206,7 +199,7 @@ def test_workers_and_a_resume_give_the_same_run(cifar, tmp_path):
     assert not (killed / "model.pt").exists()
     train(RunConfig.from_mapping(settings), killed, quiet=True)
     _same_models(killed, reference, ("model.pt", "baseline_model.pt"))
-    assert _rows(killed) == _rows(reference)
+    assert untimed_rows(killed) == untimed_rows(reference)
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
