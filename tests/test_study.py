@@ -194,9 +194,16 @@ def test_quick_study_end_to_end_reads_the_test_split_only_after_every_choice(
     spec = BUDGETS["quick"]["tasks"]["digits"]
     assert [(c["regime"], c["value"]) for c in result["cells"]] == [
         (r, v) for r, values in spec.regimes.items() for v in values]
-    assert result["runs"] == 3 * 2 * 2  # 3 distinct cells (noise 0 = sparsity 0.5), 2 LRs, 2 seeds
+    distinct = {c["key"]: c for c in result["cells"]}  # noise 0 is sparsity 0.5
+    assert len(distinct) == 3
+    assert result["runs"] == sum(2 * len(c["grid"]) for c in distinct.values())
     for cell in result["cells"]:
-        assert len(cell["runs"]) == 4 and cell["tuned"]["family_size"] == 3
+        assert len(cell["runs"]) == 2 * len(cell["grid"]) and cell["tuned"]["family_size"] == 3
+        # the grid (1e-3, 4e-3) widened by x2 beyond an edge an arm chose, at most once a side
+        grown = cell["grid_extensions"]
+        assert cell["grid"] == [1e-3 / 2] * grown["down"] + [1e-3, 4e-3] + [8e-3] * grown["up"]
+        chosen = {cell["choice"][arm]["lr"] for arm in ("dsd", "dense")}
+        assert grown["up"] == (max(chosen) >= 4e-3) and grown["down"] == (min(chosen) <= 1e-3)
         for arm in ("dsd", "dense"):  # the choice is the validation argmax of the recorded runs
             means = {lr: np.mean([r[arm]["val_acc"] for r in cell["runs"] if r["lr"] == lr])
                      for lr in cell["grid"]}
@@ -248,10 +255,12 @@ def test_a_diverged_run_is_recorded_and_not_trained_again(tmp_path, monkeypatch)
     ({"settings": {"lr": 0.1}}, "--set lr: the study sets lr itself (every arm picks its own"),
     ({"settings": {"seed": 3}}, "--set seed: the study sets seed itself (give --seeds"),
     ({"settings": {"sparsity": 2}}, "--set sparsity must be a number in [0, 1), got 2"),
+    ({"budget": "full", "tasks": ["digits"], "regimes": ["width"], "settings": {"model": "cnn"}},
+     "regime width is for model mlp, not 'cnn'; leave it out with --regimes"),
 ])
 def test_bad_study_input_is_one_line_and_writes_nothing(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)) as error:
-        run_study("quick", work=tmp_path / "runs", **kwargs)
+        run_study(**{"budget": "quick", "work": tmp_path / "runs", **kwargs})
     assert "\n" not in str(error.value)
     assert list(tmp_path.iterdir()) == []
 

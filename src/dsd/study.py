@@ -49,6 +49,7 @@ class Regime:
     label: str
     settings: Callable[[object, RunConfig], dict]
     shown: Callable[[object], str] = str
+    models: tuple = ()  # the models the knob exists for (empty: any)
 
 
 REGIMES = {
@@ -57,7 +58,7 @@ REGIMES = {
     "train_examples": Regime("training examples", lambda v, base: {"train_examples": v},
                              lambda v: str(v) if v else "all"),
     "width": Regime("MLP width (hidden units w, w/3)",
-                    lambda v, base: {"mlp_hidden": [v, max(1, v // 3)]}),
+                    lambda v, base: {"mlp_hidden": [v, max(1, v // 3)]}, models=("auto", "mlp")),
     "first_phase": Regime("first dense phase (epochs)",
                           lambda v, base: {"phases": [v, *base.phases[1:]]}),
     "sparsity": Regime("sparsity", lambda v, base: {"sparsity": v}, lambda v: f"{v:.0%}"),
@@ -85,12 +86,12 @@ _CLASSIFICATION_REGIMES = {
 _SAVES = {"checkpoint_every": 100}  # a resumable checkpoint at the branch and the end only
 BUDGETS = {
     # Sized for a test: a few seconds on one core.
-    "quick": {"seeds": 2, "tasks": {"digits": TaskStudy(
+    "quick": {"seeds": 2, "extensions": 1, "tasks": {"digits": TaskStudy(
         {"phases": [2, 2, 2], "mlp_hidden": [32, 16]},
         {"sparsity": (0.5, 0.9), "label_noise": (0.0, 0.3)},
         {"adam": ((1e-3, 4e-3), 4e-3)})}},
     # The README's study: about an hour on 2 CPU cores with --jobs 2.
-    "full": {"seeds": 8, "tasks": {
+    "full": {"seeds": 8, "extensions": 2, "tasks": {
         "mnist1d": TaskStudy(_SAVES, {**_CLASSIFICATION_REGIMES,
                                       "train_examples": (250, 500, 1000, 0)}),
         "digits": TaskStudy(_SAVES, {**_CLASSIFICATION_REGIMES,
@@ -192,6 +193,9 @@ def cells_of(budget: str, tasks=None, regimes=None, settings: dict | None = None
         except ConfigError as error:
             raise error.labelled(f"--set {error.key}") from None
         for regime in chosen:
+            if REGIMES[regime].models and base.model not in REGIMES[regime].models:
+                raise ValueError(f"regime {regime} is for model {REGIMES[regime].models[-1]}, "
+                                 f"not {base.model!r}; leave it out with --regimes")
             for value in study.regimes[regime]:
                 config = RunConfig.from_mapping(REGIMES[regime].settings(value, base), base=base)
                 if config.optimizer not in study.lrs:
@@ -296,37 +300,62 @@ def choose_lr(cell: Cell, records_by_lr: dict) -> dict:
     return chosen
 
 
+def _widen(cell: Cell, choice: dict, done: dict, most: int) -> bool:
+    """Add a rate beyond an edge of the cell's grid that an arm chose (while `done` counts
+    fewer than `most` additions that way); True if the grid grew."""
+    grid = list(cell.grid)
+    chosen = {choice[arm]["lr"] for arm in ARMS}
+    if grid[-1] in chosen and done["up"] < most:
+        grid.append(grid[-1] * 2)
+        done["up"] += 1
+    if grid[0] in chosen and done["down"] < most:
+        grid.insert(0, grid[0] / 2)
+        done["down"] += 1
+    widened = len(grid) > len(cell.grid)
+    cell.grid = tuple(grid)
+    return widened
+
+
 def run_study(budget: str = "full", *, tasks=None, regimes=None, seeds: int | None = None,
               settings: dict | None = None, work: Path = Path("runs/study"), jobs: int = 1,
               say=print) -> dict:
     """Train every run the cells need (resumable in `work`), choose each arm's learning rate
-    per cell on validation, then evaluate the chosen models on the test split and test."""
+    per cell on validation (widening a grid whose edge is chosen), then evaluate the chosen
+    models on the test split and test the differences."""
     seeds = BUDGETS[budget]["seeds"] if seeds is None else seeds
     if seeds < 2:
         raise ValueError("--seeds must be at least 2 for a paired test")
     if jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
     cells = cells_of(budget, tasks, regimes, settings)
-    runs = _runs(cells, seeds)
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    began = time.perf_counter()
-    records = _train_all(runs, work, jobs, say)
-    train_wall = time.perf_counter() - began
+    records, began = None, time.perf_counter()
 
     def run_of(cell, lr, seed):
         config = RunConfig.from_mapping({"lr": lr, "seed": seed}, base=cell.config)
         return _run_dir(work, config), records[_digest(config.to_dict())]
 
-    # Every choice first, from validation numbers only ...
-    choices = [choose_lr(cell, {lr: [run_of(cell, lr, s)[1] for s in range(seeds)]
-                                for lr in cell.grid}) for cell in cells]
+    # Every choice first, from validation numbers only: a choice at the edge of its grid
+    # widens the grid by a factor 2 that way (at most `extensions` times each way) ...
+    extensions = {id(cell): {"up": 0, "down": 0} for cell in cells}
+    while True:
+        runs = _runs(cells, seeds)
+        records = _train_all(runs, work, jobs, say)
+        choices = [choose_lr(cell, {lr: [run_of(cell, lr, s)[1] for s in range(seeds)]
+                                    for lr in cell.grid}) for cell in cells]
+        widened = [_widen(cell, choice, extensions[id(cell)], BUDGETS[budget]["extensions"])
+                   for cell, choice in zip(cells, choices)]
+        if not any(widened):
+            break
+    train_wall = time.perf_counter() - began
     # ... then the test split, of the chosen runs and of the reference-LR runs.
     results = []
     for cell, choice in zip(cells, choices):
         comparisons = {"tuned": (choice["dsd"]["lr"], choice["dense"]["lr"]),
                        "same_lr": (cell.reference_lr, cell.reference_lr)}
         result = {"task": cell.task, "regime": cell.regime, "value": cell.value,
+                  "grid_extensions": extensions[id(cell)],
                   "shown": REGIMES[cell.regime].shown(cell.value), "key": cell.key(),
                   "metric": cell.metric, "higher_is_better": cell.higher_is_better,
                   "config": {k: v for k, v in cell.config.to_dict().items() if k != "lr"},
@@ -437,7 +466,8 @@ def table(result: dict) -> str:
         lines.append("")
     cells = result["cells"]
     lines.append(f"{result['seeds']} seeds per cell; Holm over {cells[0]['tuned']['family_size']} "
-                 f"distinct cells per comparison; * a chosen LR at the edge of its grid.")
+                 f"distinct cells per comparison; * a chosen LR at the edge of its grid, after "
+                 f"widening it {BUDGETS[result['budget']]['extensions']} times (x2) that way.")
     return "\n".join(lines) + "\n"
 
 
