@@ -18,16 +18,24 @@ Rows of dsd (seconds are host time per MaskedAdamW.step):
   they were (what CUDA's caching allocator usually gives after zero_grad(set_to_none=True));
 - "cached, grads moved": gradients at new addresses every step (two sets alternate; the
   time of assigning them alone is subtracted): the gradients' table is built and sent again;
-- "uncached": every table built every step (the cache cleared before each);
-- "op not run": MaskedAdamW.step with a no-op kernel, dsd_kernels.optim's own Python work.
+- "uncached": the optimizer's plans and every table built every step (both dropped before
+  each);
+- "op not run": MaskedAdamW.step with a no-op kernel: dsd_kernels.optim's own Python work
+  and the dispatcher's passing of the lists to a Python kernel.
 torch fused runs for real on one-element CPU tensors, the closest measure of its per-step
-host work without a GPU. With --device cuda the same rows are timed on CUDA tensors (real
-driver, launches still stubbed), and then both real steps on the GPU.
+host work without a GPU. Part of it is its `_foreach_add_` of the step counts, one kernel per
+CPU tensor, which on a GPU is one launch: timed alone in the row after it. Every row is timed
+call by call in turn with torch's fused step, and x_torch is the ratio of the two medians, so
+that another job slowing this machine's CPU slows both sides alike. With --device
+cuda the same rows are timed on CUDA tensors (real driver, launches still stubbed), and then
+both real steps on the GPU.
 """
 
 import argparse
 import os
+import statistics
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -120,11 +128,33 @@ def _per_call(fn, counters):
     return counted, growth
 
 
+def _paired_seconds(fn, reference, min_time: float) -> tuple[float, float]:
+    """Median seconds per call of fn and of reference, called in turn: on a machine where
+    other work slows the CPU now and then, both see the same slowdowns, so their ratio holds
+    where separate medians would not."""
+    fn()
+    reference()
+    times, reference_times, start = [], [], time.perf_counter()
+    while len(times) < 5 or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        reference()
+        times.append(t1 - t0)
+        reference_times.append(time.perf_counter() - t1)
+    return statistics.median(times), statistics.median(reference_times)
+
+
 def _host_rows(case, shapes, device, min_time, env):
-    """The stubbed dsd rows and torch fused on one-element tensors, for one tensor list."""
+    """The stubbed dsd rows and torch fused on one-element tensors, for one tensor list; each
+    row's x_torch from its calls taken in turn with torch's fused step."""
     rows = []
     uploads = [0]
     upload = tables.upload
+    tiny = [torch.nn.Parameter(torch.zeros(1)) for _ in shapes]
+    for p in tiny:
+        p.grad = torch.ones(1)
+    fused = torch.optim.AdamW(tiny, **ADAMW, fused=True)
 
     def counted_upload(device_, *host):
         uploads[0] += 1
@@ -133,21 +163,25 @@ def _host_rows(case, shapes, device, min_time, env):
     tables.upload = counted_upload
     counters = [lambda: optim._TABLES.builds, lambda: uploads[0]]
 
-    def row(impl, seconds, per_step=(None, None)):
+    def row(impl, fn, per_step=lambda: (None, None), subtract=None):
+        """A row for fn (less the time of `subtract`), timed in turn with torch's step."""
+        seconds, torch_seconds = _paired_seconds(fn, fused.step, min_time)
+        if subtract is not None:
+            seconds -= median_seconds(subtract, "cpu", min_time=min_time)
+        builds, uploads_ = per_step()
         rows.append(dict(env, op="step_overhead", case=case, tensors=len(shapes),
                          numel=sum(torch.Size(s).numel() for s in shapes), impl=impl,
-                         seconds=seconds, builds_per_step=per_step[0],
-                         uploads_per_step=per_step[1], load_avg_1min=os.getloadavg()[0]))
-        print(f"  {case:>24}  {impl:<44} {seconds * 1e3:.3f} ms", flush=True)
+                         seconds=seconds, x_torch=seconds / torch_seconds,
+                         torch_fused_seconds=torch_seconds, builds_per_step=builds,
+                         uploads_per_step=uploads_, load_avg_1min=os.getloadavg()[0]))
+        print(f"  {case:>24}  {impl:<50} {seconds * 1e3:.3f} ms "
+              f"({seconds / torch_seconds:.2f}x torch's)", flush=True)
 
     try:
         with serving(device, TRITON), stubbed_launches():
             params, opt = _masked_adamw(shapes, device, untouched=device == "cpu")
             opt.step()  # compiles the variants once
-            step, growth = _per_call(opt.step, counters)
-            row("dsd MaskedAdamW, cached, same grads", median_seconds(step, "cpu",
-                                                                        min_time=min_time),
-                growth())
+            row("dsd MaskedAdamW, cached, same grads", *_per_call(opt.step, counters))
 
             grads = [[p.grad for p in params], [torch.empty_like(p) for p in params]]
             turn = [0]
@@ -161,34 +195,25 @@ def _host_rows(case, shapes, device, min_time, env):
                 swap()
                 opt.step()
 
-            swapped, growth = _per_call(swap_and_step, counters)
-            seconds = median_seconds(swapped, "cpu", min_time=min_time)
-            seconds -= median_seconds(swap, "cpu", min_time=min_time)
-            row("dsd MaskedAdamW, cached, grads moved", seconds, growth())
+            row("dsd MaskedAdamW, cached, grads moved", *_per_call(swap_and_step, counters),
+                subtract=swap)
 
             def uncached():
                 optim._TABLES.clear()
+                opt._plans = ()
                 opt.step()
 
-            fresh, growth = _per_call(uncached, counters)
-            row("dsd MaskedAdamW, uncached", median_seconds(fresh, "cpu", min_time=min_time),
-                growth())
+            row("dsd MaskedAdamW, uncached", *_per_call(uncached, counters))
         with serving(device, {"masked_adam_": lambda *args: None}):
-            row("dsd MaskedAdamW, op not run", median_seconds(opt.step, "cpu",
-                                                              min_time=min_time))
+            row("dsd MaskedAdamW, op not run", opt.step)
         del params, opt
     finally:
         tables.upload = upload
 
-    tiny = [torch.nn.Parameter(torch.zeros(1)) for _ in shapes]
-    for p in tiny:
-        p.grad = torch.ones(1)
-    fused = torch.optim.AdamW(tiny, **ADAMW, fused=True)
-    row("torch AdamW fused, 1-element CPU tensors",
-        median_seconds(fused.step, "cpu", min_time=min_time))
-    torch_seconds = rows[-1]["seconds"]
-    for r in rows:
-        r["x_torch"] = r["seconds"] / torch_seconds
+    row("torch AdamW fused, 1-element CPU tensors", fused.step)
+    steps = [fused.state[p]["step"] for p in tiny]
+    row("torch AdamW fused: its _foreach_add_ of the steps",
+        lambda: torch._foreach_add_(steps, 1))
     return rows
 
 

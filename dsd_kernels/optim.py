@@ -3,7 +3,9 @@
 Each subclasses its torch.optim class, so the constructor, defaults, param groups, state
 layout and state_dict format are torch's own, and LR schedulers, GradScaler and checkpoints
 work unchanged. `step` runs one fused masked update per device and param group: a pruned
-weight and its optimizer state are exactly 0 after every step, whatever the gradient.
+weight and its optimizer state are exactly 0 after every step, whatever the gradient. Its
+checks and bucketing are kept per param group and reused while nothing they were built from
+has changed (`_Plan`), so a step in a training loop costs little host time per tensor.
 
     opt = MaskedAdamW(model.parameters(), lr=1e-3)
     opt.set_masks({model.fc.weight: mask})   # prunes now; the mask holds until cleared
@@ -18,8 +20,9 @@ scheduler, which owns `lr` and may set it to absolute values every step.
 """
 
 import types
-from collections import defaultdict
 from collections.abc import Mapping
+from itertools import chain, compress, repeat
+from operator import attrgetter, is_, is_not, itemgetter
 
 import torch
 
@@ -31,6 +34,11 @@ _ops = torch.ops.dsd
 
 LR_SCALE = "dsd_lr_scale"  # param-group key: the step's learning rate is lr * group[LR_SCALE]
 
+_GRAD, _DTYPE, _DEVICE, _IS_SPARSE = map(attrgetter, ("grad", "dtype", "device", "is_sparse"))
+_PLAIN = {torch.Tensor, torch.nn.Parameter}  # types the kernels take as they are
+_NO_STATE: dict = {}
+_CPU = torch.device("cpu")
+
 
 def step_lr(group: dict) -> float:
     """The learning rate a masked step uses for a param group: lr x its LR_SCALE."""
@@ -38,12 +46,16 @@ def step_lr(group: dict) -> float:
 
 
 class _Masked:
-    """Mask bookkeeping shared by the masked optimizers (mixed in before the torch class)."""
+    """Mask bookkeeping and the step shared by the masked optimizers (mixed in before the
+    torch class). A subclass names the state entries its step reads (`_read_state`, in the
+    order buckets keep them), creates a parameter's state (`_state_for`) and launches its
+    fused kernel on a bucket (`_launch`)."""
 
     # GradScaler hands over `grad_scale` and `found_inf`: the kernels unscale gradients as
     # they read them, instead of a separate unscale pass over every gradient.
     _step_supports_amp_scaling = True
     _state_names: tuple[str, ...] = ()  # state tensors zeroed with the weight when pruned
+    _plans: list | tuple = ()  # per param group, its last step's _Plan (None: not reusable)
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group (the constructor's groups pass here too), refusing the
@@ -88,6 +100,7 @@ class _Masked:
                                  "bfloat16")
         # Kept in the parameter's memory layout (channels_last, ...), so no step converts it.
         self._masks = {p: _in_layout_of(mask, local_tensor(p)) for p, mask in masks.items()}
+        self._plans = ()  # they would not match the new dict, but would hold the old masks
         targets, target_masks = [], []
         for p, mask in self._masks.items():
             state = self.state.get(p, {})
@@ -100,6 +113,7 @@ class _Masked:
     def clear_masks(self) -> None:
         """Lift every mask: pruned weights (0, with 0 state) are free to regrow."""
         self._masks = {}
+        self._plans = ()
 
     def state_dict(self) -> dict:
         """torch's optimizer state_dict plus "masks": {param index: bool mask}."""
@@ -128,6 +142,7 @@ class _Masked:
             masks[p] = _in_layout_of(mask, local_tensor(p))
         super().load_state_dict(state_dict)
         self._masks = masks
+        self._plans = ()  # they would not match the new state, but would hold the old one
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -144,47 +159,164 @@ class _Masked:
             return loss
         grad_scale = getattr(self, "grad_scale", None)
         ensure_selected()
+        checked = []
         for index, group in enumerate(self.param_groups):  # all checks before any update
-            self._check_group(index, group)
-        for group in self.param_groups:
-            self._update_group(group, grad_scale)
+            _refuse_unsupported(group, f"param group {index}")
+            grads = list(map(_GRAD, group["params"]))
+            plan = self._plans[index] if index < len(self._plans) else None
+            if plan is None or not plan.matches(self, group, grads):
+                self._check_group(index, group)
+                plan = None
+            checked.append((group, grads, plan))
+        plans = []
+        for group, grads, plan in checked:
+            if plan is None:
+                plan = self._plan(group, grads)
+            plans.append(plan if plan.reusable else None)
+            for bucket, bucket_grads in plan.launches(grads):
+                self._launch(group, bucket, bucket_grads, grad_scale)
+        self._plans = plans
         return loss
 
     def _check_group(self, index: int, group: dict) -> None:
-        """Everything a step could refuse in this group, checked before anything changes."""
-        _refuse_unsupported(group, f"param group {index}")
+        """Everything a step could refuse in this group's tensors, checked before anything
+        changes (a plan that matches stands for these checks having passed)."""
         names = group.get("param_names")
+
+        def what(i):
+            return f"param group {index}, parameter {i}" + (f" ({names[i]!r})" if names else "")
+
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
-            what = f"param group {index}, parameter {i}" + (f" ({names[i]!r})" if names else "")
             if p.grad.is_sparse:
-                raise ValueError(f"{what} has a sparse gradient; the masked optimizers need "
+                raise ValueError(f"{what(i)} has a sparse gradient; the masked optimizers need "
                                  "dense gradients")
             if p.dtype not in _checks.FLOAT_DTYPES:
-                raise ValueError(f"{what} has dtype {p.dtype}; supported: float32, float16, "
+                raise ValueError(f"{what(i)} has dtype {p.dtype}; supported: float32, float16, "
                                  "bfloat16")
             mask = self._masks.get(p)
             if mask is not None and mask.device != p.device:
-                raise ValueError(f"the mask of {what} is on {mask.device} but the parameter "
+                raise ValueError(f"the mask of {what(i)} is on {mask.device} but the parameter "
                                  f"moved to {p.device}; call set_masks again after moving it")
 
-    def _grads_by_device(self, group, make_state):
-        """Params of a group that have gradients, bucketed per (device, key from make_state).
-        The kernels see plain tensors: an FSDP2 (DTensor) parameter updates its local shard."""
-        buckets = defaultdict(lambda: defaultdict(list))
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            mask = self._masks.get(p)
-            key, state = make_state(p)
-            bucket = buckets[(p.device, key)]
-            bucket["params"].append(local_tensor(p))
-            bucket["grads"].append(local_tensor(p.grad))
-            bucket["masks"].append(mask)
-            for name, value in state.items():
-                bucket[name].append(local_tensor(value))
-        return buckets
+    def _plan(self, group: dict, grads: list) -> "_Plan":
+        """The plan of a checked group's step: its params with gradients bucketed per (device,
+        kind of step), with the state a first step needs created."""
+        has_grad = tuple(g is not None for g in grads)
+        present = list(compress(group["params"], has_grad))
+        names = self._read_state(group)
+        buckets, created = {}, False
+        for i, p in enumerate(present):
+            key, state, new = self._state_for(group, p)
+            created |= new
+            bucket = buckets.get((p.device, key))
+            if bucket is None:
+                bucket = buckets[(p.device, key)] = _Bucket(p.device, key, len(names))
+            bucket.positions.append(i)
+            bucket.params.append(p)
+            bucket.masks.append(self._masks.get(p))
+            bucket.state_dicts.append(state)
+            for column, name in zip(bucket.states, names):
+                column.append(state[name])
+        plain = set(map(type, compress(grads, has_grad))) <= _PLAIN
+        for bucket in buckets.values():
+            plain &= bucket.to_local()
+        # A plan made while creating state would not be made again (SGD's first step is a
+        # kind of its own); one of FSDP2 parameters would hold local shards that FSDP may
+        # replace between steps.
+        reusable = plain and not created
+        if reusable:
+            for bucket in buckets.values():
+                self._share_state(bucket)
+        return _Plan(self, group, has_grad, present, list(buckets.values()), reusable)
+
+    def _share_state(self, bucket: "_Bucket") -> None:
+        """Lay out the state of a reusable plan's bucket for cheap steps (Adam's step counts)."""
+
+
+class _Bucket:
+    """The tensors of one fused launch, as the kernels see them (an FSDP2 parameter's local
+    shard): a group's params with gradients on one device, for SGD also of one kind of step."""
+
+    def __init__(self, device: torch.device, key, states: int):
+        self.device, self.key = device, key
+        self.positions = []  # where its params are in the group's list of those with gradients
+        self.params, self.masks, self.state_dicts = [], [], []
+        self.states = [[] for _ in range(states)]  # per entry of the optimizer's _read_state
+        self.counts = None  # Adam's step counts as one tensor, when _shared_counts made it
+
+    def to_local(self) -> bool:
+        """Replace DTensors by their local shards; whether every tensor was plain already."""
+        plain = True
+        for tensors in (self.params, *self.states):
+            if not set(map(type, tensors)) <= _PLAIN:
+                local = list(map(local_tensor, tensors))
+                plain &= all(map(is_, local, tensors))
+                tensors[:] = local
+        return plain
+
+
+class _Plan:
+    """A param group's checked and bucketed step, reused by the next step while everything
+    it was built from is unchanged (`matches`): a training loop then pays a few passes in C
+    over the group's tensors per step instead of the checks and bucketing in Python.
+
+    A plan holds what it was built from, so none of it is freed and its id reused, and
+    compares it by identity: the group and its params, which of them have a gradient, their
+    dtypes and devices (`p.data = ...` changes those of the same object), the masks dict
+    (set_masks, clear_masks and load_state_dict assign a new one, never change one) and every
+    state tensor the step reads (a new state dict, a tensor replaced or removed). Gradients
+    are checked (dense, plain tensors) and taken anew on every step; lr, betas, weight decay
+    and the other hyper-parameters are read by every launch and are no part of a plan.
+    """
+
+    def __init__(self, optimizer, group, has_grad, present, buckets, reusable):
+        self.has_grad, self.buckets, self.reusable = has_grad, buckets, reusable
+        if reusable:  # what `matches` compares
+            self.group, self.params, self.present = group, list(group["params"]), present
+            self.masks = optimizer._masks
+            self.dtypes = tuple(map(_DTYPE, present))
+            self.devices = tuple(map(_DEVICE, present))
+            self.state_names = optimizer._read_state(group)
+            self.state = _state_tensors(optimizer.state, present, self.state_names)
+
+    def matches(self, optimizer, group: dict, grads: list) -> bool:
+        """Would a plan built now for this group and these gradients be this one?"""
+        params = group["params"]
+        if (group is not self.group or optimizer._masks is not self.masks
+                or len(params) != len(self.params) or not all(map(is_, params, self.params))
+                or tuple(map(is_not, grads, repeat(None))) != self.has_grad
+                or optimizer._read_state(group) != self.state_names):
+            return False
+        grads = list(compress(grads, self.has_grad))
+        if any(map(_IS_SPARSE, grads)) or not set(map(type, grads)) <= _PLAIN:
+            return False
+        if (tuple(map(_DTYPE, self.present)) != self.dtypes
+                or tuple(map(_DEVICE, self.present)) != self.devices):
+            return False
+        state = _state_tensors(optimizer.state, self.present, self.state_names)
+        return state is not None and all(map(is_, state, self.state))
+
+    def launches(self, grads: list):
+        """(bucket, its gradients as the kernels see them) for this step's gradients."""
+        grads = list(compress(grads, self.has_grad))
+        if not self.reusable:
+            grads = list(map(local_tensor, grads))
+        if len(self.buckets) == 1:
+            return [(self.buckets[0], grads)]
+        return [(b, [grads[i] for i in b.positions]) for b in self.buckets]
+
+
+def _state_tensors(state: Mapping, params: list, names: tuple[str, ...]) -> list | None:
+    """The state entries `names` of every param, in one list; None if one is missing."""
+    if not names:
+        return []
+    try:
+        values = list(map(itemgetter(*names), map(state.get, params, repeat(_NO_STATE))))
+    except KeyError:
+        return None
+    return list(chain.from_iterable(values)) if len(names) > 1 else values
 
 
 def _in_layout_of(mask: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -222,51 +354,78 @@ class MaskedSGD(_Masked, torch.optim.SGD):
                          maximize=maximize, differentiable=differentiable)
         self._masks = {}
 
-    def _update_group(self, group, grad_scale):
-        momentum = float(group["momentum"])
+    def _read_state(self, group):
+        return ("momentum_buffer",) if float(group["momentum"]) != 0 else ()
 
-        def make_state(p):
-            # A new buffer is a copy of the first gradient in torch.optim, which is what a
-            # zero buffer gives on a step without dampening.
-            if momentum == 0:
-                return False, {}
-            state = self.state[p]
-            fresh = state.get("momentum_buffer") is None
-            if fresh:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            return fresh, {"momentum_buffers": state["momentum_buffer"]}
+    def _state_for(self, group, p):
+        """(bucket key: a first step, p's state, whether this created it). A new buffer is a
+        copy of the first gradient in torch.optim, which is what a zero buffer gives on a step
+        without dampening."""
+        if float(group["momentum"]) == 0:
+            return False, None, False
+        state = self.state[p]
+        fresh = state.get("momentum_buffer") is None
+        if fresh:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return fresh, state, fresh
 
-        for (device, fresh), b in self._grads_by_device(group, make_state).items():
-            _ops.masked_sgd_(
-                b["params"], b["grads"], b["momentum_buffers"], b["masks"],
-                step_lr(group), momentum, 0.0 if fresh else float(group["dampening"]),
-                float(group["weight_decay"]), bool(group["nesterov"]),
-                bool(group["maximize"]), _scale_on(grad_scale, device))
+    def _launch(self, group, bucket, grads, grad_scale):
+        momentum_buffers = bucket.states[0] if bucket.states else []
+        _ops.masked_sgd_(
+            bucket.params, grads, momentum_buffers, bucket.masks, step_lr(group),
+            float(group["momentum"]), 0.0 if bucket.key else float(group["dampening"]),
+            float(group["weight_decay"]), bool(group["nesterov"]), bool(group["maximize"]),
+            _scale_on(grad_scale, bucket.device))
 
 
 class _MaskedAdamStep(_Masked):
     _state_names = ("exp_avg", "exp_avg_sq")
 
-    def _update_group(self, group, grad_scale):
-        def make_state(p):
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            return None, {"exp_avgs": state["exp_avg"], "exp_avg_sqs": state["exp_avg_sq"],
-                          "step_counts": state["step"]}
+    def _read_state(self, group):
+        return ("step", "exp_avg", "exp_avg_sq")
 
+    def _state_for(self, group, p):
+        state = self.state[p]
+        created = not state
+        if created:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return None, state, created
+
+    def _share_state(self, bucket):
+        bucket.counts = _shared_counts(bucket)
+
+    def _launch(self, group, bucket, grads, grad_scale):
+        step_counts, exp_avgs, exp_avg_sqs = bucket.states
+        # Counted once every parameter of every group has passed the checks.
+        if bucket.counts is not None:
+            steps = bucket.counts.add_(1).tolist()
+        else:
+            torch._foreach_add_(step_counts, 1)
+            steps = [float(step) for step in step_counts]
         beta1, beta2 = (float(beta) for beta in group["betas"])
         decoupled = group.get("decoupled_weight_decay", isinstance(self, torch.optim.AdamW))
-        for (device, _), b in self._grads_by_device(group, make_state).items():
-            # Counted once every parameter has passed the checks, in one call per bucket.
-            torch._foreach_add_(b["step_counts"], 1)
-            _ops.masked_adam_(
-                b["params"], b["grads"], b["exp_avgs"], b["exp_avg_sqs"], b["masks"],
-                [float(step) for step in b["step_counts"]], step_lr(group), beta1, beta2,
-                float(group["eps"]), float(group["weight_decay"]), bool(decoupled),
-                bool(group["maximize"]), _scale_on(grad_scale, device))
+        _ops.masked_adam_(
+            bucket.params, grads, exp_avgs, exp_avg_sqs, bucket.masks, steps, step_lr(group),
+            beta1, beta2, float(group["eps"]), float(group["weight_decay"]), bool(decoupled),
+            bool(group["maximize"]), _scale_on(grad_scale, bucket.device))
+
+
+def _shared_counts(bucket: _Bucket) -> torch.Tensor | None:
+    """A bucket's Adam step counts moved into one tensor, each state["step"] now a 0-d view
+    of it, so that a step counts them with one add (a foreach add over CPU scalars is one
+    kernel per tensor) and reads them with one copy. Returns it; None, leaving the counts as
+    they are, unless they are distinct 0-d CPU tensors of one dtype."""
+    steps = bucket.states[0]
+    kinds = set(zip(map(_DTYPE, steps), map(_DEVICE, steps), map(torch.Tensor.dim, steps)))
+    if len(kinds) != 1 or kinds.pop()[1:] != (_CPU, 0) or len(set(map(id, steps))) < len(steps):
+        return None
+    counts = torch.stack(steps)
+    bucket.states[0] = list(counts.unbind())
+    for state, view in zip(bucket.state_dicts, bucket.states[0]):
+        state["step"] = view
+    return counts
 
 
 class MaskedAdam(_MaskedAdamStep, torch.optim.Adam):

@@ -347,3 +347,135 @@ def test_masks_take_the_layout_of_channels_last_parameters(backend, device):
     state["masks"] = {0: mask.contiguous()}
     opt.load_state_dict(state)
     assert opt.masks[p].stride() == p.stride() and torch.equal(opt.masks[p], mask)
+
+
+def _plan_script(name, device, uncached):
+    """Run a script of every change a step's plan (dsd_kernels.optim._Plan) depends on, with a
+    step after each. Returns snapshots of every parameter and state value after each step,
+    and per step and param group whether the step reused the group's plan. With `uncached`,
+    every step plans afresh and counts Adam's steps tensor by tensor, as without a cache."""
+    masked_cls, _, kwargs = OPTIMIZERS[name]
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=gen).to(device)
+
+    params = [torch.nn.Parameter(randn(*s)) for s in [(6, 5), (7,), (2, 3, 4), (3,), (5,)]]
+    opt = masked_cls(params[:3], **kwargs)
+    snapshots, reused = [], []
+
+    def step(new_grads=True, without=()):
+        for p in (p for group in opt.param_groups for p in group["params"]):
+            if any(p is q for q in without):
+                p.grad = None
+            elif new_grads or p.grad is None:
+                p.grad = randn(*p.shape).to(p.dtype)
+            else:  # the same gradient tensors, written in place
+                p.grad.copy_(randn(*p.shape))
+        if uncached:
+            opt._plans = ()
+        before = list(opt._plans)
+        opt.step()
+        reused.append([plan is not None and i < len(before) and plan is before[i]
+                       for i, plan in enumerate(opt._plans)])
+        snapshots.append([t.detach().clone() for p in params for t in
+                          [p, *opt.state.get(p, {}).values()] if t is not None])
+
+    def masks(seed):
+        g = torch.Generator().manual_seed(seed)
+        return {p: (torch.rand(p.shape, generator=g) > 0.4).to(device) for p in params[:2]}
+
+    def refused(match):
+        """A step the checks refuse changes nothing, its plan kept or not."""
+        before = [t.detach().clone() for p in params for t in [p, *opt.state.get(p, {}).values()]]
+        with pytest.raises(ValueError, match=match):
+            opt.step()
+        after = [t.detach() for p in params for t in [p, *opt.state.get(p, {}).values()]]
+        assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+    step()  # creates the state: a plan made then is not kept
+    step()  # plans once, kept
+    step()  # new gradients
+    step(new_grads=False)
+    for group in opt.param_groups:  # hyper-parameters never replan
+        group.update(lr=group["lr"] * 0.5, weight_decay=0.2)
+        if "betas" in group:
+            group["betas"] = (0.8, 0.99)
+        else:
+            group["dampening"] = 0.3
+    step()
+    opt.set_masks(masks(1))
+    step()
+    step()
+    opt.set_masks(masks(2))
+    step()
+    opt.clear_masks()
+    step()
+    step(without=[params[1]])
+    step()
+    state = opt.state[params[0]]
+    for key in list(state):  # every state tensor of a parameter replaced by hand
+        state[key] = state[key].clone()
+    step()
+    del opt.state[params[2]]  # one parameter's state reset: its next step is a first
+    step()
+    step()
+    params[1].data = params[1].data.clone()  # new storage, same parameter: the plan holds
+    step()
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    step()
+    opt.param_groups[0]["params"][1] = params[3]  # replaced by another (its state stays)
+    step()
+    step()
+    params[2].data = torch.randn(4, 3, generator=gen).to(device)  # resized, state reset
+    del opt.state[params[2]]
+    step()
+    step()
+    opt.add_param_group({"params": [params[4]], "lr": 0.03})
+    step()
+    step()
+    step()
+    if name == "sgd":  # momentum 0 reads no state; back to momentum, the buffers are there
+        opt.param_groups[0]["momentum"] = 0.0
+        step()
+        opt.param_groups[0]["momentum"] = 0.9
+        step()
+    params[0].data = params[0].data.double()  # a dtype change the checks refuse
+    refused("param group 0, parameter 0 has dtype torch.float64")
+    params[0].data = params[0].data.float()
+    step()
+    params[3].grad = params[3].grad.to_sparse()
+    refused("param group 0, parameter 1 has a sparse gradient")
+    step()
+    return snapshots, reused
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_reused_plans_match_fresh_ones_through_every_change(backend, device, name, monkeypatch):
+    """A step reuses its param group's plan (its checks, buckets and state lists) while
+    nothing the plan was built from changed, and plans again after any change: bit for bit
+    the same steps as planning afresh every step."""
+    from dsd_kernels import optim
+
+    if backend == "triton":
+        pytest.skip("slow in Triton's interpreter; test_triton_cache runs the Triton path "
+                    "with and without plans")
+    cached, reused = _plan_script(name, device, uncached=False)
+    monkeypatch.setattr(optim, "_shared_counts", lambda bucket: None)
+    fresh, _ = _plan_script(name, device, uncached=True)
+    assert len(cached) == len(fresh)
+    for step, (got, expected) in enumerate(zip(cached, fresh)):
+        assert len(got) == len(expected), f"step {step}"
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert g.dtype == e.dtype and torch.equal(g, e), f"step {step}, tensor {i}"
+    F, T = False, True
+    expected = [[F], [F], [T], [T], [T],  # created, planned, reused: new grads, same, hyper
+                [F], [T], [F], [F],  # set_masks, reused, set_masks, clear_masks
+                [F], [F], [F],  # a gradient missing, back; a state tensor replaced
+                [F], [F], [T],  # a state reset: a first step, planned, reused after p.data=
+                [F],  # load_state_dict
+                [F], [F], [F], [F],  # a parameter replaced, planned; resized with its state
+                [T, F], [T, F], [T, T]]  # add_param_group: group 0's plan holds
+    expected += [[F, T], [F, T]] if name == "sgd" else []  # momentum 0 and back
+    expected += [[T, T], [T, T]]  # after a refused dtype change, a refused sparse gradient
+    assert reused == expected
