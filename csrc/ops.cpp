@@ -5,6 +5,9 @@
 
 TORCH_LIBRARY(dsd_cpp, m) {
   m.def("kth_smallest_abs(Tensor[] xs, int k) -> Tensor");
+  m.def(
+      "magnitude_histogram(Tensor[] xs, int[] rows, Tensor prefixes, int shift, int bits) "
+      "-> Tensor");
   m.def("magnitude_masks(Tensor[] xs, float sparsity, str scope) -> Tensor[]");
   m.def("apply_masks_(Tensor(a!)[] xs, Tensor[] masks) -> ()");
   m.def(

@@ -5,7 +5,8 @@ functions in `dsd_kernels/__init__.py` validate input and then call `torch.ops.d
 The fake implementations let `torch.compile` and `torch.library.opcheck` trace the ops.
 
 Semantics every backend shares (docs/design.md):
-- magnitudes are compared as fp32 |x| (exact for fp16/bf16/fp32 inputs);
+- magnitudes are compared as fp32 |x| (exact for fp16/bf16/fp32 inputs), by their key: the
+  fp32 bit pattern of |x| (31 bits; +0.0 and -0.0 both 0), which orders like the magnitudes;
 - `k = floor(sparsity * N)` entries are pruned, the k smallest |x|, ties broken by position
   (lower flat index, then earlier tensor, pruned first); masks are True where kept;
 - a pruned position is written as +0.0 in the weight and in every optimizer state tensor;
@@ -21,6 +22,11 @@ NAMESPACE = "dsd"
 
 SCHEMAS = {
     "kth_smallest_abs": "(Tensor[] xs, int k) -> Tensor",
+    # hist[r, d]: how many entries of the tensors with rows[i] == r have a magnitude key whose
+    # bits above shift + bits equal prefixes[r] and whose digit (key >> shift) % 2**bits is d;
+    # 1 <= bits <= 8 and shift + bits <= 31.
+    "magnitude_histogram": "(Tensor[] xs, int[] rows, Tensor prefixes, int shift, int bits) "
+                           "-> Tensor",
     "magnitude_masks": "(Tensor[] xs, float sparsity, str scope) -> Tensor[]",
     "apply_masks_": "(Tensor(a!)[] xs, Tensor[] masks) -> ()",
     "masked_sgd_": (
@@ -57,6 +63,11 @@ def magnitude_dtype(xs) -> torch.dtype:
 @torch.library.register_fake(f"{NAMESPACE}::kth_smallest_abs")
 def _kth_smallest_abs_fake(xs, k):
     return xs[0].new_empty((), dtype=magnitude_dtype(xs))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::magnitude_histogram")
+def _magnitude_histogram_fake(xs, rows, prefixes, shift, bits):
+    return prefixes.new_empty((prefixes.numel(), 1 << bits), dtype=torch.int64)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::magnitude_masks")

@@ -6,11 +6,14 @@ rank order, as FSDP's dim-0 sharding and flat-parameter sharding both lay it out
 global position of an entry is (tensor, rank, local flat index); the masks equal the ones a
 single process computes on the gathered tensors, ties included.
 
-Radix select over the 31 magnitude bits of fp32 |x| (fp16/bf16 upcast exactly): passes of
-11, 10 and 10 bits; each rank histograms its candidates locally and one all_reduce per pass
-sums the histograms (one row per tensor for scope="layer", one row for "global"). Bytes sent
-per rank: 16*T (sizes and NaN flags), 8*R*(2048 + 1024 + 1024) for the three histograms with
-R rows, and for masks 8*T*world (the tie counts, all_gathered) — independent of model size.
+The radix select of `radix.select` on the selected backend's `magnitude_histogram` kernel:
+each pass histograms one digit of every local shard in one op call, and one all_reduce sums
+the histograms of all tensors (one row per tensor for scope="layer", one row for "global").
+Nothing is copied per element but bounded chunks while the masks are written. Collectives per
+call: one all_reduce of sizes and NaN flags, one per pass (4 for fp32, 3 for fp16, 2 for bf16),
+and for masks one all_gather of the tie counts. Bytes sent per rank: 16*T, then 8*R*(128 + 256
++ 256 + 256) for the fp32 passes with R rows, and 8*T*world for the tie counts: independent of
+the model's size.
 """
 
 import functools
@@ -18,9 +21,12 @@ import functools
 import torch
 import torch.distributed as dist
 
-from . import _checks, _ops
+from . import _checks, _ops, radix
+from .backends import ensure_selected
 
-_PASS_BITS = (11, 10, 10)  # high to low; 31 bits in all: the sign bit of |x| is always 0
+# Elements compared at once while writing masks: bounds the temporaries (about 13 bytes per
+# element of the chunk) whatever the shard's size.
+MASK_CHUNK = 1 << 18
 
 
 @functools.cache
@@ -60,11 +66,6 @@ def unshard(xs):
     return (local[0] if isinstance(xs, torch.Tensor) else local), mesh.get_group()
 
 
-def _magnitude_bits(x: torch.Tensor) -> torch.Tensor:
-    """The fp32 bit pattern of |x|, flat, as int64 (ordered like the magnitudes)."""
-    return x.detach().reshape(-1).float().abs().view(torch.int32).long()
-
-
 def _validated(xs, process_group, names):
     """Shards checked on every rank; a problem on any rank raises on all of them."""
     xs, label = _checks.weights(xs, names)
@@ -80,32 +81,22 @@ def _validated(xs, process_group, names):
     return xs, numels
 
 
-def _select(bits, rows, ks, process_group):
-    """Per row, the magnitude bits of the k-th smallest entry, and its rank among the entries
-    equal to it (the ties to prune). `rows[r]` lists the indices of the tensors in row r."""
-    device = bits[0].device
-    prefix = torch.zeros(len(rows), dtype=torch.int64, device=device)
-    remaining = torch.tensor(ks, dtype=torch.int64, device=device)
-    done_bits = 0
-    for width in _PASS_BITS:
-        shift = 31 - done_bits - width
-        hist = torch.zeros(len(rows), 1 << width, dtype=torch.int64, device=device)
-        for r, members in enumerate(rows):
-            for i in members:
-                b = bits[i]
-                candidates = b[(b >> (shift + width)) == prefix[r]]
-                hist[r] += torch.bincount((candidates >> shift) & ((1 << width) - 1),
-                                          minlength=1 << width)
-        dist.all_reduce(hist, group=process_group)
-        cumulative = hist.cumsum(1)
-        bucket = torch.searchsorted(cumulative, remaining.unsqueeze(1)).squeeze(1)
-        below = torch.where(bucket > 0,
-                            cumulative.gather(1, (bucket - 1).clamp(min=0).unsqueeze(1)).squeeze(1),
-                            0)
-        remaining = remaining - below
-        prefix = (prefix << width) | bucket
-        done_bits += width
-    return prefix, remaining
+def _select(xs, rows, ks, process_group):
+    """radix.select over the shards, the histograms summed over the ranks at every pass."""
+    ensure_selected()
+    return radix.select(xs, rows, torch.tensor(ks, dtype=torch.int64, device=xs[0].device),
+                        lambda hist: dist.all_reduce(hist, group=process_group))
+
+
+def _keys(chunk: torch.Tensor) -> torch.Tensor:
+    """The magnitude keys (fp32 bit patterns of |x|) of a flat chunk, as int32."""
+    return chunk.float().view(torch.int32) & 0x7FFFFFFF
+
+
+def _chunks(x: torch.Tensor):
+    flat = x.detach().reshape(-1)
+    for start in range(0, flat.numel(), MASK_CHUNK):
+        yield start, flat[start:start + MASK_CHUNK]
 
 
 def kth_smallest_abs(xs, k: int, process_group, *, names=None) -> torch.Tensor:
@@ -114,10 +105,8 @@ def kth_smallest_abs(xs, k: int, process_group, *, names=None) -> torch.Tensor:
     k = _checks.integer(k, "k")
     if not 1 <= k <= sum(numels):
         raise ValueError(f"k must be in [1, {sum(numels)}] (the number of elements), got {k}")
-    bits = [_magnitude_bits(x) for x in xs]
-    value_bits, _ = _select(bits, [list(range(len(xs)))], [k], process_group)
-    value = value_bits.to(torch.int32).view(torch.float32)[0]
-    return value.to(_ops.magnitude_dtype(xs))
+    key, _ = _select(xs, [0] * len(xs), [k], process_group)
+    return key.to(torch.int32).view(torch.float32)[0].to(_ops.magnitude_dtype(xs))
 
 
 def magnitude_masks(xs, sparsity: float, scope: str, process_group, *, names=None) -> list:
@@ -126,33 +115,40 @@ def magnitude_masks(xs, sparsity: float, scope: str, process_group, *, names=Non
     sparsity = _checks.sparsity(sparsity)
     scope = _checks.scope(scope)
     if scope == "layer":
-        rows = [[i] for i in range(len(xs))]
+        rows = list(range(len(xs)))
         ks = [_ops.pruned_count(sparsity, n) for n in numels]
     else:
-        rows = [list(range(len(xs)))]
+        rows = [0] * len(xs)
         ks = [_ops.pruned_count(sparsity, sum(numels))]
-    bits = [_magnitude_bits(x) for x in xs]
     # Rows that prune nothing still take part in the collectives (with k = 1) and keep all.
-    value_bits, ties_to_prune = _select(bits, rows, [max(k, 1) for k in ks], process_group)
+    keys, ties_to_prune = _select(xs, rows, [max(k, 1) for k in ks], process_group)
+    keys = keys.to(torch.int32)
 
-    row_of = {i: r for r, members in enumerate(rows) for i in members}
-    tied = [b == value_bits[row_of[i]] for i, b in enumerate(bits)]
-    counts = torch.stack([t.sum() for t in tied])
+    # Ties break by global position: earlier tensors of the row (all ranks), then earlier ranks.
+    counts = torch.stack([sum(((_keys(c) == keys[r]).sum() for _, c in _chunks(x)),
+                              torch.zeros((), dtype=torch.int64, device=x.device))
+                          for x, r in zip(xs, rows)])
     world = dist.get_world_size(process_group)
     gathered = [torch.empty_like(counts) for _ in range(world)]
     dist.all_gather(gathered, counts, group=process_group)
     ties = torch.stack(gathered)  # [rank, tensor]
-    me = dist.get_rank(process_group)
+    earlier_ranks = ties[:dist.get_rank(process_group)].sum(0)
+    per_tensor = ties.sum(0)
+    earlier_tensors = per_tensor.cumsum(0) - per_tensor if scope == "global" \
+        else torch.zeros_like(per_tensor)
+    offsets = earlier_tensors + earlier_ranks
 
     masks = []
-    for i, (x, b, t) in enumerate(zip(xs, bits, tied)):
-        r = row_of[i]
-        if ks[r] == 0:
-            masks.append(torch.ones(x.shape, dtype=torch.bool, device=x.device))
-            continue
-        # Ties in earlier positions: earlier tensors of the row (all ranks), then earlier ranks.
-        earlier = [j for j in rows[r] if j < i]
-        offset = ties[:, earlier].sum() + ties[:me, i].sum()
-        pruned = (b < value_bits[r]) | (t & (torch.cumsum(t, 0) + offset <= ties_to_prune[r]))
-        masks.append((~pruned).reshape(x.shape))
+    for i, (x, r) in enumerate(zip(xs, rows)):
+        mask = torch.ones(x.numel(), dtype=torch.bool, device=x.device)
+        if ks[r]:
+            seen = offsets[i]
+            for start, chunk in _chunks(x):
+                k = _keys(chunk)
+                tied = k == keys[r]
+                rank_among_ties = torch.cumsum(tied, 0) + seen
+                mask[start:start + chunk.numel()] = ~(
+                    (k < keys[r]) | (tied & (rank_among_ties <= ties_to_prune[r])))
+                seen = seen + tied.sum()
+        masks.append(mask.reshape(x.shape))
     return masks

@@ -34,11 +34,11 @@ def _shard(x, rank, world, seed):
     return x[bounds[rank]: bounds[rank + 1]]
 
 
-def _worker(rank, world, init_file, check):
+def _worker(rank, world, init_file, check, backend):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
-        dk.use_backend("torch")
+        dk.use_backend(backend)
         check(rank, world)
     finally:
         dist.destroy_process_group()
@@ -117,13 +117,49 @@ def _check_fsdp2_masked_training(rank, world):
         torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=1e-5, atol=1e-6)
 
 
-def _spawn(check, world, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), check), nprocs=world, join=True)
+def _check_collectives_per_call(rank, world):
+    """One all_reduce per radix pass for all tensors together, whatever their number."""
+    group = dist.group.WORLD
+    calls = []
+    real = {name: getattr(dist, name) for name in ("all_reduce", "all_gather")}
+    for name, collective in real.items():
+        setattr(dist, name, lambda *a, _name=name, _real=collective, **kw: calls.append(_name)
+                or _real(*a, **kw))
+    try:
+        for count in (3, 60):
+            for dtype, passes in ((torch.float32, 4), (torch.float16, 3), (torch.bfloat16, 2)):
+                full = [_oracle.make((count % 5 + 2, 3), dtype, "cpu", "ties", seed=i)
+                        for i in range(count)]
+                shards = [_shard(x, rank, world, seed=i) for i, x in enumerate(full)]
+                for scope in ("layer", "global"):
+                    calls.clear()
+                    got = dk.magnitude_masks(shards, 0.5, scope, process_group=group)
+                    # sizes and NaN flags, one per pass, the tie counts
+                    assert calls == ["all_reduce"] * (1 + passes) + ["all_gather"], calls
+                    want = dk.magnitude_masks(full, 0.5, scope)
+                    assert all(torch.equal(g, _shard(w, rank, world, seed=i))
+                               for i, (g, w) in enumerate(zip(got, want)))
+                calls.clear()
+                dk.kth_smallest_abs(shards, 5, process_group=group)
+                assert calls == ["all_reduce"] * (1 + passes)
+    finally:
+        for name, collective in real.items():
+            setattr(dist, name, collective)
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_sharded_masks_equal_single_process(world, tmp_path):
-    _spawn(_check_masks_and_thresholds, world, tmp_path)
+def _spawn(check, world, tmp_path, backend="torch"):
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), check, backend), nprocs=world,
+             join=True)
+
+
+@pytest.mark.parametrize("world, backend", [(2, "torch"), (3, "torch"), (4, "torch"),
+                                            (2, "cpp"), (4, "cpp")])
+def test_sharded_masks_equal_single_process(world, backend, tmp_path):
+    _spawn(_check_masks_and_thresholds, world, tmp_path, backend)
+
+
+def test_one_collective_per_pass_for_any_number_of_tensors(tmp_path):
+    _spawn(_check_collectives_per_call, 2, tmp_path, "cpp")
 
 
 def test_fsdp2_masks_and_masked_training(tmp_path):

@@ -21,6 +21,16 @@ def kth_smallest_abs(xs, k):
     return torch.kthvalue(mags, k).values.to(magnitude_dtype(xs))
 
 
+def magnitude_histogram(xs, rows, prefixes, shift, bits):
+    hist = torch.zeros(prefixes.numel(), 1 << bits, dtype=torch.int64, device=prefixes.device)
+    for x, row in zip(xs, rows):
+        keys = _magnitudes(x).view(torch.int32).long()
+        candidates = keys[(keys >> (shift + bits)) == prefixes[row]]
+        hist[row] += torch.bincount((candidates >> shift) & ((1 << bits) - 1),
+                                    minlength=1 << bits)
+    return hist
+
+
 def _prune_masks(xs, k):
     """Masks that prune the k smallest |x| over all of `xs`, ties by position."""
     if k == 0:
@@ -101,6 +111,7 @@ def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, 
 
 KERNELS = {
     "kth_smallest_abs": kth_smallest_abs,
+    "magnitude_histogram": magnitude_histogram,
     "magnitude_masks": magnitude_masks,
     "apply_masks_": apply_masks_,
     "masked_sgd_": masked_sgd_,

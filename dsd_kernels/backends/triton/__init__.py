@@ -24,6 +24,7 @@ def load() -> Backend:
 
     kernels = {
         "kth_smallest_abs": threshold.kth_smallest_abs,
+        "magnitude_histogram": threshold.magnitude_histogram,
         "magnitude_masks": mask.magnitude_masks,
         "apply_masks_": mask.apply_masks_,
         "masked_sgd_": optim.masked_sgd_,

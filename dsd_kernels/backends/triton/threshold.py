@@ -45,18 +45,14 @@ import triton
 import triton.language as tl
 
 from ..._ops import magnitude_dtype
+from ...radix import DIGITS, PASSES
 from . import tables
 from .tables import column_pointer, lanes
 from .convert import to_fp32
 
-# (shift, width) of each digit, most significant first: bits 30..24, 23..16, 15..8, 7..0.
-# At most 256 bins: what tl.histogram costs per value depends on the bin count and on the
-# Triton version (docs/design.md, "How Triton lowers tl.histogram").
-DIGITS = ((24, 7), (16, 8), (8, 8), (0, 8))
+# The widest digit's bins (radix.DIGITS): what tl.histogram costs per value depends on the
+# bin count and on the Triton version (docs/design.md, "How Triton lowers tl.histogram").
 BINS = 256
-# Digits a dtype needs: below its mantissa the fp32 pattern is zero (fp16: bits 12..0,
-# bf16: bits 15..0), so the last digits of a list without fp32 are zero and need no pass.
-PASSES = {torch.float32: 4, torch.float16: 3, torch.bfloat16: 2}
 BLOCK = 2048  # elements per tl.histogram call (and per survivor slot reservation)
 CHUNK = 16 * BLOCK  # elements per program; its local histogram is flushed once
 NUM_WARPS = 8
@@ -244,11 +240,7 @@ def _radix_select(xs, ranks, segments):
     """radix_select, also returning the segments' final modes and survivor counts."""
     device = xs[0].device
     passes = max(PASSES[x.dtype] for x in xs)
-    key = (device, tuple(map(torch.Tensor.data_ptr, xs)), tuple(x.numel() for x in xs),
-           tuple(x.dtype for x in xs), tuple(segments), len(ranks))
-    found = _TABLES.get(key)
-    if found is None:
-        found = _TABLES.add(key, _select_tables(device, xs, segments, len(ranks)))
+    found = _cached_tables(device, xs, segments, len(ranks))
     survivor_chunk_segments, survivor_chunk_starts = found.survivor_chunks
     (rank,) = tables.upload(device, torch.tensor(ranks, dtype=torch.int64))
     prefix = torch.zeros(len(ranks), dtype=torch.int32, device=device)
@@ -262,14 +254,8 @@ def _radix_select(xs, ranks, segments):
                             device=device)
     with tables.on_device(device):
         for p, (shift, width) in enumerate(DIGITS[:passes]):
-            for group in found.groups:
-                for full, chunk_rows, chunk_starts in group.launches():
-                    _threshold_histogram_kernel[(chunk_rows.numel(),)](
-                        group.rows, chunk_rows, chunk_starts, prefix, histograms, modes,
-                        survivors, survivor_counts, found.bases, found.capacities,
-                        DTYPE=group.dtype, SHIFT=shift, WIDTH=width, BINS=BINS,
-                        APPEND=1 <= p <= passes - 2, ALIGNED=group.aligned, FULL=full,
-                        CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            _histograms(found, prefix, histograms, modes, survivors, survivor_counts, shift,
+                        width, append=1 <= p <= passes - 2)
             if p >= 2 and survivor_chunk_segments.numel():
                 _survivor_histogram_kernel[(survivor_chunk_segments.numel(),)](
                     survivor_chunk_segments, survivor_chunk_starts, prefix, histograms, modes,
@@ -279,6 +265,42 @@ def _radix_select(xs, ranks, segments):
                                                     found.capacities, WIDTH=width, BINS=BINS,
                                                     COMPACT_NEXT=1 <= p + 1 <= passes - 2)
     return prefix << DIGITS[passes - 1][0], rank, modes, survivor_counts
+
+
+def _histograms(found, prefix, histograms, modes, survivors, survivor_counts, shift, width,
+                append):
+    """One pass's histogram launches over every tensor of the tables (one per dtype group)."""
+    for group in found.groups:
+        for full, chunk_rows, chunk_starts in group.launches():
+            _threshold_histogram_kernel[(chunk_rows.numel(),)](
+                group.rows, chunk_rows, chunk_starts, prefix, histograms, modes, survivors,
+                survivor_counts, found.bases, found.capacities, DTYPE=group.dtype, SHIFT=shift,
+                WIDTH=width, BINS=BINS, APPEND=append, ALIGNED=group.aligned, FULL=full,
+                CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+def _cached_tables(device, xs, segments, count):
+    key = (device, tuple(map(torch.Tensor.data_ptr, xs)), tuple(x.numel() for x in xs),
+           tuple(x.dtype for x in xs), tuple(segments), count)
+    found = _TABLES.get(key)
+    return found if found is not None else _TABLES.add(
+        key, _select_tables(device, xs, segments, count))
+
+
+def magnitude_histogram(xs, rows, prefixes, shift, bits):
+    """The op on the radix select's histogram kernel: every tensor in one launch per dtype."""
+    device = prefixes.device
+    histograms = torch.zeros(prefixes.numel(), BINS, dtype=torch.int64, device=device)
+    kept = [(x, row) for x, row in zip(dense(xs), rows) if x.numel()]
+    if kept:
+        xs, rows = (list(column) for column in zip(*kept))
+        found = _cached_tables(device, xs, rows, prefixes.numel())
+        modes = torch.zeros(prefixes.numel(), dtype=torch.int32, device=device)
+        unused = torch.zeros(1, dtype=torch.int32, device=device)
+        with tables.on_device(device):
+            _histograms(found, prefixes.to(torch.int32), histograms, modes, unused,
+                        unused.long(), shift, bits, append=False)
+    return histograms[:, :1 << bits].contiguous()
 
 
 def dense(xs):
