@@ -1,9 +1,11 @@
 """What the bench scripts share besides timing: the command line, the sizes, the rows.
 
-A size is a number of elements in one tensor ("16e6") or "resnet50": the 161 parameter
-tensors of torchvision's ResNet-50 (25.6M elements), the "many small tensors" case.
-Every row of a run carries the environment (_timing.environment), the measured copy
-bandwidth, and `x_dsd`: the row's time over the time of the dsd row it is compared with.
+A size is a number of elements in one tensor ("16e6"), "resnet50": the 161 parameter tensors
+of torchvision's ResNet-50 (25.6M elements), or "gpt2": GPT-2 small's 148 (124M elements), the
+"many small tensors" cases. Every row of a run carries the environment (_timing.environment),
+the measured copy bandwidth, `x_dsd`: the row's time over the time of the dsd row it is
+compared with, and `x_read`: over the time of one streaming read of the same tensors (|x|
+into preallocated buffers), where the script measures it.
 """
 
 import argparse
@@ -18,7 +20,7 @@ from _timing import copy_bandwidth, environment, median_seconds, print_table, wr
 
 DEFAULT_SIZES = {"cpu": "1e5,1e6,16e6,resnet50", "cuda": "1e5,1e6,1e7,1e8,1e9,resnet50"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-COLUMNS = ["case", "impl", "ms", "GB/s", "%copy", "x_dsd"]
+COLUMNS = ["case", "impl", "ms", "GB/s", "%copy", "x_dsd", "x_read"]
 
 
 def parser(description: str, op: str) -> argparse.ArgumentParser:
@@ -52,13 +54,25 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
     return shapes + [(1000, 2048), (1000,)]
 
 
+def gpt2_small_shapes() -> list[tuple[int, ...]]:
+    """Hugging Face GPT-2 small's parameter shapes (Conv1D weights are in x out), in
+    named_parameters() order."""
+    d = 768
+    block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,),
+             (4 * d, d), (d,)]
+    return [(50257, d), (1024, d)] + block * 12 + [(d,), (d,)]
+
+
+_SHAPE_LISTS = {"resnet50": resnet50_shapes, "gpt2": gpt2_small_shapes}
+
+
 def cases(args) -> list[tuple[str, list[tuple[int, ...]]]]:
     """(label, shapes) for each requested size."""
     out = []
     for size in (args.sizes or DEFAULT_SIZES[args.device]).split(","):
-        if size == "resnet50":
-            shapes = resnet50_shapes()
-            out.append((f"resnet50 ({len(shapes)} tensors)", shapes))
+        if size in _SHAPE_LISTS:
+            shapes = _SHAPE_LISTS[size]()
+            out.append((f"{size} ({len(shapes)} tensors)", shapes))
         else:
             out.append((size, [(int(float(size)),)]))
     return out
@@ -84,6 +98,17 @@ class Run:
         print(f"{op}: {self.env['device_name']}, {self.env['cpu_threads']} threads, "
               f"dsd backend {self.env['dsd_backend']}, copy bandwidth {self.copy_gbps:.1f} GB/s")
         self.rows: list[dict] = []
+        self.reads: dict[str, float] = {}  # case: seconds of one streaming read
+
+    def streaming_read(self, case: str, xs) -> None:
+        """Time one read of the case's tensors (|x| into preallocated buffers): the least a
+        pass over the weights costs, which `x_read` divides by."""
+        buffers = [torch.empty_like(x) for x in xs]
+        self.reads[case] = median_seconds(
+            lambda: [torch.abs(x, out=b) for x, b in zip(xs, buffers)], self.args.device,
+            min_time=self.args.min_time)
+        print(f"  {case:>22}  {'one streaming read (abs into a buffer)':<44} "
+              f"{_ms(self.reads[case])} ms", flush=True)
 
     def time(self, case: str, numel: int, impl: str, fn, nbytes: int, reference: str) -> None:
         """One row: `fn`'s median time; `nbytes` is what the task must move at the least;
@@ -101,6 +126,7 @@ class Run:
                    load_avg_1min=os.getloadavg()[0], error=None if seconds else "out of memory")
         ref = next((r for r in self.rows if r["case"] == case and r["impl"] == reference), row)
         row["x_dsd"] = seconds / ref["seconds"] if seconds and ref["seconds"] else None
+        row["x_read"] = seconds / self.reads[case] if seconds and case in self.reads else None
         self.rows.append(row)
         print(f"  {case:>22}  {impl:<44} {_ms(seconds)} ms", flush=True)
 
@@ -109,7 +135,8 @@ class Run:
                     f"{self.args.device}_{self.op}.json")
         write_rows(path, self.rows)
         print_table([{"case": r["case"], "impl": r["impl"], "ms": _ms(r["seconds"]),
-                      "GB/s": r["gbps"], "%copy": r["pct_copy"], "x_dsd": r["x_dsd"]}
+                      "GB/s": r["gbps"], "%copy": r["pct_copy"], "x_dsd": r["x_dsd"],
+                      "x_read": r["x_read"]}
                      for r in self.rows], COLUMNS)
         print(f"rows written to {path}")
 

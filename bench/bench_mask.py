@@ -2,7 +2,8 @@
 L1Unstructured mask computation and its `weight_orig * mask` re-application, measured in the
 same run.
 
-    python bench/bench_mask.py --device cpu --backend cpp
+    python bench/bench_mask.py --device cpu --backend cpp --threads 2 \
+        --sizes 1e6,16e6,128e6,resnet50,gpt2 [--dtype bfloat16]
 
 Mask rows: per layer and global (prune.global_unstructured ranks the concatenation, as here).
 Apply rows: dsd's in-place bool mask against prune's float mask product (what its forward
@@ -36,6 +37,7 @@ def main():
         masks_bytes = numel * (size + 1)  # read w, write a bool mask
         apply_bytes = numel * (2 * size + 1)  # read w and the mask, write w
         s = args.sparsity
+        run.streaming_read(case, xs)
         run.time(case, numel, "dsd masks layer", lambda: dk.magnitude_masks(xs, s, "layer"),
                  masks_bytes, "dsd masks layer")
         run.time(case, numel, "prune.L1Unstructured layer (topk)",

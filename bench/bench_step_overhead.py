@@ -46,7 +46,7 @@ from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import dsd_kernels as dk  # noqa: E402
-from _cases import resnet50_shapes  # noqa: E402
+from _cases import gpt2_small_shapes, resnet50_shapes  # noqa: E402
 from _timing import environment, median_seconds, print_table, write_rows  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
@@ -56,15 +56,6 @@ from dsd_kernels.backends.triton import mask, optim, tables  # noqa: E402
 
 ADAMW = dict(lr=1e-3, weight_decay=1e-2)
 COLUMNS = ["case", "impl", "ms", "x_torch", "builds/step", "uploads/step"]
-
-
-def gpt2_small_shapes() -> list[tuple[int, ...]]:
-    """Hugging Face GPT-2 small's parameter shapes (Conv1D weights are in x out), in
-    named_parameters() order."""
-    d = 768
-    block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,),
-             (4 * d, d), (d,)]
-    return [(50257, d), (1024, d)] + block * 12 + [(d,), (d,)]
 
 
 @contextmanager

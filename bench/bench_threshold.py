@@ -1,7 +1,8 @@
 """Exact k-th smallest |w| (the pruning threshold): dsd_kernels against torch.kthvalue and
 torch.topk on the concatenated |w|, measured in the same run.
 
-    python bench/bench_threshold.py --device cpu --backend cpp
+    python bench/bench_threshold.py --device cpu --backend cpp --threads 2 \
+        --sizes 1e6,16e6,128e6,resnet50,gpt2 [--dtype bfloat16]
 
 Rows per size: "global" (one threshold over all tensors) and, for lists of tensors, "layer"
 (one threshold per tensor). "op only" calls torch.ops.dsd directly, skipping the public API's
@@ -26,6 +27,7 @@ def main():
         numel = sum(x.numel() for x in xs)
         nbytes = numel * xs[0].element_size()  # one read of the weights
         k = max(1, pruned_count(args.sparsity, numel))
+        run.streaming_read(case, xs)
         run.time(case, numel, "dsd global", lambda: dk.kth_smallest_abs(xs, k), nbytes,
                  "dsd global")
         run.time(case, numel, "dsd global, op only",
