@@ -1,6 +1,6 @@
 """Where DSD helps: the study of `dsd study`, writing its results into bench/results/.
 
-    python bench/accuracy.py --jobs 2             # the README's study, about an hour on 2 cores
+    python bench/accuracy.py --jobs 2             # the README's study, ~1.5 hours on 2 cores
     python bench/accuracy.py --budget quick       # a few seconds: a check
     python bench/accuracy.py --tasks text --set device=\\"cuda\\"   # one task, on a GPU
 
