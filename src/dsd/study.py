@@ -40,6 +40,7 @@ OWNED = {"task": "give --tasks", "seed": "give --seeds: the runs take seeds 0 to
          "evaluate_test": "runs never read the test split; the study evaluates it after the "
                           "learning rates are chosen"}
 ARMS = ("dsd", "dense")
+_TRAINER_ARM = dict(zip(ARMS, ("dsd", "baseline")))  # the arm's name in a run's files
 
 
 @dataclass(frozen=True)
@@ -242,9 +243,8 @@ def train_one(config: RunConfig, run_dir: Path) -> dict:
     try:
         summary = train(config, run_dir, quiet=True)
         record = {"diverged": None, "train_seconds": summary["train_seconds"],
-                  **{arm: {k: v for k, v in summary["arms"][name]["final"].items()
-                           if k.startswith("val_")}
-                     for arm, name in zip(ARMS, ("dsd", "baseline"))}}
+                  **{arm: {k: v for k, v in summary["arms"][_TRAINER_ARM[arm]]["final"].items()
+                           if k.startswith("val_")} for arm in ARMS}}
     except DivergedError as error:
         record = {"diverged": str(error), "train_seconds": time.perf_counter() - began}
     record_path.write_text(json.dumps(record) + "\n")
@@ -349,7 +349,15 @@ def run_study(budget: str = "full", *, tasks=None, regimes=None, seeds: int | No
         if not any(widened):
             break
     train_wall = time.perf_counter() - began
-    # ... then the test split, of the chosen runs and of the reference-LR runs.
+    # ... then the test split, of the chosen runs and of the reference-LR runs; cells that
+    # share a config, and the two comparisons of a cell, often name the same run.
+    tested = {}
+
+    def test_scores(run_dir, arm):
+        if (run_dir, arm) not in tested:
+            tested[run_dir, arm] = evaluate_saved(run_dir, "test", _TRAINER_ARM[arm])
+        return tested[run_dir, arm]
+
     results = []
     for cell, choice in zip(cells, choices):
         comparisons = {"tuned": (choice["dsd"]["lr"], choice["dense"]["lr"]),
@@ -364,7 +372,7 @@ def run_study(budget: str = "full", *, tasks=None, regimes=None, seeds: int | No
                            for lr in cell.grid for s in range(seeds)]}
         for name, lrs in comparisons.items():
             result[name] = _compare(cell, lrs, [[run_of(cell, lr, s) for s in range(seeds)]
-                                                for lr in lrs])
+                                                for lr in lrs], test_scores)
         results.append(result)
     _correct(results)
     seconds = sum(record["train_seconds"] for record in records.values())
@@ -375,14 +383,14 @@ def run_study(budget: str = "full", *, tasks=None, regimes=None, seeds: int | No
             "wall_seconds_this_call": round(train_wall, 1), "jobs": jobs, "cells": results}
 
 
-def _compare(cell: Cell, lrs: tuple, runs: list[list]) -> dict:
-    """Test numbers of each arm at its learning rate, per seed, and the paired test of DSD
-    minus dense; None where a run at that rate diverged."""
+def _compare(cell: Cell, lrs: tuple, runs: list[list], test_scores) -> dict:
+    """Test numbers of each arm at its learning rate, per seed (`test_scores(run_dir, arm)`),
+    and the paired test of DSD minus dense; None where a run at that rate diverged."""
     key = f"test_{cell.metric}"
     if any(record["diverged"] for arm_runs in runs for _, record in arm_runs):
         return {"lr": dict(zip(ARMS, lrs)), "diverged": True}
-    tests = {arm: [evaluate_saved(run_dir, "test", "dsd" if arm == "dsd" else "baseline")[key]
-                   for run_dir, _ in arm_runs] for arm, arm_runs in zip(ARMS, runs)}
+    tests = {arm: [test_scores(run_dir, arm)[key] for run_dir, _ in arm_runs]
+             for arm, arm_runs in zip(ARMS, runs)}
     return {"lr": dict(zip(ARMS, lrs)), "diverged": False,
             "dsd_test": tests["dsd"], "dense_test": tests["dense"],
             "dsd_mean": float(np.mean(tests["dsd"])), "dense_mean": float(np.mean(tests["dense"])),
