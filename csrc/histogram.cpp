@@ -29,17 +29,17 @@ at::Tensor magnitude_histogram(at::TensorList xs, at::IntArrayRef rows, const at
   const int64_t num_rows = prefix_values.numel();
   const int64_t bins = int64_t{1} << bits;
   at::Tensor hist = at::zeros({num_rows, bins}, prefixes.options().dtype(at::kLong));
-  std::vector<at::Tensor> kept;
-  std::vector<at::Tensor> contiguous;
+  std::vector<at::Tensor> keep_alive;  // contiguous copies of strided inputs
+  std::vector<at::Tensor> nonempty;
   std::vector<int64_t> segment_rows;
   for (size_t i = 0; i < xs.size(); ++i) {
     TORCH_CHECK(0 <= rows[i] && rows[i] < num_rows, "dsd_cpp.magnitude_histogram: rows[", i,
                 "]=", rows[i], " is outside [0, ", num_rows, ")");
     if (xs[i].numel() == 0) continue;
-    contiguous.push_back(xs[i]);
+    nonempty.push_back(xs[i]);
     segment_rows.push_back(rows[i]);
   }
-  const std::vector<Segment> segments = make_segments(contiguous, kept);
+  const std::vector<Segment> segments = make_segments(nonempty, keep_alive);
   const int64_t total = total_numel(segments);
   if (total == 0) return hist;
 

@@ -45,7 +45,7 @@ def summary(config, plan, history: dict, sparsity: dict, branch_epoch: int, seco
         keys = [key for key in _FINAL_KEYS + _BPC_KEYS if key in last]
         own = history[arm]  # the epochs this arm trained itself
         arms[arm] = {
-            "final": {key: rows[plan.total][key] for key in keys},
+            "final": {key: last[key] for key in keys},
             "phase_end": [{key: rows[phase["last_epoch"]][key] for key in keys}
                           for phase in phases],
             "examples_per_second": _median([row["examples_per_second"] for row in own]),

@@ -642,9 +642,9 @@ class _Run:
         lr = step_lr(arm.optimizer.param_groups[0])
         weights = ", weights not finite" if math.isfinite(train_loss) else ""
         raise DivergedError(f"training diverged in epoch {epoch + 1} of the {arm.name} arm "
-                       f"({arm.dsd.phase.kind} phase, lr {lr:g}): train loss {train_loss:g}"
-                       f"{weights}; stopped before saving it, so the run's files hold only the "
-                       "epochs before it (try a lower lr in a new run)")
+                            f"({arm.dsd.phase.kind} phase, lr {lr:g}): train loss {train_loss:g}"
+                            f"{weights}; stopped before saving it, so the run's files hold only "
+                            "the epochs before it (try a lower lr in a new run)")
 
     def _phase_started(self, arm: _Arm, epoch: int) -> None:
         index, phase = arm.dsd.phase_index, arm.dsd.phase
