@@ -189,8 +189,55 @@ struct Selection {
   int64_t equal;
 };
 
-// Exact, 1 <= k <= total_numel(segments). Defined in threshold.cpp.
-Selection select_kth(const std::vector<Segment>& segments, int64_t k);
+// ---- selection (select.cpp) -----------------------------------------------------------
+// A group is ranked on its own: the concatenation of its segments (starts relative to the
+// group). One group of all tensors for a global threshold, one group per tensor per layer.
+using Group = std::vector<Segment>;
+
+// A range [begin, end) of a group's concatenation: the unit of work of the selection and of
+// the mask writer. Each group's concatenation is cut at multiples of kSelectChunk.
+struct Chunk {
+  int64_t group;
+  int64_t begin;
+  int64_t end;
+};
+constexpr int64_t kSelectChunk = int64_t{1} << 16;
+
+struct Selections {
+  std::vector<Chunk> chunks;          // every group's chunks, group by group, in order
+  std::vector<int64_t> first_chunk;   // per group, its first chunk; then chunks.size()
+  std::vector<Selection> selected;    // per group with k > 0
+  std::vector<int64_t> chunk_ties;    // per chunk: its keys equal to the group's selected key
+  std::vector<char> ties_known;       // per group: chunk_ties is filled for its chunks
+};
+
+// Per group g with ks[g] >= 1 (and <= its size), the ks[g]-th smallest key; ks[g] == 0
+// selects nothing. Exact for every input.
+Selections select_groups(const std::vector<Group>& groups, const std::vector<int64_t>& ks);
+
+// Fills chunk_ties for the chunks of every group with `wanted[g]` whose ties are not known.
+void count_chunk_ties(const std::vector<Group>& groups, Selections& selections,
+                      const std::vector<char>& wanted);
+
+// ---- digit histograms (histogram.cpp) ------------------------------------------------------
+// The digit plan of the exact radix select, most significant first: the one of
+// dsd_kernels/radix.py (DIGITS, PASSES), which the Triton kernels and the sharded path use.
+struct Digit {
+  int shift;
+  int bits;
+};
+constexpr Digit kDigits[] = {{24, 7}, {16, 8}, {8, 8}, {0, 8}};
+
+// Digits a dtype needs: below its mantissa the fp32 pattern of |x| is zero.
+inline int digit_passes(at::ScalarType dtype) {
+  return dtype == at::kFloat ? 4 : dtype == at::kHalf ? 3 : 2;
+}
+
+// hist[r * 2^bits + d]: keys of the segments with segment_rows[i] == r whose bits above
+// shift + bits equal prefixes[r] and whose digit is d (magnitude_histogram's contract).
+std::vector<int64_t> digit_histograms(const std::vector<Segment>& segments,
+                                      const std::vector<int64_t>& segment_rows,
+                                      const std::vector<int64_t>& prefixes, int shift, int bits);
 
 inline float key_to_float(uint32_t key) {
   float value;

@@ -7,68 +7,75 @@
 
 #include <torch/library.h>
 
-#include <numeric>
 #include <string_view>
 
 namespace dsd_cpp {
 namespace {
 
-// Elements per parallel task. Tied entries are ranked chunk by chunk: counting the ties of
-// every chunk first tells each chunk the rank of its first tie, whatever thread runs it.
+// Elements per parallel task of apply_masks_.
 constexpr int64_t kChunk = int64_t{1} << 16;
-
-// Per-layer masks: a tensor this large is split across threads; smaller ones go one per thread.
-constexpr int64_t kSplitNumel = int64_t{1} << 20;
-
-// Writes each segment's mask so that the k smallest |x| of their concatenation are pruned.
-void write_masks(const std::vector<Segment>& segments, int64_t k) {
-  const int64_t total = total_numel(segments);
-  if (k == 0) {
-    for (const Segment& s : segments) std::fill(s.mask, s.mask + s.numel, true);
-    return;
-  }
-  const Selection selected = select_kth(segments, k);
-  const uint32_t threshold = selected.key;
-  const int64_t ties_to_prune = k - selected.less;  // in [1, selected.equal]
-  const int64_t chunks = (total + kChunk - 1) / kChunk;
-  auto for_each_in_chunk = [&](int64_t c, const auto& f) {
-    for_each_key_block(segments, c * kChunk, std::min(total, (c + 1) * kChunk), f);
-  };
-  if (ties_to_prune == selected.equal) {
-    parallel_dynamic(chunks, [&](int64_t c) {
-      for_each_in_chunk(c, [&](const Segment& s, int64_t i, const uint32_t* bits, int64_t n) {
-        bool* out = s.mask + i;
-        for (int64_t j = 0; j < n; ++j) out[j] = (bits[j] & kKeyMask) > threshold;
-      });
-    });
-    return;
-  }
-  std::vector<int64_t> ties_before(chunks + 1, 0);  // ties in the chunks before chunk c
-  parallel_dynamic(chunks, [&](int64_t c) {
-    int64_t ties = 0;
-    for_each_in_chunk(c, [&](const Segment&, int64_t, const uint32_t* bits, int64_t n) {
-      for (int64_t j = 0; j < n; ++j) ties += (bits[j] & kKeyMask) == threshold;
-    });
-    ties_before[c + 1] = ties;
-  });
-  std::partial_sum(ties_before.begin(), ties_before.end(), ties_before.begin());
-  parallel_dynamic(chunks, [&](int64_t c) {
-    int64_t rank = ties_before[c];  // 1-based rank of the last tie seen
-    for_each_in_chunk(c, [&](const Segment& s, int64_t i, const uint32_t* bits, int64_t n) {
-      bool* out = s.mask + i;
-      for (int64_t j = 0; j < n; ++j) {
-        const uint32_t key = bits[j] & kKeyMask;
-        const bool tied = key == threshold;
-        rank += tied;
-        out[j] = key > threshold || (tied && rank > ties_to_prune);
-      }
-    });
-  });
-}
 
 // floor(sparsity * n) in double, as Python's math.floor(sparsity * n) computes it.
 int64_t pruned_count(double sparsity, int64_t n) {
   return static_cast<int64_t>(std::floor(sparsity * static_cast<double>(n)));
+}
+
+// Writes every group's masks so that the ks[g] smallest |x| of its concatenation are pruned:
+// one selection for all groups (select.cpp), then one parallel pass over all their chunks.
+void write_masks(const std::vector<Group>& groups, const std::vector<int64_t>& ks) {
+  Selections selections = select_groups(groups, ks);
+  // Tie ranks are needed only where some of the selected key's entries are kept.
+  std::vector<char> ranked(groups.size(), 0);
+  for (size_t g = 0; g < groups.size(); ++g) {
+    ranked[g] = ks[g] > 0 && ks[g] - selections.selected[g].less < selections.selected[g].equal;
+  }
+  count_chunk_ties(groups, selections, ranked);
+  std::vector<int64_t> ties_before(selections.chunks.size(), 0);  // in the group's earlier chunks
+  for (size_t g = 0; g < groups.size(); ++g) {
+    int64_t ties = 0;
+    for (int64_t c = selections.first_chunk[g]; c < selections.first_chunk[g + 1]; ++c) {
+      ties_before[c] = ties;
+      ties += selections.chunk_ties[c];
+    }
+  }
+  parallel_dynamic(static_cast<int64_t>(selections.chunks.size()), [&](int64_t c) {
+    const Chunk& chunk = selections.chunks[c];
+    const int64_t g = chunk.group;
+    const Selection& selected = selections.selected[g];
+    const uint32_t threshold = selected.key;
+    const int64_t ties_to_prune = ks[g] - selected.less;  // in [1, selected.equal] when k > 0
+    // Where the chunk's ties are all pruned (or all kept), no tie needs its rank.
+    enum { kKeepAll, kKeepAbove, kKeepFromThreshold, kRankTies } rule;
+    if (ks[g] == 0) rule = kKeepAll;
+    else if (!ranked[g] || ties_before[c] + selections.chunk_ties[c] <= ties_to_prune)
+      rule = kKeepAbove;
+    else if (ties_before[c] >= ties_to_prune) rule = kKeepFromThreshold;
+    else rule = kRankTies;
+    int64_t rank = ties_before[c];  // 1-based rank of the last tie seen
+    for_each_key_block(groups[g], chunk.begin, chunk.end,
+                       [&](const Segment& s, int64_t i, const uint32_t* bits, int64_t n) {
+      bool* out = s.mask + i;
+      switch (rule) {
+        case kKeepAll:
+          std::fill(out, out + n, true);
+          break;
+        case kKeepAbove:
+          for (int64_t j = 0; j < n; ++j) out[j] = (bits[j] & kKeyMask) > threshold;
+          break;
+        case kKeepFromThreshold:
+          for (int64_t j = 0; j < n; ++j) out[j] = (bits[j] & kKeyMask) >= threshold;
+          break;
+        case kRankTies:
+          for (int64_t j = 0; j < n; ++j) {
+            const uint32_t key = bits[j] & kKeyMask;
+            const bool tied = key == threshold;
+            rank += tied;
+            out[j] = key > threshold || (tied && rank > ties_to_prune);
+          }
+          break;
+      }
+    });
+  });
 }
 
 std::vector<at::Tensor> magnitude_masks(at::TensorList xs, double sparsity, std::string_view scope) {
@@ -80,21 +87,19 @@ std::vector<at::Tensor> magnitude_masks(at::TensorList xs, double sparsity, std:
   for (const auto& x : xs) masks.push_back(at::empty(x.sizes(), x.options().dtype(at::kBool)));
   std::vector<at::Tensor> keep_alive;
   const std::vector<Segment> segments = make_segments(xs, keep_alive, masks);
+  std::vector<Group> groups;
+  std::vector<int64_t> ks;
   if (scope == "global") {
-    write_masks(segments, pruned_count(sparsity, total_numel(segments)));
-    return masks;
+    groups.push_back(segments);
+    ks.push_back(pruned_count(sparsity, total_numel(segments)));
+  } else {
+    for (Segment segment : segments) {
+      segment.start = 0;
+      groups.push_back({segment});
+      ks.push_back(pruned_count(sparsity, segment.numel));
+    }
   }
-  auto write_layer = [&](const Segment& segment) {
-    Segment alone = segment;
-    alone.start = 0;
-    write_masks({alone}, pruned_count(sparsity, alone.numel));
-  };
-  std::vector<const Segment*> small;
-  for (const Segment& s : segments) {
-    if (s.numel >= kSplitNumel) write_layer(s);
-    else small.push_back(&s);
-  }
-  parallel_dynamic(static_cast<int64_t>(small.size()), [&](int64_t i) { write_layer(*small[i]); });
+  write_masks(groups, ks);
   return masks;
 }
 

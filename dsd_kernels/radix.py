@@ -1,5 +1,6 @@
 """The digit plan of the exact radix select on magnitude keys, and its driver over the
-`magnitude_histogram` op: written once for every path that selects by histograms.
+`magnitude_histogram` op: written once for every path that selects by histograms (the C++
+selection's fallback, csrc/select.cpp, repeats the plan as kDigits in csrc/dsd_cpu.h).
 
 A key is the fp32 bit pattern of |x| (31 bits), which orders like the magnitudes. A pass counts
 one digit of the keys that still share the digits chosen so far; the digit whose bucket holds

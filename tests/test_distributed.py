@@ -40,6 +40,8 @@ def _worker(rank, world, init_file, check, backend):
     try:
         dk.use_backend(backend)
         check(rank, world)
+        # No rank tears gloo down while a peer's last collective may still be in flight.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
