@@ -79,9 +79,11 @@ def non_finite(xs: list) -> torch.Tensor:
 
     A tensor's min and max are NaN or infinite exactly when one of its entries is; aminmax
     finds them in one read without a temporary (on CPU over 10x faster than isfinite().all()).
+    One aminmax per tensor and three ops for the whole list: per-tensor ops cost more than
+    the reads on lists of many small tensors.
     """
-    return torch.stack([~torch.isfinite(torch.stack(torch.aminmax(x))).all() if x.numel()
-                        else torch.tensor(False, device=x.device) for x in xs])
+    extremes = [e for x in xs for e in (torch.aminmax(x) if x.numel() else (x.new_zeros(()),) * 2)]
+    return ~torch.isfinite(torch.stack(extremes).view(-1, 2)).all(1)
 
 
 def finite(xs: list, label: Names) -> None:
