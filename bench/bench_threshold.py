@@ -5,7 +5,8 @@ torch.topk on the concatenated |w|, measured in the same run.
         --sizes 1e6,16e6,128e6,resnet50,gpt2 [--dtype bfloat16]
 
 Rows per size: "global" (one threshold over all tensors) and, for lists of tensors, "layer"
-(one threshold per tensor). "op only" calls torch.ops.dsd directly, skipping the public API's
+(one threshold per tensor: `kth_smallest_abs(xs, ks)` with one k per tensor, in one call; and
+one call per tensor). "op only" calls torch.ops.dsd directly, skipping the public API's
 input validation (which reads every tensor once more to reject NaN/Inf).
 """
 
@@ -39,12 +40,14 @@ def main():
                  nbytes, "dsd global")
         if len(xs) > 1:
             ks = [max(1, pruned_count(args.sparsity, x.numel())) for x in xs]
-            run.time(case, numel, "dsd layer",
-                     lambda: [dk.kth_smallest_abs(x, kx) for x, kx in zip(xs, ks)], nbytes,
+            run.time(case, numel, "dsd layer", lambda: dk.kth_smallest_abs(xs, ks), nbytes,
                      "dsd layer")
             run.time(case, numel, "dsd layer, op only",
-                     lambda: [torch.ops.dsd.kth_smallest_abs([x], kx) for x, kx in zip(xs, ks)],
-                     nbytes, "dsd layer")
+                     lambda: torch.ops.dsd.kth_smallest_abs_per_tensor(xs, ks), nbytes,
+                     "dsd layer")
+            run.time(case, numel, "dsd layer, one call per tensor",
+                     lambda: [dk.kth_smallest_abs(x, kx) for x, kx in zip(xs, ks)], nbytes,
+                     "dsd layer")
             run.time(case, numel, "torch.kthvalue layer",
                      lambda: [torch.kthvalue(x.abs().reshape(-1), kx) for x, kx in zip(xs, ks)],
                      nbytes, "dsd layer")

@@ -5,6 +5,7 @@
 
 TORCH_LIBRARY(dsd_cpp, m) {
   m.def("kth_smallest_abs(Tensor[] xs, int k) -> Tensor");
+  m.def("kth_smallest_abs_per_tensor(Tensor[] xs, int[] ks) -> Tensor");
   m.def(
       "magnitude_histogram(Tensor[] xs, int[] rows, Tensor prefixes, int shift, int bits) "
       "-> Tensor");

@@ -21,10 +21,31 @@ at::Tensor kth_smallest_abs(at::TensorList xs, int64_t k) {
   return at::scalar_tensor(key_to_float(selected.key), at::TensorOptions().dtype(dtype));
 }
 
+// Every tensor a group of its own: all thresholds from one sample each and one pass over all.
+at::Tensor kth_smallest_abs_per_tensor(at::TensorList xs, at::IntArrayRef ks) {
+  TORCH_CHECK(ks.size() == xs.size(), "dsd_cpp.kth_smallest_abs_per_tensor: ", ks.size(),
+              " ks for ", xs.size(), " tensors");
+  std::vector<at::Tensor> keep_alive;
+  std::vector<Group> groups;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    TORCH_CHECK(1 <= ks[i] && ks[i] <= xs[i].numel(), "dsd_cpp.kth_smallest_abs_per_tensor: ks[",
+                i, "]=", ks[i], " is outside [1, ", xs[i].numel(), "]");
+    groups.push_back(make_segments({xs[i]}, keep_alive));
+  }
+  const Selections selections = select_groups(groups, ks.vec());
+  at::ScalarType dtype = xs[0].scalar_type();
+  for (const auto& x : xs) dtype = c10::promoteTypes(dtype, x.scalar_type());
+  at::Tensor out = at::empty({static_cast<int64_t>(xs.size())}, at::TensorOptions().dtype(at::kFloat));
+  float* values = out.data_ptr<float>();
+  for (size_t i = 0; i < xs.size(); ++i) values[i] = key_to_float(selections.selected[i].key);
+  return out.to(dtype);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dsd_cpp, CPU, m) {
   m.impl("kth_smallest_abs", TORCH_FN(kth_smallest_abs));
+  m.impl("kth_smallest_abs_per_tensor", TORCH_FN(kth_smallest_abs_per_tensor));
 }
 
 }  // namespace dsd_cpp

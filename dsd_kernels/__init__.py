@@ -24,11 +24,13 @@ __all__ = [
 _ops_ = torch.ops.dsd
 
 
-def kth_smallest_abs(xs, k: int, *, names: Sequence[str] | None = None,
+def kth_smallest_abs(xs, k: int | Sequence[int], *, names: Sequence[str] | None = None,
                      process_group=None) -> torch.Tensor:
     """The exact k-th smallest |x| (1 <= k <= N) over one tensor or a list of tensors.
 
-    Returns a 0-dim tensor on the inputs' device, in their promoted dtype.
+    Returns a 0-dim tensor on the inputs' device, in their promoted dtype. With `k` a list of
+    one int per tensor, each tensor is ranked on its own (k[i] in [1, xs[i].numel()]) and a
+    1-D tensor holds the thresholds, all found in one call (the per-layer thresholds).
     `names` (one per tensor) only makes error messages name the offending tensor.
     With a `process_group`, `xs` are this rank's shards and the result is over the gathered
     tensors (see `dsd_kernels.distributed`); every rank of the group must call it. FSDP2
@@ -39,13 +41,14 @@ def kth_smallest_abs(xs, k: int, *, names: Sequence[str] | None = None,
     if process_group is not None:
         return distributed.kth_smallest_abs(xs, k, process_group, names=names)
     xs, label = _checks.weights(xs, names)
-    total = sum(x.numel() for x in xs)
-    k = _checks.integer(k, "k")
-    if not 1 <= k <= total:
-        raise ValueError(f"k must be in [1, {total}] (the number of elements), got {k}")
+    numels = [x.numel() for x in xs]
+    per_tensor = isinstance(k, (list, tuple))
+    k = _checks.ranks(k, numels, label) if per_tensor else _checks.rank(k, sum(numels))
     _checks.finite(xs, label)
     _ensure_selected()
     with torch.no_grad():
+        if per_tensor:
+            return _ops_.kth_smallest_abs_per_tensor(xs, k)
         return _ops_.kth_smallest_abs(xs, k)
 
 

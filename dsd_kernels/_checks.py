@@ -115,6 +115,26 @@ def mask_for(mask: torch.Tensor, ref: torch.Tensor, what: str, ref_what: str) ->
         raise ValueError(f"{what} is on {mask.device} but {ref_what} is on {ref.device}")
 
 
+def rank(k, total: int) -> int:
+    """A k-th smallest over `total` elements: an int in [1, total]."""
+    k = integer(k, "k")
+    if not 1 <= k <= total:
+        raise ValueError(f"k must be in [1, {total}] (the number of elements), got {k}")
+    return k
+
+
+def ranks(ks, numels: list, label: Names) -> list:
+    """One k per tensor, each in [1, that tensor's numel]."""
+    if len(ks) != len(numels):
+        raise ValueError(f"k has {len(ks)} entries but xs has {len(numels)}; give one per tensor")
+    checked = [integer(k, f"k[{i}]") for i, k in enumerate(ks)]
+    for i, (k, numel) in enumerate(zip(checked, numels)):
+        if not 1 <= k <= numel:
+            raise ValueError(f"k[{i}] must be in [1, {numel}] (the elements of {label(i)}), "
+                             f"got {k}")
+    return checked
+
+
 def integer(value, what: str) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{what} must be an integer, not bool")

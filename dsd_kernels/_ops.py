@@ -22,6 +22,8 @@ NAMESPACE = "dsd"
 
 SCHEMAS = {
     "kth_smallest_abs": "(Tensor[] xs, int k) -> Tensor",
+    # out[i]: the ks[i]-th smallest magnitude of xs[i] alone (1 <= ks[i] <= xs[i].numel()).
+    "kth_smallest_abs_per_tensor": "(Tensor[] xs, int[] ks) -> Tensor",
     # hist[r, d]: how many entries of the tensors with rows[i] == r have a magnitude key whose
     # bits above shift + bits equal prefixes[r] and whose digit (key >> shift) % 2**bits is d;
     # 1 <= bits <= 8 and shift + bits <= 31.
@@ -63,6 +65,11 @@ def magnitude_dtype(xs) -> torch.dtype:
 @torch.library.register_fake(f"{NAMESPACE}::kth_smallest_abs")
 def _kth_smallest_abs_fake(xs, k):
     return xs[0].new_empty((), dtype=magnitude_dtype(xs))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::kth_smallest_abs_per_tensor")
+def _kth_smallest_abs_per_tensor_fake(xs, ks):
+    return xs[0].new_empty((len(xs),), dtype=magnitude_dtype(xs))
 
 
 @torch.library.register_fake(f"{NAMESPACE}::magnitude_histogram")

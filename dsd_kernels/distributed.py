@@ -99,12 +99,15 @@ def _chunks(x: torch.Tensor):
         yield start, flat[start:start + MASK_CHUNK]
 
 
-def kth_smallest_abs(xs, k: int, process_group, *, names=None) -> torch.Tensor:
-    """The exact k-th smallest |x| over the gathered tensors (1 <= k <= total numel)."""
+def kth_smallest_abs(xs, k, process_group, *, names=None) -> torch.Tensor:
+    """The exact k-th smallest |x| over the gathered tensors (1 <= k <= total numel); with k a
+    list of one int per tensor, that of each gathered tensor on its own (a 1-D tensor)."""
     xs, numels = _validated(xs, process_group, names)
-    k = _checks.integer(k, "k")
-    if not 1 <= k <= sum(numels):
-        raise ValueError(f"k must be in [1, {sum(numels)}] (the number of elements), got {k}")
+    if isinstance(k, (list, tuple)):
+        ks = _checks.ranks(k, numels, _checks.Names("xs", names))
+        keys, _ = _select(xs, list(range(len(xs))), ks, process_group)
+        return keys.to(torch.int32).view(torch.float32).to(_ops.magnitude_dtype(xs))
+    k = _checks.rank(k, sum(numels))
     key, _ = _select(xs, [0] * len(xs), [k], process_group)
     return key.to(torch.int32).view(torch.float32)[0].to(_ops.magnitude_dtype(xs))
 

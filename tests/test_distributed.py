@@ -63,6 +63,9 @@ def _check_masks_and_thresholds(rank, world):
             got = dk.kth_smallest_abs(shards, k, process_group=group)
             want = dk.kth_smallest_abs(full, k)
             assert got.dtype == want.dtype and got.item() == want.item(), (kind, k, rank)
+        per_tensor = [max(1, x.numel() // 3) for x in full]
+        got = dk.kth_smallest_abs(shards, per_tensor, process_group=group)
+        assert torch.equal(got, dk.kth_smallest_abs(full, per_tensor)), (kind, rank)
 
 
 def _check_errors_raise_on_every_rank(rank, world):

@@ -57,6 +57,16 @@ def test_k_out_of_range(xs, k, match):
     _raises(match, dk.kth_smallest_abs, xs, k)
 
 
+@pytest.mark.parametrize("ks, match", [
+    ([1], "k has 1 entries but xs has 2; give one per tensor"),
+    ([1, 0], r"k\[1\] must be in \[1, \d+\] \(the elements of xs\[1\]\), got 0"),
+    ([100, 1], r"k\[0\] must be in \[1, \d+\] \(the elements of xs\[0\]\), got 100"),
+    ([1, 2.5], r"k\[1\] must be an integer"),
+])
+def test_per_tensor_k_out_of_range(xs, ks, match):
+    _raises(match, dk.kth_smallest_abs, xs, ks)
+
+
 @pytest.mark.parametrize("sparsity, match", [
     (-0.1, "sparsity must be >= 0"), (1.0, "sparsity must be < 1"), (1.5, "sparsity must be < 1"),
     (float("nan"), "sparsity must be finite"), ("0.5", "sparsity must be a real number"),

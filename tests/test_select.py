@@ -73,6 +73,12 @@ def _check_thresholds(xs, ks):
     for k in ks:
         got = torch.ops.dsd.kth_smallest_abs(xs, k)
         assert got.float().item() == _oracle.kth_smallest_abs(xs, k).item(), k
+    nonempty = [x for x in xs if x.numel()]
+    for share in (0.1, 0.5, 1.0):  # each tensor ranked on its own, all in one call
+        per_tensor = [max(1, int(share * x.numel())) for x in nonempty]
+        got = torch.ops.dsd.kth_smallest_abs_per_tensor(nonempty, per_tensor)
+        assert got.float().tolist() == [_oracle.kth_smallest_abs([x], k).item()
+                                        for x, k in zip(nonempty, per_tensor)], share
 
 
 def _check_masks(xs):
@@ -119,9 +125,11 @@ def test_ordinary_weights_never_fall_back(cpp):
 
 def test_one_crowded_chunk_falls_back(cpp):
     xs, ks = _inputs("one crowded chunk", torch.float32)
+    k = xs[0].numel() // 2  # the median |x|: inside the crowd
     before = cpp.bracket_misses()
-    _check_thresholds(xs, [xs[0].numel() // 2])  # the median |x|: inside the crowd
+    got = torch.ops.dsd.kth_smallest_abs(xs, k)
     assert cpp.bracket_misses() == before + 1
+    assert got.item() == _oracle.kth_smallest_abs(xs, k).item()
 
 
 def test_the_fallback_digits_are_radix_py_plan():

@@ -39,6 +39,20 @@ def test_list_of_tensors(backend, device, dtype, kind):
         assert got.float().item() == _oracle.kth_smallest_abs(xs, k).item(), f"k={k}"
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_tensor_thresholds(backend, device, dtype, kind):
+    """k a list: every tensor ranked on its own, in one call, as one call per tensor would."""
+    xs = [_oracle.make(shape, dtype, device, kind, seed=i)
+          for i, shape in enumerate([(5, 7), (1,), (300,), (16, 9, 3), (2,)])]
+    for share in (0.0, 0.34, 0.5, 1.0):
+        ks = [max(1, round(share * x.numel())) for x in xs]
+        got = dk.kth_smallest_abs(xs, ks)
+        assert got.shape == (len(xs),) and got.dtype == dtype and got.device.type == device
+        want = [_oracle.kth_smallest_abs([x], k).item() for x, k in zip(xs, ks)]
+        assert got.float().tolist() == want, ks
+
+
 def test_mixed_dtypes_promote(backend, device):
     xs = [_oracle.make((40,), dtype, device, "normal", seed=i) for i, dtype in enumerate(DTYPES)]
     got = dk.kth_smallest_abs(xs, 50)
@@ -68,3 +82,4 @@ def test_opcheck(backend, device):
     xs = [_oracle.make((5, 3), torch.float32, device, "ties"),
           _oracle.make((4,), torch.float16, device, "normal")]
     torch.library.opcheck(torch.ops.dsd.kth_smallest_abs, (xs, 7))
+    torch.library.opcheck(torch.ops.dsd.kth_smallest_abs_per_tensor, (xs, [3, 4]))

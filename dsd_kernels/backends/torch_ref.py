@@ -21,6 +21,11 @@ def kth_smallest_abs(xs, k):
     return torch.kthvalue(mags, k).values.to(magnitude_dtype(xs))
 
 
+def kth_smallest_abs_per_tensor(xs, ks):
+    values = [torch.kthvalue(_magnitudes(x), k).values for x, k in zip(xs, ks)]
+    return torch.stack(values).to(magnitude_dtype(xs))
+
+
 def magnitude_histogram(xs, rows, prefixes, shift, bits):
     hist = torch.zeros(prefixes.numel(), 1 << bits, dtype=torch.int64, device=prefixes.device)
     for x, row in zip(xs, rows):
@@ -111,6 +116,7 @@ def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, steps, lr, beta1, 
 
 KERNELS = {
     "kth_smallest_abs": kth_smallest_abs,
+    "kth_smallest_abs_per_tensor": kth_smallest_abs_per_tensor,
     "magnitude_histogram": magnitude_histogram,
     "magnitude_masks": magnitude_masks,
     "apply_masks_": apply_masks_,

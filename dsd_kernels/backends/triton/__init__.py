@@ -24,6 +24,7 @@ def load() -> Backend:
 
     kernels = {
         "kth_smallest_abs": threshold.kth_smallest_abs,
+        "kth_smallest_abs_per_tensor": threshold.kth_smallest_abs_per_tensor,
         "magnitude_histogram": threshold.magnitude_histogram,
         "magnitude_masks": mask.magnitude_masks,
         "apply_masks_": mask.apply_masks_,

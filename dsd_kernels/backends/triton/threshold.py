@@ -311,3 +311,9 @@ def dense(xs):
 def kth_smallest_abs(xs, k):
     pattern, _ = radix_select(dense(xs), [k], [0] * len(xs))
     return pattern.view(torch.float32).reshape(()).to(magnitude_dtype(xs))
+
+
+def kth_smallest_abs_per_tensor(xs, ks):
+    """One segment per tensor: every threshold in the same launches."""
+    pattern, _ = radix_select(dense(xs), list(ks), list(range(len(xs))))
+    return pattern.view(torch.float32).to(magnitude_dtype(xs))
