@@ -5,8 +5,8 @@
 // quantile, a few standard deviations of a sample quantile's rank wide. One parallel pass over
 // the chunks of every group counts the keys below lo, equal to lo and equal to hi, and copies
 // the keys strictly between them into the chunk's room (a few percent of the keys). The counts
-// say where the k-th smallest is: lo, hi, or the n-th of the copied keys (nth_element on a
-// few percent), or outside the bracket. A group whose bracket missed, or whose copies did not
+// say where the k-th smallest is: lo, hi, or the n-th of the copied keys (a histogram of the
+// copies, then nth_element on one bucket of them), or outside the bracket. A group whose bracket missed, or whose copies did not
 // fit, falls back to the radix select over the digit histograms (dsd_kernels/radix.py's
 // plan): the result is exact whatever the sample saw, and only its speed depends on it.
 // Groups of at most kSmallNumel keys are copied and selected with nth_element at once.
@@ -21,7 +21,6 @@
 #include <atomic>
 #include <cmath>
 #include <memory>
-#include <numeric>
 #include <vector>
 
 namespace dsd_cpp {
@@ -51,7 +50,7 @@ constexpr int kCopyDigitBits = 12;
 constexpr double kSigmas = 4.5;
 constexpr double kSlackRanks = 8.0;
 
-// For tests (csrc/ops.cpp): a scale of the bracket's width (0: lo = hi = the sample's
+// For tests (registered at the end of this file): a scale of the bracket's width (0: lo = hi = the sample's
 // quantile, which misses unless the k-th smallest is tied there), and the misses so far.
 std::atomic<double> bracket_scale{1.0};
 std::atomic<int64_t> bracket_misses{0};
