@@ -6,9 +6,10 @@
 // the chunks of every group counts the keys below lo, equal to lo and equal to hi, and copies
 // the keys strictly between them into the chunk's room (a few percent of the keys). The counts
 // say where the k-th smallest is: lo, hi, or the n-th of the copied keys (a histogram of the
-// copies, then nth_element on one bucket of them), or outside the bracket. A group whose bracket missed, or whose copies did not
-// fit, falls back to the radix select over the digit histograms (dsd_kernels/radix.py's
-// plan): the result is exact whatever the sample saw, and only its speed depends on it.
+// copies, then nth_element on one bucket of them), or outside the bracket. A group whose
+// bracket missed, or whose copies did not fit, falls back to the radix select over the digit
+// histograms (dsd_kernels/radix.py's plan): the result is exact whatever the sample saw, and
+// only its speed depends on it.
 // Groups of at most kSmallNumel keys are copied and selected with nth_element at once.
 //
 // The counts also give the masks' tie ranks for free: the keys equal to the selected one in
@@ -50,8 +51,9 @@ constexpr int kCopyDigitBits = 12;
 constexpr double kSigmas = 4.5;
 constexpr double kSlackRanks = 8.0;
 
-// For tests (registered at the end of this file): a scale of the bracket's width (0: lo = hi = the sample's
-// quantile, which misses unless the k-th smallest is tied there), and the misses so far.
+// For tests (registered at the end of this file): a scale of the bracket's width (0: lo = hi
+// = the sample's quantile, which misses unless the k-th smallest is tied there), and the
+// misses so far.
 std::atomic<double> bracket_scale{1.0};
 std::atomic<int64_t> bracket_misses{0};
 
@@ -202,6 +204,20 @@ ChunkCounts count_chunk(const Group& group, const Chunk& chunk, const Bracket& b
   return counts;
 }
 
+// The rank-th smallest (1-based) of `keys`, reordered in place, with how many of them are below
+// it and equal to it.
+Selection nth_smallest(std::vector<uint32_t>& keys, int64_t rank) {
+  std::nth_element(keys.begin(), keys.begin() + (rank - 1), keys.end());
+  const uint32_t key = keys[rank - 1];
+  int64_t less = 0;
+  int64_t equal = 0;
+  for (const uint32_t other : keys) {
+    less += other < key;
+    equal += other == key;
+  }
+  return {key, less, equal};
+}
+
 // The copies of a group: chunk c's are rooms[room_of[c]...] (counts[c].inside of them).
 struct Copies {
   const uint32_t* rooms;
@@ -236,14 +252,8 @@ Selection select_copy(const Copies& copies, uint32_t lo, uint32_t hi, int64_t ra
   copies.for_each([&](uint32_t key) {
     if (((key - lo) >> shift) == bucket) inside.push_back(key);
   });
-  std::nth_element(inside.begin(), inside.begin() + (rank - less - 1), inside.end());
-  const uint32_t key = inside[rank - less - 1];
-  int64_t equal = 0;
-  for (const uint32_t other : inside) {
-    less += other < key;
-    equal += other == key;
-  }
-  return {key, less, equal};
+  const Selection within = nth_smallest(inside, rank - less);
+  return {within.key, less + within.less, within.equal};
 }
 
 // A group of at most kSmallNumel keys (one chunk): nth_element on a copy.
@@ -254,15 +264,7 @@ Selection select_small(const Group& group, int64_t k) {
                      [&](const Segment&, int64_t, const uint32_t* bits, int64_t n) {
                        for (int64_t j = 0; j < n; ++j) keys.push_back(bits[j] & kKeyMask);
                      });
-  std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end());
-  const uint32_t key = keys[k - 1];
-  int64_t less = 0;
-  int64_t equal = 0;
-  for (const uint32_t other : keys) {
-    less += other < key;
-    equal += other == key;
-  }
-  return {key, less, equal};
+  return nth_smallest(keys, k);
 }
 
 // The radix select over digit histograms for the groups `missed`, all of them in one parallel

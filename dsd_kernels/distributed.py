@@ -103,13 +103,14 @@ def kth_smallest_abs(xs, k, process_group, *, names=None) -> torch.Tensor:
     """The exact k-th smallest |x| over the gathered tensors (1 <= k <= total numel); with k a
     list of one int per tensor, that of each gathered tensor on its own (a 1-D tensor)."""
     xs, numels = _validated(xs, process_group, names)
-    if isinstance(k, (list, tuple)):
-        ks = _checks.ranks(k, numels, _checks.Names("xs", names))
-        keys, _ = _select(xs, list(range(len(xs))), ks, process_group)
-        return keys.to(torch.int32).view(torch.float32).to(_ops.magnitude_dtype(xs))
-    k = _checks.rank(k, sum(numels))
-    key, _ = _select(xs, [0] * len(xs), [k], process_group)
-    return key.to(torch.int32).view(torch.float32)[0].to(_ops.magnitude_dtype(xs))
+    per_tensor = isinstance(k, (list, tuple))
+    if per_tensor:
+        rows, ks = list(range(len(xs))), _checks.ranks(k, numels, _checks.Names("xs", names))
+    else:
+        rows, ks = [0] * len(xs), [_checks.rank(k, sum(numels))]
+    keys, _ = _select(xs, rows, ks, process_group)
+    values = keys.to(torch.int32).view(torch.float32).to(_ops.magnitude_dtype(xs))
+    return values if per_tensor else values[0]
 
 
 def magnitude_masks(xs, sparsity: float, scope: str, process_group, *, names=None) -> list:
