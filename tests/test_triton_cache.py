@@ -24,6 +24,50 @@ from test_triton_backend import DEVICE, triton_selected  # noqa: E402, F401  (au
 CACHES = (optim._TABLES, threshold._TABLES, mask._TABLES, mask._APPLY_TABLES)
 
 
+@pytest.fixture(params=["cpp", "python"])
+def describe(request, monkeypatch):
+    """Cache keys read by the C++ library, and by the Python fallback."""
+    if request.param == "cpp":
+        function = tables._describe_function()
+        assert function is not tables.describe_in_python  # the C++ backend builds in CI
+    else:
+        function = tables.describe_in_python
+    monkeypatch.setattr(tables, "_describe", function)
+    _clear_caches()
+    return function
+
+
+def test_keys_differ_exactly_when_a_tensor_moved_or_changed_geometry(describe):
+    base = torch.zeros(64)
+    a, b = base[:12].view(3, 4), torch.ones(12)
+    same = [[a, None], [b]]
+    other = [  # each differs from `same` in one thing a table is built from
+        [[a.clone(), None], [b]],                       # an address
+        [[base[:12].view(4, 3), None], [b]],            # sizes
+        [[base[:12].view(4, 3).t(), None], [b]],        # strides (same sizes)
+        [[base[:24].view(torch.float16)[:12].view(3, 4), None], [b]],  # dtype, same address
+        [[a, a], [b]],                                  # None or a tensor
+        [[a], [None, b]],                               # which list a tensor is in
+        [[a, None], [b], []],                           # how many lists
+        [[a, None], [torch.ones(12, dtype=torch.bool)]],  # a mask's dtype
+        [[a, None], [b.to("meta")]],                    # device
+    ]
+    key = describe(same)
+    assert describe([[a, None], [b]]) == key and hash(describe(same)) == hash(key)
+    assert describe([(a, None), (b,)]) == key  # tuples read as lists
+    keys = [describe(lists) for lists in other]
+    assert all(k != key for k in keys)
+    assert len(set(keys)) == len(keys)
+
+
+def test_keys_refuse_what_is_not_a_tensor():
+    describe_tensors = tables._describe_function()
+    with pytest.raises(TypeError):
+        describe_tensors([[torch.zeros(2), 3]])
+    with pytest.raises(TypeError):
+        describe_tensors([torch.zeros(2)])
+
+
 def _clear_caches():
     for cache in CACHES:
         cache.clear()
@@ -106,7 +150,7 @@ def _scripted_training(optimizer_class, config, fresh_tables: bool) -> list:
     (dk.MaskedAdamW, dict(lr=1e-2, weight_decay=0.1)),
     (dk.MaskedSGD, dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.01)),
 ], ids=["adamw", "sgd-momentum"])
-def test_cached_steps_match_fresh_tables_through_every_change(optimizer, monkeypatch):
+def test_cached_steps_match_fresh_tables_through_every_change(optimizer, describe, monkeypatch):
     optimizer_class, config = optimizer
     _clear_caches()
     cached = _scripted_training(optimizer_class, config, fresh_tables=False)
@@ -208,7 +252,7 @@ def _view(buffer, numel, shape, dtype, transposed):
     return buffer[:numel].view(shape)
 
 
-def test_same_address_other_geometry_builds_again():
+def test_same_address_other_geometry_builds_again(describe):
     # Every tensor of a call (parameter, gradient, state, mask) is a view at the address of
     # the last call's: a table reused for another size, dtype or layout would read or write
     # the wrong elements. The whole buffers after each call must match the same calls on

@@ -2,7 +2,8 @@
 
 The extension defines every dsd op again in a private namespace, `dsd_cpp` (csrc/ops.cpp),
 with the CPU kernels; `load()` hands those ops to backends/__init__.py, which registers them
-for the CPU dispatch key of `dsd` while this backend is selected.
+for the CPU dispatch key of `dsd` while this backend is selected. The same library is also a
+Python module (`python_module()`) with the host helpers of other backends (csrc/describe.cpp).
 
 The sources are csrc/ of a checkout, or dsd_kernels/csrc/ of an installed wheel. The
 just-in-time build runs ninja through `torch.utils.cpp_extension.load` in a per-user cache:
@@ -16,6 +17,7 @@ least as new as the sources next to it.
 
 import hashlib
 import importlib.machinery
+import importlib.util
 import logging
 import os
 import shutil
@@ -35,7 +37,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # An installed wheel carries the sources in the package; a checkout has them beside it.
 CSRC = next((d for d in (PACKAGE_DIR / "csrc", PACKAGE_DIR.parent / "csrc") if d.is_dir()),
             PACKAGE_DIR / "csrc")
-SOURCES = ("ops.cpp", "select.cpp", "threshold.cpp", "histogram.cpp", "mask.cpp", "optim.cpp")
+SOURCES = ("ops.cpp", "select.cpp", "threshold.cpp", "histogram.cpp", "mask.cpp", "optim.cpp",
+           "describe.cpp")
 HEADERS = ("dsd_cpu.h",)
 
 # at::parallel_for is OpenMP code in ATen's headers; torch ships the matching libgomp.
@@ -87,8 +90,12 @@ def fingerprint(isa: str) -> str:
     return digest.hexdigest()
 
 
+_module = None  # the loaded library as a Python module
+
+
 def load() -> Backend:
     """Load the kernels (building them if needed) or raise BackendUnavailable saying why."""
+    global _module
     isa = vector_isa()
     prebuilt = _prebuilt_library(isa)
     if prebuilt is not None:
@@ -96,9 +103,27 @@ def load() -> Backend:
             torch.ops.load_library(str(prebuilt))
         except OSError as error:
             raise BackendUnavailable(f"cannot load the prebuilt {prebuilt}: {error}") from error
+        library, name = prebuilt, f"{PACKAGE_DIR.name}._cpp_{isa}"
     else:
         _build_and_load(isa)
+        library, name = library_path(isa), extension_name(isa)
+    # The library loaded above, imported again for its Python functions: the same file, so
+    # the loader hands back the same handle and the op registrations run once.
+    spec = importlib.util.spec_from_file_location(name, library)
+    _module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(_module)
     return Backend({op: getattr(torch.ops.dsd_cpp, op) for op in OPS}, ("CPU",))
+
+
+def python_module():
+    """The extension's Python functions (loading the backend if needed); raises
+    BackendUnavailable saying why they cannot be had."""
+    from . import _load
+
+    loaded = _load("cpp")
+    if isinstance(loaded, BackendUnavailable):
+        raise loaded
+    return _module
 
 
 def _prebuilt_library(isa: str) -> Path | None:

@@ -17,7 +17,6 @@ only when an address changed.
 """
 
 import math
-from operator import attrgetter
 
 import torch
 import triton
@@ -114,19 +113,7 @@ def _masked_optim_kernel(rows_ptr, grads_ptr, chunk_rows_ptr, chunk_starts_ptr, 
 
 
 _TABLES = tables.Cache()
-_ADDRESS, _STRIDES, _DTYPE = torch.Tensor.data_ptr, torch.Tensor.stride, attrgetter("dtype")
-
-
-def _layout_key(params, states, masks):
-    """Everything a step's row tables and its staging decisions are built from (tables.Cache):
-    the params' addresses, sizes, strides and dtypes, the addresses and strides of the state
-    and the masks."""
-    key = [params[0].device, tuple(map(_ADDRESS, params)), tuple(map(torch.Tensor.size, params)),
-           tuple(map(_STRIDES, params)), tuple(map(_DTYPE, params))]
-    for state in states:
-        key += [tuple(map(_ADDRESS, state)), tuple(map(_STRIDES, state))]
-    key.append(tuple(None if m is None else (m.data_ptr(), m.stride()) for m in masks))
-    return tuple(key)
+_ADDRESS, _STRIDES = torch.Tensor.data_ptr, torch.Tensor.stride
 
 
 class _Tables:
@@ -143,16 +130,22 @@ class _Tables:
             return [0 if t is None else t.data_ptr() for t in addresses] + [params[i].numel()]
 
         self.groups, _ = tables.grouped(device, params, row_of, _ADDRESSES, CHUNK)
-        self._grads = None, None  # addresses, and per group (address table, aligned)
+        self._grads = None, None  # description, and per group (address table, aligned)
 
-    def gradients(self, grads):
+    def gradients(self, grads, params, staging):
         """Per group, the gradients' address table and whether all the group's addresses are
-        aligned; built again only when a gradient's address changed."""
-        addresses = tuple(map(_ADDRESS, grads))
-        if addresses != self._grads[0]:
-            built, aligned, _ = tables.address_tables(self.device, self.groups, addresses)
-            self._grads = addresses, [(t, a and group.aligned)
-                                      for t, a, group in zip(built, aligned, self.groups)]
+        aligned; built again only when the gradients moved or changed layout. Gradients in
+        another layout than their parameter's are staged (and their tables never kept)."""
+        described = tables.describe([grads])
+        if described == self._grads[0]:
+            return self._grads[1]
+        if tuple(map(_STRIDES, grads)) != self.strides:
+            grads = [staging.like(g, p, written=False) for g, p in zip(grads, params)]
+            described = None
+        built, aligned, _ = tables.address_tables(self.device, self.groups,
+                                                  tuple(map(_ADDRESS, grads)))
+        self._grads = described, [(t, a and group.aligned)
+                                  for t, a, group in zip(built, aligned, self.groups)]
         return self._grads[1]
 
 
@@ -161,7 +154,7 @@ def _step(params, grads, states, masks, grad_scale, hyper, **flags):
     moved; tensors in another layout than their parameter's are staged and written back."""
     device = params[0].device
     staging = tables.Staging()
-    key = _layout_key(params, states, masks)
+    key = tables.describe([params, *states, masks])
     step_tables = _TABLES.get(key)
     if step_tables is None:
         params = [staging.dense(p, written=True) for p in params]
@@ -171,12 +164,10 @@ def _step(params, grads, states, masks, grad_scale, hyper, **flags):
                  for m, p in zip(masks, params)]
         step_tables = _TABLES.add(key, _Tables(device, params, states, masks),
                                   reusable=not staging.staged)
-    if tuple(map(_STRIDES, grads)) != step_tables.strides:
-        grads = [staging.like(g, p, written=False) for g, p in zip(grads, params)]
 
     with tables.on_device(device):
         for group, (grads_table, aligned) in zip(step_tables.groups,
-                                                 step_tables.gradients(grads)):
+                                                 step_tables.gradients(grads, params, staging)):
             for full, chunk_rows, chunk_starts in group.launches():
                 _masked_optim_kernel[(chunk_rows.numel(),)](
                     group.rows, grads_table, chunk_rows, chunk_starts,
