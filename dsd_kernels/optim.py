@@ -27,16 +27,15 @@ from operator import attrgetter, is_, is_not, itemgetter
 import torch
 
 from . import _checks, apply_masks_
-from .backends import ensure_selected
+from .backends import ensure_selected, loaded_cpp_module
 from .distributed import local_tensor
 
 _ops = torch.ops.dsd
 
 LR_SCALE = "dsd_lr_scale"  # param-group key: the step's learning rate is lr * group[LR_SCALE]
 
-_GRAD, _DTYPE, _DEVICE, _IS_SPARSE = map(attrgetter, ("grad", "dtype", "device", "is_sparse"))
+_GRAD, _DTYPE, _DEVICE, _LAYOUT = map(attrgetter, ("grad", "dtype", "device", "layout"))
 _PLAIN = {torch.Tensor, torch.nn.Parameter}  # types the kernels take as they are
-_NO_STATE: dict = {}
 _CPU = torch.device("cpu")
 
 
@@ -229,7 +228,7 @@ class _Masked:
         if reusable:
             for bucket in buckets.values():
                 self._share_state(bucket)
-        return _Plan(self, group, has_grad, present, list(buckets.values()), reusable)
+        return _Plan(self, group, grads, has_grad, present, list(buckets.values()), reusable)
 
     def _share_state(self, bucket: "_Bucket") -> None:
         """Lay out the state of a reusable plan's bucket for cheap steps (Adam's step counts)."""
@@ -263,40 +262,49 @@ class _Plan:
     over the group's tensors per step instead of the checks and bucketing in Python.
 
     A plan holds what it was built from, so none of it is freed and its id reused, and
-    compares it by identity: the group and its params, which of them have a gradient, their
-    dtypes and devices (`p.data = ...` changes those of the same object), the masks dict
-    (set_masks, clear_masks and load_state_dict assign a new one, never change one) and every
-    state tensor the step reads (a new state dict, a tensor replaced or removed). Gradients
-    are checked (dense, plain tensors) and taken anew on every step; lr, betas, weight decay
-    and the other hyper-parameters are read by every launch and are no part of a plan.
+    compares it by identity: the group and its params, the masks dict (set_masks, clear_masks
+    and load_state_dict assign a new one, never change one), each param's state dict and
+    every state tensor the step reads. The kinds of the params and gradients (`_kinds`:
+    which params have a gradient, Python types, layouts, devices and dtypes; `p.data = ...`
+    changes those of the same object) are compared as a key. Gradients are taken anew on
+    every step; lr, betas, weight decay and the other hyper-parameters are read by every
+    launch and are no part of a plan.
     """
 
-    def __init__(self, optimizer, group, has_grad, present, buckets, reusable):
+    def __init__(self, optimizer, group, grads, has_grad, present, buckets, reusable):
         self.has_grad, self.buckets, self.reusable = has_grad, buckets, reusable
         if reusable:  # what `matches` compares
-            self.group, self.params, self.present = group, list(group["params"]), present
+            self.group, self.params = group, list(group["params"])
             self.masks = optimizer._masks
-            self.dtypes = tuple(map(_DTYPE, present))
-            self.devices = tuple(map(_DEVICE, present))
+            self.kinds = _kinds(self.params, grads)
+            self.present, self.present_dicts = present, [optimizer.state[p] for p in present]
+            self._remember_state(optimizer.state)
             self.state_names = optimizer._read_state(group)
-            self.state = _state_tensors(optimizer.state, present, self.state_names)
+            self.state = _state_tensors(self.present_dicts, self.state_names)
 
     def matches(self, optimizer, group: dict, grads: list) -> bool:
         """Would a plan built now for this group and these gradients be this one?"""
-        params = group["params"]
+        params, state = group["params"], optimizer.state
         if (group is not self.group or optimizer._masks is not self.masks
                 or len(params) != len(self.params) or not all(map(is_, params, self.params))
-                or tuple(map(is_not, grads, repeat(None))) != self.has_grad
+                or _kinds(params, grads) != self.kinds
                 or optimizer._read_state(group) != self.state_names):
             return False
-        grads = list(compress(grads, self.has_grad))
-        if any(map(_IS_SPARSE, grads)) or not set(map(type, grads)) <= _PLAIN:
-            return False
-        if (tuple(map(_DTYPE, self.present)) != self.dtypes
-                or tuple(map(_DEVICE, self.present)) != self.devices):
-            return False
-        state = _state_tensors(optimizer.state, self.present, self.state_names)
-        return state is not None and all(map(is_, state, self.state))
+        # The state as the plan last saw it (the same keys and dicts in the same order) holds
+        # the dicts the plan read, known without a lookup per param (each hashes a tensor in
+        # Python); after any other change (another group's new entries) they are looked up.
+        if (state is not self.state_mapping or len(state) != len(self.state_keys)
+                or not all(map(is_, state, self.state_keys))
+                or not all(map(is_, state.values(), self.state_values))):
+            if not all(map(is_, map(state.get, self.present), self.present_dicts)):
+                return False
+            self._remember_state(state)
+        tensors = _state_tensors(self.present_dicts, self.state_names)
+        return tensors is not None and all(map(is_, tensors, self.state))
+
+    def _remember_state(self, state: Mapping) -> None:
+        self.state_mapping = state
+        self.state_keys, self.state_values = list(state), list(state.values())
 
     def launches(self, grads: list):
         """(bucket, its gradients as the kernels see them) for this step's gradients."""
@@ -308,15 +316,38 @@ class _Plan:
         return [(b, [grads[i] for i in b.positions]) for b in self.buckets]
 
 
-def _state_tensors(state: Mapping, params: list, names: tuple[str, ...]) -> list | None:
-    """The state entries `names` of every param, in one list; None if one is missing."""
+def _state_tensors(dicts: list, names: tuple[str, ...]) -> list | None:
+    """The entries `names` of every state dict, in one list; None if one is missing."""
     if not names:
         return []
     try:
-        values = list(map(itemgetter(*names), map(state.get, params, repeat(_NO_STATE))))
+        values = list(map(itemgetter(*names), dicts))
     except KeyError:
         return None
     return list(chain.from_iterable(values)) if len(names) > 1 else values
+
+
+def _kinds(params: list, grads: list):
+    """A key equal for two steps exactly when the same params have gradients and the params
+    and gradients have the same Python types, layouts, devices and dtypes: read in one pass
+    by the C++ library where it is loaded (`tensor_kinds`), else in Python."""
+    global _tensor_kinds
+    if _tensor_kinds is None:
+        module = loaded_cpp_module()
+        if module is None:
+            return _kinds_in_python(params, grads)
+        _tensor_kinds = module.tensor_kinds
+    return _tensor_kinds([params, grads])
+
+
+def _kinds_in_python(params: list, grads: list) -> tuple:
+    has_grad = tuple(map(is_not, grads, repeat(None)))
+    present = list(compress(grads, has_grad))
+    return (has_grad, *(tuple(map(kind, tensors)) for tensors in (params, present)
+                        for kind in (type, _LAYOUT, _DEVICE, _DTYPE)))
+
+
+_tensor_kinds = None  # the C++ library's tensor_kinds, once it is found loaded
 
 
 def _in_layout_of(mask: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -417,6 +417,15 @@ def _plan_script(name, device, uncached):
     for key in list(state):  # every state tensor of a parameter replaced by hand
         state[key] = state[key].clone()
     step()
+    step()
+    opt.state[params[0]] = dict(opt.state[params[0]])  # a new dict of the same tensors
+    step()
+    step()
+    foreign = torch.nn.Parameter(torch.zeros(1))
+    opt.state[foreign] = {}  # state of no parameter of the groups, added and removed
+    step()
+    del opt.state[foreign]
+    step()
     del opt.state[params[2]]  # one parameter's state reset: its next step is a first
     step()
     step()
@@ -450,8 +459,62 @@ def _plan_script(name, device, uncached):
     return snapshots, reused
 
 
+@pytest.fixture(params=["cpp", "python"])
+def kinds(request, monkeypatch):
+    """The plans' key of tensor kinds read by the C++ library, and by the Python fallback."""
+    from dsd_kernels import optim
+    from dsd_kernels.backends import cpp
+
+    if request.param == "cpp":
+        function = cpp.python_module().tensor_kinds  # the C++ backend builds in CI
+    else:
+        function = None
+        monkeypatch.setattr(optim, "loaded_cpp_module", lambda: None)
+    monkeypatch.setattr(optim, "_tensor_kinds", function)
+    return optim._kinds
+
+
+def test_kinds_differ_exactly_when_a_plan_would(kinds):
+    params = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(4))]
+    grads = [torch.ones(3, 2), None]
+    other = [  # each differs from (params, grads) in one thing a plan depends on
+        (params, [torch.ones(3, 2), torch.ones(4)]),                 # which have gradients
+        (params, [None, None]),
+        (params, [torch.ones(3, 2).to_sparse(), None]),              # a gradient's layout
+        (params, [torch.ones(3, 2).as_subclass(_Tagged), None]),    # a gradient's type
+        (params, [torch.ones(3, 2, dtype=torch.float16), None]),     # a gradient's dtype
+        (params, [torch.ones(3, 2, device="meta"), None]),           # a gradient's device
+        ([params[0], params[1].detach()], grads),                    # a param's type
+        ([params[0], params[1].double()], grads),                    # a param's dtype
+        ([params[0].to("meta"), params[1]], grads),                  # a param's device
+        (params[:1], grads[:1]),                                     # how many
+    ]
+    key = kinds(params, grads)
+    # Other tensors of the same kinds, other values, sizes and strides: the same key.
+    same = [torch.nn.Parameter(torch.ones(2, 5).t()), torch.nn.Parameter(torch.ones(1))]
+    assert kinds(same, [torch.zeros(7, 9), None]) == key
+    keys = [kinds(*lists) for lists in other]
+    assert all(k != key for k in keys)
+    assert len(set(keys)) == len(keys)
+
+
+class _Tagged(torch.Tensor):
+    pass
+
+
+def test_kinds_refuse_what_is_not_a_tensor():
+    from dsd_kernels.backends import cpp
+
+    tensor_kinds = cpp.python_module().tensor_kinds
+    with pytest.raises(TypeError):
+        tensor_kinds([[torch.zeros(2), 3]])
+    with pytest.raises(TypeError):
+        tensor_kinds([torch.zeros(2)])
+
+
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
-def test_reused_plans_match_fresh_ones_through_every_change(backend, device, name, monkeypatch):
+def test_reused_plans_match_fresh_ones_through_every_change(backend, device, name, kinds,
+                                                            monkeypatch):
     """A step reuses its param group's plan (its checks, buckets and state lists) while
     nothing the plan was built from changed, and plans again after any change: bit for bit
     the same steps as planning afresh every step."""
@@ -471,7 +534,8 @@ def test_reused_plans_match_fresh_ones_through_every_change(backend, device, nam
     F, T = False, True
     expected = [[F], [F], [T], [T], [T],  # created, planned, reused: new grads, same, hyper
                 [F], [T], [F], [F],  # set_masks, reused, set_masks, clear_masks
-                [F], [F], [F],  # a gradient missing, back; a state tensor replaced
+                [F], [F], [F], [T],  # a gradient missing, back; a state tensor replaced
+                [F], [T], [T], [T],  # a new state dict; reused; other state: reused
                 [F], [F], [T],  # a state reset: a first step, planned, reused after p.data=
                 [F],  # load_state_dict
                 [F], [F], [F], [F],  # a parameter replaced, planned; resized with its state
