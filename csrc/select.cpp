@@ -27,6 +27,7 @@
 namespace dsd_cpp {
 namespace {
 
+// The bracket's constants below are those of dsd_kernels/radix.py (the Triton kernels' bracket).
 // At most this many keys: nth_element on a copy beats any pass structure.
 constexpr int64_t kSmallNumel = int64_t{1} << 14;
 

@@ -43,3 +43,44 @@ def select(xs, rows, ks: torch.Tensor, reduce_=None) -> tuple[torch.Tensor, torc
         remaining = remaining - torch.where(digit > 0, below, 0)
         prefix = (prefix << width) | digit
     return prefix << DIGITS[count - 1][0], remaining
+
+
+# The bracket that lets a select read its keys about once (the C++ kernels and the Triton
+# kernels; csrc/select.cpp repeats these as kSmallNumel, kSampleBlock, kSamplePerRoot,
+# kMinSample, kMaxSample, kSigmas and kSlackRanks). A group of more than BRACKETED_NUMEL keys
+# samples blocks of SAMPLE_BLOCK consecutive keys, evenly spaced, SAMPLE_PER_ROOT sqrt(n) keys
+# within [MIN_SAMPLE, MAX_SAMPLE] (at most a quarter of the keys); the bracket [lo, hi] is the
+# pair of the sample's order statistics SIGMAS standard deviations of a sample quantile's
+# rank, plus SLACK_RANKS, on either side of where the k-th smallest is expected. One pass
+# counts the keys below lo, at lo and at hi and keeps those strictly inside; a k-th smallest
+# outside the bracket falls back to the digits above.
+BRACKETED_NUMEL = 1 << 14
+SAMPLE_BLOCK = 64
+SAMPLE_PER_ROOT = 16.0
+MIN_SAMPLE, MAX_SAMPLE = 4096, 1 << 16
+SIGMAS = 4.5
+SLACK_RANKS = 8.0
+
+
+def sample_begins(total: int) -> torch.Tensor:
+    """Where each sampled block of a group of `total` keys begins (int64, ascending)."""
+    wanted = min(max(round(SAMPLE_PER_ROOT * total ** 0.5), MIN_SAMPLE), MAX_SAMPLE)
+    blocks = max(1, min(wanted, total // 4) // SAMPLE_BLOCK)
+    b = torch.arange(blocks, dtype=torch.int64)
+    return torch.clamp((2 * b + 1) * total // (2 * blocks), max=total - SAMPLE_BLOCK)
+
+
+def bracket_ranks(ks: torch.Tensor, totals: torch.Tensor, sizes: torch.Tensor,
+                  scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-based ranks in each group's sorted sample of its bracket's lo and hi, for the
+    ks-th smallest of `totals` keys with samples of `sizes` keys; a rank below 0 or past the
+    sample leaves that side open. `scale` multiplies the width (0, for tests: lo = hi = the
+    sample's quantile)."""
+    ks, totals, sizes = (t.to(torch.float64) for t in (ks, totals, sizes))
+    quantile = (ks - 0.5) / totals
+    centre = quantile * sizes
+    half_width = scale * (SIGMAS * torch.sqrt(sizes * quantile * (1 - quantile)) + SLACK_RANKS)
+    lo, hi = torch.floor(centre - half_width), torch.ceil(centre + half_width)
+    if scale == 0:
+        lo = hi = torch.minimum(lo.clamp(min=0), sizes - 1)
+    return lo.long(), hi.long()

@@ -19,6 +19,8 @@ from dsd_kernels.backends import BackendUnavailable, torch_ref
 
 triton_backend = pytest.importorskip("dsd_kernels.backends.triton")
 
+from dsd_kernels.backends.triton import threshold  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -32,6 +34,29 @@ def triton_selected():
         pytest.skip(str(reason))
     yield
     dk.use_backend("auto")
+
+
+def _bracket_segments_above(monkeypatch, numel):
+    from dsd_kernels import radix
+    monkeypatch.setattr(radix, "BRACKETED_NUMEL", numel)
+    threshold._TABLES.clear()  # their samples were chosen by the old bound
+
+
+@pytest.fixture(params=["bracketed", "radix only"])
+def bracket(request, monkeypatch):
+    """The select with every segment of more than 64 keys bracketed, and with none (the
+    radix passes alone: the bracket's fallback)."""
+    _bracket_segments_above(monkeypatch, 64 if request.param == "bracketed" else 1 << 62)
+    yield request.param
+    threshold._TABLES.clear()  # tables whose samples the patched bound chose
+
+
+@pytest.fixture
+def without_bracket(monkeypatch):
+    """The radix passes alone, with their survivor compaction."""
+    _bracket_segments_above(monkeypatch, 1 << 62)
+    yield
+    threshold._TABLES.clear()
 
 
 def _bits(t: torch.Tensor) -> int:
@@ -73,7 +98,7 @@ _BASES = {torch.float32: (0x3F800000, 23), torch.float16: (0x3C00, 10),
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_k_inside_a_heavily_tied_bucket(dtype):
+def test_k_inside_a_heavily_tied_bucket(dtype, bracket):
     # 40,000 values that share every bit above the lowest 4 of the mantissa: all land in one
     # bucket of every pass but the last, 16 distinct values each tied ~2,500 times.
     base, _ = _BASES[dtype]
@@ -83,7 +108,7 @@ def test_k_inside_a_heavily_tied_bucket(dtype):
 
 
 @pytest.mark.parametrize("digit", range(4))
-def test_every_pass_narrows_its_digit(digit):
+def test_every_pass_narrows_its_digit(digit, bracket):
     # fp32 patterns equal except in one radix digit: only that pass can tell them apart, so
     # skipping or mis-shifting any of the four passes gives a wrong threshold.
     from dsd_kernels.backends.triton.threshold import DIGITS
@@ -106,7 +131,7 @@ def test_lowest_mantissa_bit_decides(dtype):
     _check_threshold_and_masks([x], ks=[1, 2, 3, 4], sparsities=(0.5,))
 
 
-def test_list_of_very_different_sizes_and_dtypes():
+def test_list_of_very_different_sizes_and_dtypes(bracket):
     # Sizes around the block (2048) and chunk (32768) boundaries, single elements, an empty
     # tensor and 0-dim; integer values make ties across tensors (and across dtype groups,
     # which are launched separately), so the position order of ties is exercised.
@@ -119,7 +144,7 @@ def test_list_of_very_different_sizes_and_dtypes():
     _check_threshold_and_masks(xs, ks=[1, 5_000, n // 2, n], sparsities=(0.0, 0.42, 0.999))
 
 
-def test_signed_zeros_are_one_value():
+def test_signed_zeros_are_one_value(bracket):
     # -0.0 and +0.0 tie as |x| = 0 (pattern 0): the threshold is +0.0 and the first zeros in
     # position order are pruned whatever their sign.
     x = torch.tensor([-0.0, 0.0, 2.0, -0.0, -1.0, 0.0, 0.0, -0.0] * 500, device=DEVICE)
@@ -128,7 +153,7 @@ def test_signed_zeros_are_one_value():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_denormals(dtype):
+def test_denormals(dtype, bracket):
     # The smallest subnormals of each dtype (and zeros): patterns 1..63 at the very bottom.
     patterns = torch.randint(0, 64, (10_000,), generator=torch.Generator().manual_seed(4))
     x = _random_signs(_from_patterns(patterns, dtype), seed=5).to(DEVICE)
@@ -139,8 +164,7 @@ def test_denormals(dtype):
 def _survivors(xs, ranks, segments):
     """Each segment's final mode (2: its last passes read compacted survivors, 0: it read
     its tensors in every pass) and how many survivors it appended."""
-    from dsd_kernels.backends.triton import threshold
-    _, _, modes, counts = threshold._radix_select(xs, ranks, segments)
+    _, _, modes, counts, _ = threshold._radix_select(xs, ranks, segments)
     return modes.tolist(), counts.tolist()
 
 
@@ -161,7 +185,7 @@ def _log_uniform(n, low, high, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_survivors_compacted_after_the_first_pass(dtype):
+def test_survivors_compacted_after_the_first_pass(dtype, without_bracket):
     # Magnitudes over 26 binades: the top 7 bits (binade pairs) leave <= 1/4 of them in the
     # k-th value's bucket, so pass 2 appends that bucket and passes 3 (and 4) read only it.
     from dsd_kernels.backends.triton.threshold import DIGITS, SURVIVOR_SHARE
@@ -175,7 +199,7 @@ def test_survivors_compacted_after_the_first_pass(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_survivors_compacted_after_the_second_pass(dtype):
+def test_survivors_compacted_after_the_second_pass(dtype, without_bracket):
     # Normal weights: the k-th value's binade pair holds more than 1/4 of them, its top 15
     # bits ~1%. fp32 appends that bucket in pass 3 for pass 4; fp16 (3 passes) and bf16 (2)
     # have no pass left to profit, so they read their tensors in every pass.
@@ -191,7 +215,7 @@ def test_survivors_compacted_after_the_second_pass(dtype):
 
 
 @pytest.mark.parametrize("over", [0, 1])
-def test_survivor_capacity_is_exact_and_overflow_falls_back(over):
+def test_survivor_capacity_is_exact_and_overflow_falls_back(over, without_bracket):
     # 4,000 fp32 values have room for 1,000 survivors. A bucket that shares its top 15 bits
     # and holds 1,000 values is compacted after pass 1; with 1,001 it fits after no pass, so
     # every pass reads the tensor (the fallback) and the result is the same.
@@ -209,7 +233,7 @@ def test_survivor_capacity_is_exact_and_overflow_falls_back(over):
     _check_threshold_and_masks([x], ks, sparsities=(0.5,))
 
 
-def test_survivors_of_many_chunks_from_mixed_dtypes():
+def test_survivors_of_many_chunks_from_mixed_dtypes(without_bracket):
     # Global scope over three dtype groups (three launches append to one survivor region)
     # whose bucket after pass 1 (~23.5% of 150,000) fills more than one survivor chunk.
     from dsd_kernels.backends.triton.threshold import CHUNK, DIGITS
@@ -227,7 +251,7 @@ def test_survivors_of_many_chunks_from_mixed_dtypes():
                                                                                   "global")))
 
 
-def test_survivors_decided_per_segment():
+def test_survivors_decided_per_segment(without_bracket):
     # scope="layer": one call, three fates. A spread tensor compacts after pass 1, a normal
     # one after pass 2, a tied one never; a fp16 tensor beside them shares fp32's 4 passes.
     from dsd_kernels.backends.triton.threshold import DIGITS
@@ -242,6 +266,66 @@ def test_survivors_decided_per_segment():
                        _bucket([xs[3]], ranks[3], DIGITS[0][0])]
     assert _survivors(xs, ranks, [0, 1, 2, 3]) == ([2, 2, 0, 2], expected_counts)
     _check_threshold_and_masks(xs, ks=[1, 40_000], sparsities=(0.5,))
+
+
+def _outcomes(xs, ranks, segments):
+    """Each segment's bracket outcome and its survivor count."""
+    _, _, _, counts, outcomes = threshold._radix_select(xs, ranks, segments)
+    return outcomes.tolist(), counts.tolist()
+
+
+AT_BOUND, INSIDE, MISSED = (threshold._AT_BOUND.value, threshold._INSIDE.value,
+                            threshold._MISSED.value)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_bracket_reads_the_weights_once_and_keeps_few(dtype):
+    # Normal weights: the sample's bracket holds the k-th smallest; the pass keeps the keys
+    # inside it, and the radix passes read only those. With 4,096 sampled keys the bracket
+    # spans 2 (4.5 sqrt(4,096 q (1 - q)) + 8) sample ranks: 7.4% of the keys at q = 1/2.
+    x = torch.randn(60_000, generator=torch.Generator().manual_seed(40)).to(dtype).to(DEVICE)
+    ks = [1, 600, 30_000, 59_400, 60_000]
+    for k in ks:
+        (outcome,), (kept,) = _outcomes([x], [k], [0])
+        assert outcome in (AT_BOUND, INSIDE) and kept <= 0.08 * x.numel(), f"k={k}"
+    _check_threshold_and_masks([x], ks, sparsities=(0.01, 0.5))
+
+
+def test_a_tied_bracket_answers_at_its_bounds():
+    # All equal, and two values: lo and hi are tied values, nothing lies between them.
+    equal = torch.full((30_000,), -0.5, device=DEVICE)
+    two = torch.where(torch.arange(30_000) % 3 == 0, 2.0, -1.0).to(DEVICE)
+    for x in (equal, two):
+        for k in (1, 10_000, 10_001, 30_000):
+            assert _outcomes([x], [k], [0]) == ([AT_BOUND], [0]), f"k={k}"
+        _check_threshold_and_masks([x], ks=[1, 10_000, 10_001, 30_000])
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e9])
+def test_a_bracket_that_misses_falls_back_to_the_radix_passes(scale, monkeypatch):
+    # A zero-width bracket misses the k-th smallest unless it is tied there; an infinitely
+    # wide one holds every key strictly inside, more than the survivors' room.
+    monkeypatch.setattr(threshold, "BRACKET_SCALE", scale)
+    generator = torch.Generator().manual_seed(41)
+    xs = [torch.randn(30_000, generator=generator).to(DEVICE),
+          torch.randn(20_000, generator=generator).half().to(DEVICE)]
+    ks = [7, 25_000, 49_990]
+    for k in ks:
+        assert _outcomes(xs, [k], [0, 0])[0] == [MISSED], f"k={k}"
+    _check_threshold_and_masks(xs, ks, sparsities=(0.5,))
+
+
+def test_brackets_decided_per_segment():
+    # scope="layer": one bracket per segment of more than radix.BRACKETED_NUMEL keys, each
+    # with its own outcome; a small tensor beside them is not bracketed.
+    from dsd_kernels import radix
+    generator = torch.Generator().manual_seed(42)
+    xs = [torch.randn(20_000, generator=generator).to(DEVICE),
+          torch.full((radix.BRACKETED_NUMEL + 1,), 3.0, device=DEVICE),
+          torch.randn(radix.BRACKETED_NUMEL, generator=generator).to(DEVICE)]
+    outcomes, _ = _outcomes(xs, [10_000, 5, 100], [0, 1, 2])
+    assert outcomes == [INSIDE, AT_BOUND, threshold._NOT_BRACKETED.value]
+    _check_threshold_and_masks(xs, ks=[1, 30_000], sparsities=(0.5,))
 
 
 @pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])

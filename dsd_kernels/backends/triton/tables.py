@@ -68,13 +68,19 @@ def lanes(index, remaining, FULL: tl.constexpr, BLOCK: tl.constexpr):
     return index < remaining
 
 
+def dtype_groups(tensors) -> dict[torch.dtype, list[int]]:
+    """The positions of the tensors of each dtype, in the order of `grouped`'s groups."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    return by_dtype
+
+
 def grouped(device, tensors, row_of, addresses: int, chunk: int, *extra: torch.Tensor):
     """Group `tensors` by dtype and build each group's tables; `row_of(i)` is tensor i's row
     (a list of ints, beginning with `addresses` data addresses). The groups' tables and the
     `extra` host tables reach the device in one copy. Returns (groups, extra device tables)."""
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_dtype.setdefault(t.dtype, []).append(i)
+    by_dtype = dtype_groups(tensors)
     host, aligned = list(extra), []
     for indices in by_dtype.values():
         rows = torch.tensor([row_of(i) for i in indices], dtype=torch.int64)
