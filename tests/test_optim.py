@@ -520,9 +520,6 @@ def test_reused_plans_match_fresh_ones_through_every_change(backend, device, nam
     the same steps as planning afresh every step."""
     from dsd_kernels import optim
 
-    if backend == "triton":
-        pytest.skip("slow in Triton's interpreter; test_triton_cache runs the Triton path "
-                    "with and without plans")
     cached, reused = _plan_script(name, device, uncached=False)
     monkeypatch.setattr(optim, "_shared_counts", lambda bucket: None)
     fresh, _ = _plan_script(name, device, uncached=True)

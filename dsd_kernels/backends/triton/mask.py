@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ... import _ops
 from . import tables
-from .tables import column_pointer, lanes
+from .tables import blocks_end, column_pointer, lanes
 from .threshold import magnitude_pattern, radix_select
 
 BLOCK = 2048  # elements per step of a program
@@ -71,7 +71,7 @@ def _mask_kernel(rows_ptr, masks_ptr, chunk_rows_ptr, chunk_starts_ptr, pruned_p
     else:
         ties_seen = tl.zeros([], dtype=tl.int64)
 
-    for offset in range(0, CHUNK, BLOCK):
+    for offset in range(0, blocks_end(remaining, FULL, CHUNK), BLOCK):
         index = offset + tl.arange(0, BLOCK)
         inside = lanes(index, remaining, FULL, BLOCK)
         pattern = magnitude_pattern(tl.load(x_ptr + index, mask=inside, other=0.0))
@@ -160,7 +160,7 @@ def _apply_masks_kernel(rows_ptr, masks_ptr, chunk_rows_ptr, chunk_starts_ptr,
     x_ptr, mask_ptr = _pointers(row, masks_ptr + tensor, start, DTYPE, ALIGNED,
                                 4)  # scalar stores: no vectors
     remaining = tl.load(row + _NUMEL) - start
-    for offset in range(0, CHUNK, BLOCK):
+    for offset in range(0, blocks_end(remaining, FULL, CHUNK), BLOCK):
         index = offset + tl.arange(0, BLOCK)
         inside = lanes(index, remaining, FULL, BLOCK)
         keep = tl.load(mask_ptr + index, mask=inside, other=1)

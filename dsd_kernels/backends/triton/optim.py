@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import tables
-from .tables import column_pointer, lanes
+from .tables import blocks_end, column_pointer, lanes
 from .convert import from_fp32, to_fp32
 
 BLOCK = 2048  # elements per step of a program: 8 per thread, 128-bit fp32 accesses
@@ -70,7 +70,7 @@ def _masked_optim_kernel(rows_ptr, grads_ptr, chunk_rows_ptr, chunk_starts_ptr, 
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
 
-    for offset in range(0, CHUNK, BLOCK):
+    for offset in range(0, blocks_end(remaining, FULL, CHUNK), BLOCK):
         index = offset + tl.arange(0, BLOCK)
         inside = lanes(index, remaining, FULL, BLOCK)
         keep = tl.load(mask_ptr + index, mask=tl.where(has_mask, inside, False), other=1) != 0

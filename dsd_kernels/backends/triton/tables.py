@@ -68,6 +68,14 @@ def lanes(index, remaining, FULL: tl.constexpr, BLOCK: tl.constexpr):
     return index < remaining
 
 
+@triton.jit
+def blocks_end(remaining, FULL: tl.constexpr, CHUNK: tl.constexpr):
+    """Where a chunk's loop over its blocks stops: at CHUNK in a full chunk (a trip count the
+    compiler sees); in a tail chunk at the tensor's end, so that no program runs blocks that
+    hold none of its elements (a small tensor's chunk is mostly past its end)."""
+    return CHUNK if FULL else tl.minimum(remaining, CHUNK)
+
+
 def dtype_groups(tensors) -> dict[torch.dtype, list[int]]:
     """The positions of the tensors of each dtype, in the order of `grouped`'s groups."""
     by_dtype: dict[torch.dtype, list[int]] = {}

@@ -58,7 +58,7 @@ from ..._ops import magnitude_dtype
 from ... import radix
 from ...radix import DIGITS, PASSES
 from . import tables
-from .tables import column_pointer, lanes
+from .tables import blocks_end, column_pointer, lanes
 from .convert import to_fp32
 
 # The widest digit's bins (radix.DIGITS): what tl.histogram costs per value depends on the
@@ -157,7 +157,7 @@ def _threshold_histogram_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, pref
             capacity = tl.load(survivor_capacities_ptr + segment)
 
         counts = tl.zeros([BINS], dtype=tl.int32)
-        for offset in range(0, CHUNK, BLOCK):
+        for offset in range(0, blocks_end(remaining, FULL, CHUNK), BLOCK):
             index = offset + tl.arange(0, BLOCK)
             inside = lanes(index, remaining, FULL, BLOCK)
             pattern = magnitude_pattern(tl.load(x_ptr + index, mask=inside, other=0.0))
@@ -188,7 +188,7 @@ def _survivor_histogram_kernel(chunk_segments_ptr, chunk_starts_ptr, prefix_ptr,
         if remaining > 0:  # chunks past the survivors are empty
             prefix = tl.load(prefix_ptr + segment)
             counts = tl.zeros([BINS], dtype=tl.int32)
-            for offset in range(0, CHUNK, BLOCK):
+            for offset in range(0, tl.minimum(remaining, CHUNK), BLOCK):
                 index = offset + tl.arange(0, BLOCK)
                 inside = index < remaining
                 pattern = tl.load(survivors + index, mask=inside, other=0)
@@ -264,7 +264,7 @@ def _bracket_kernel(rows_ptr, chunk_rows_ptr, chunk_starts_ptr, bounds_ptr, coun
         below = tl.zeros([BLOCK], dtype=tl.int32)
         at_lo = tl.zeros([BLOCK], dtype=tl.int32)
         at_hi = tl.zeros([BLOCK], dtype=tl.int32)
-        for offset in range(0, CHUNK, BLOCK):
+        for offset in range(0, blocks_end(remaining, FULL, CHUNK), BLOCK):
             index = offset + tl.arange(0, BLOCK)
             inside = lanes(index, remaining, FULL, BLOCK)
             pattern = magnitude_pattern(tl.load(x_ptr + index, mask=inside, other=0.0))
