@@ -11,15 +11,6 @@ from conftest import DTYPES
 from dsd_kernels import radix
 
 KINDS = ["normal", "ties", "equal", "close"]
-# Triton's interpreter takes seconds per call: it runs the cases that reach every digit with
-# ties and signed zeros (its histogram kernel has its own tests in test_triton_backend.py).
-INTERPRETED = {(torch.float32, "ties"), (torch.float32, "close"), (torch.float16, "close"),
-               (torch.bfloat16, "ties")}
-
-
-def _skip_slow(backend, device, dtype, kind):
-    if backend == "triton" and device == "cpu" and (dtype, kind) not in INTERPRETED:
-        pytest.skip("interpreted Triton runs the INTERPRETED cases only")
 
 
 def _keys(x) -> np.ndarray:
@@ -57,7 +48,6 @@ def _prefixes_of(xs, rows, count, shift, bits, seed):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_digit_of_every_row(backend, device, dtype, kind):
-    _skip_slow(backend, device, dtype, kind)
     shapes = [(5, 7), (1,), (0,), (300,), (16, 9, 3), (2,)]
     xs = [_oracle.make(shape, dtype, device, kind, seed=i) for i, shape in enumerate(shapes)]
     xs[4] = xs[4].transpose(0, 2)  # strided
@@ -95,7 +85,6 @@ def test_many_tensors_and_only_empty_ones(backend, device):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_radix_select_finds_each_rows_kth_key_and_its_ties(backend, device, dtype, kind):
-    _skip_slow(backend, device, dtype, kind)
     xs = [_oracle.make(shape, dtype, device, kind, seed=i)
           for i, shape in enumerate([(40,), (7, 3), (0,), (1,), (65,)])]
     rows = [0, 1, 1, 2, 0]
