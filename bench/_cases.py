@@ -26,7 +26,7 @@ COLUMNS = ["case", "impl", "ms", "GB/s", "%copy", "x_dsd", "x_read"]
 def parser(description: str, op: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--backend", choices=["auto", "triton", "cpp", "torch"], default="auto",
+    p.add_argument("--backend", choices=dk.BACKEND_CHOICES, default="auto",
                    help="dsd_kernels backend for the dsd rows (default: auto)")
     p.add_argument("--sizes", help="comma-separated element counts and/or 'resnet50' "
                    f"(default: {DEFAULT_SIZES['cpu']} on cpu, {DEFAULT_SIZES['cuda']} on cuda)")

@@ -1,178 +1,22 @@
 """dsd_kernels: the sparse core of dsd. Exact magnitude thresholds and masks, and masked
 optimizer updates that keep pruned weights and their optimizer state exactly zero.
 
-Every function validates its input (a ValueError naming the tensor, nothing modified), then
-calls one `torch.ops.dsd` op, whose kernel the dispatcher picks by device from the selected
-backend (`use_backend`, env `DSD_BACKEND`). See docs/design.md for the semantics all backends share.
+The functions live in `dsd_kernels.functional`, the masked optimizers in `dsd_kernels.optim`,
+the torch.nn.utils.prune drop-in in `dsd_kernels.prune`; this module re-exports them.
 """
 
-import numbers
-from collections.abc import Sequence
-
-import torch
-
-from . import _checks, _ops, distributed  # noqa: F401  (_ops defines the ops)
-from .backends import BackendUnavailable, available_backends, selected_backends, use_backend
-from .backends import ensure_selected as _ensure_selected
+from . import optim
+from .backends import (BACKEND_CHOICES, BACKENDS, BackendUnavailable, available_backends,
+                       backend_from_env, selected_backends, use_backend)
+from .distributed import local_tensor
+from .functional import (SCOPES, apply_masks_, check_sparsity, kth_smallest_abs,
+                         magnitude_masks, masked_adam_, masked_sgd_, pruned_count)
+from .optim import MaskedAdam, MaskedAdamW, MaskedSGD
 
 __all__ = [
     "kth_smallest_abs", "magnitude_masks", "apply_masks_", "masked_sgd_", "masked_adam_",
-    "available_backends", "use_backend", "selected_backends", "BackendUnavailable",
+    "pruned_count", "check_sparsity", "SCOPES", "local_tensor",
+    "available_backends", "use_backend", "selected_backends", "backend_from_env",
+    "BACKENDS", "BACKEND_CHOICES", "BackendUnavailable",
     "optim", "MaskedSGD", "MaskedAdam", "MaskedAdamW",
 ]
-
-_ops_ = torch.ops.dsd
-
-
-def kth_smallest_abs(xs, k: int | Sequence[int], *, names: Sequence[str] | None = None,
-                     process_group=None) -> torch.Tensor:
-    """The exact k-th smallest |x| (1 <= k <= N) over one tensor or a list of tensors.
-
-    Returns a 0-dim tensor on the inputs' device, in their promoted dtype. With `k` a list of
-    one int per tensor, each tensor is ranked on its own (k[i] in [1, xs[i].numel()]) and a
-    1-D tensor holds the thresholds, all found in one call (the per-layer thresholds).
-    `names` (one per tensor) only makes error messages name the offending tensor.
-    With a `process_group`, `xs` are this rank's shards and the result is over the gathered
-    tensors (see `dsd_kernels.distributed`); every rank of the group must call it. FSDP2
-    parameters (DTensors) are recognised and use their mesh's group.
-    """
-    xs, mesh_group = distributed.unshard(xs)
-    process_group = process_group if process_group is not None else mesh_group
-    if process_group is not None:
-        return distributed.kth_smallest_abs(xs, k, process_group, names=names)
-    xs, label = _checks.weights(xs, names)
-    numels = [x.numel() for x in xs]
-    per_tensor = isinstance(k, (list, tuple))
-    k = _checks.ranks(k, numels, label) if per_tensor else _checks.rank(k, sum(numels))
-    _checks.finite(xs, label)
-    _ensure_selected()
-    with torch.no_grad():
-        if per_tensor:
-            return _ops_.kth_smallest_abs_per_tensor(xs, k)
-        return _ops_.kth_smallest_abs(xs, k)
-
-
-def magnitude_masks(xs, sparsity: float, scope: str = "layer", *,
-                    names: Sequence[str] | None = None, process_group=None):
-    """Bool masks (True = kept) that prune exactly floor(sparsity * N) smallest-|x| entries.
-
-    `scope="layer"` prunes each tensor on its own (the paper); `"global"` ranks all of them
-    together. Ties are pruned in position order (lower flat index, then earlier tensor).
-    A tensor in gives a mask out; a list in gives a list out.
-    With a `process_group`, `xs` are this rank's shards (rank order = position order) and the
-    masks returned are the local shards of the gathered tensors' masks; every rank must call it.
-    FSDP2 parameters (DTensors) are recognised: their local masks are returned.
-    """
-    single = isinstance(xs, torch.Tensor)
-    xs, mesh_group = distributed.unshard(xs)
-    process_group = process_group if process_group is not None else mesh_group
-    if process_group is not None:
-        masks = distributed.magnitude_masks(xs, sparsity, scope, process_group, names=names)
-        return masks[0] if single else masks
-    xs, label = _checks.weights(xs, names)
-    sparsity = _checks.sparsity(sparsity)
-    scope = _checks.scope(scope)
-    _checks.finite(xs, label)
-    _ensure_selected()
-    with torch.no_grad():
-        masks = _ops_.magnitude_masks(xs, sparsity, scope)
-    return masks[0] if single else list(masks)
-
-
-def apply_masks_(xs, masks) -> None:
-    """In place: x[~mask] = 0 (as +0.0) for each tensor and its bool mask (for a DTensor, the
-    mask of its local shard)."""
-    xs = [distributed.local_tensor(x) for x in _checks.tensor_list(xs, "xs")]
-    masks = _checks.tensor_list(masks, "masks")
-    _checks.same_length(masks, "masks", xs, "xs")
-    label = _checks.Names("xs")
-    _checks.float_tensors(xs, label)
-    for i, (x, mask) in enumerate(zip(xs, masks)):
-        _checks.mask_for(mask, x, f"masks[{i}]", label(i))
-    _ensure_selected()
-    with torch.no_grad():
-        _ops_.apply_masks_(xs, masks)
-
-
-def _optimizer_lists(params, grads, states: dict, masks):
-    """Validate the tensor lists of one masked optimizer call; returns them as lists."""
-    params = _checks.tensor_list(params, "params")
-    label = _checks.Names("params")
-    _checks.float_tensors(params, label)
-    lists = {"grads": _checks.tensor_list(grads, "grads")}
-    lists.update({what: _checks.tensor_list(ts, what) for what, ts in states.items()})
-    for what, ts in lists.items():
-        _checks.same_length(ts, what, params, "params")
-        for i, (t, p) in enumerate(zip(ts, params)):
-            _checks.like(t, p, f"{what}[{i}]", label(i))
-    if masks is None:
-        masks = [None] * len(params)
-    else:
-        masks = _checks.tensor_list(masks, "masks", allow_none=True)
-        _checks.same_length(masks, "masks", params, "params")
-        for i, (mask, p) in enumerate(zip(masks, params)):
-            if mask is not None:
-                _checks.mask_for(mask, p, f"masks[{i}]", label(i))
-    return params, lists, masks
-
-
-def masked_sgd_(params, grads, momentum_buffers, masks, *, lr: float, momentum: float = 0.0,
-                dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-                maximize: bool = False, grad_scale: torch.Tensor | None = None) -> None:
-    """One SGD step (torch.optim.SGD's math) in place, with pruned weights and momentum set to 0.
-
-    `masks` is None or one bool mask (True = kept) or None per parameter. `momentum_buffers`
-    (one per parameter; None or [] when momentum is 0) hold the state; torch.optim starts a
-    buffer as a copy of the gradient, which is what a zero buffer gives with dampening=0, so
-    pass dampening=0 on the step that creates the buffers. `grad_scale` divides the gradients.
-    """
-    lr = _checks.real(lr, "lr", 0.0)
-    momentum = _checks.real(momentum, "momentum", 0.0)
-    dampening = _checks.real(dampening, "dampening")
-    weight_decay = _checks.real(weight_decay, "weight_decay", 0.0)
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
-    states = {"momentum_buffers": momentum_buffers} if momentum != 0 else {}
-    if momentum == 0 and momentum_buffers:
-        raise ValueError("momentum_buffers given but momentum is 0; pass None or []")
-    params, lists, masks = _optimizer_lists(params, grads, states, masks)
-    grad_scale = _checks.grad_scale(grad_scale, params[0].device)
-    _ensure_selected()
-    with torch.no_grad():
-        _ops_.masked_sgd_(params, lists["grads"], lists.get("momentum_buffers", []), masks,
-                          lr, momentum, dampening, weight_decay, bool(nesterov), bool(maximize),
-                          grad_scale)
-
-
-def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, steps, *, lr: float, beta1: float,
-                 beta2: float, eps: float, weight_decay: float = 0.0, decoupled: bool = False,
-                 maximize: bool = False, grad_scale: torch.Tensor | None = None) -> None:
-    """One Adam step (decoupled=True: AdamW) in place, with pruned weights and both moments 0.
-
-    `steps` is this update's step number for each parameter, counted from 1 as torch.optim
-    counts after incrementing (one number applies to all); it is read, not modified.
-    `masks` is None or one bool mask (True = kept) or None per parameter.
-    """
-    lr = _checks.real(lr, "lr", 0.0)
-    beta1 = _checks.real(beta1, "beta1", 0.0, 1.0, high_open=True)
-    beta2 = _checks.real(beta2, "beta2", 0.0, 1.0, high_open=True)
-    eps = _checks.real(eps, "eps", 0.0)
-    weight_decay = _checks.real(weight_decay, "weight_decay", 0.0)
-    params, lists, masks = _optimizer_lists(
-        params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, masks)
-    if isinstance(steps, (numbers.Real, torch.Tensor)):
-        steps = [steps] * len(params)
-    if not isinstance(steps, (list, tuple)):
-        raise ValueError(f"steps must be a number or a list of numbers, not {type(steps).__name__}")
-    _checks.same_length(steps, "steps", params, "params")
-    steps = [_checks.real(s, f"steps[{i}]", 1.0) for i, s in enumerate(steps)]
-    grad_scale = _checks.grad_scale(grad_scale, params[0].device)
-    _ensure_selected()
-    with torch.no_grad():
-        _ops_.masked_adam_(params, lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], masks,
-                           steps, lr, beta1, beta2, eps, weight_decay, bool(decoupled),
-                           bool(maximize), grad_scale)
-
-
-from . import optim  # noqa: E402  (optim uses the functions above)
-from .optim import MaskedAdam, MaskedAdamW, MaskedSGD  # noqa: E402

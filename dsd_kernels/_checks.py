@@ -165,7 +165,14 @@ def real(value, what: str, low: float | None = None, high: float | None = None,
 
 
 def sparsity(value) -> float:
-    return real(value, "sparsity", 0.0, 1.0, high_open=True)
+    """A sparsity to prune to: a real number in [0, 1) (NaN fails every comparison)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    accepted = (not isinstance(value, bool) and isinstance(value, numbers.Real)
+                and 0.0 <= value < 1.0)
+    if not accepted:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {value!r}")
+    return float(value)
 
 
 def scope(value) -> str:

@@ -26,9 +26,10 @@ from operator import attrgetter, is_, is_not, itemgetter
 
 import torch
 
-from . import _checks, apply_masks_
+from . import _checks
 from .backends import ensure_selected, loaded_cpp_module
 from .distributed import local_tensor
+from .functional import apply_masks_
 
 _ops = torch.ops.dsd
 

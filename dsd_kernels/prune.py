@@ -28,7 +28,8 @@ from torch.nn.utils.prune import (  # noqa: F401  (the rest of torch's module, a
     RandomStructured, RandomUnstructured, custom_from_mask, identity, is_pruned, ln_structured,
     random_structured, random_unstructured, remove)
 
-from . import _checks, _ops, magnitude_masks
+from . import _checks, _ops
+from .functional import magnitude_masks
 from .optim import make_masked_
 
 __all__ = [

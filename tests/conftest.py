@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import dsd_kernels as dk  # noqa: E402
-from dsd_kernels.backends import NAMES, BackendUnavailable  # noqa: E402
+from dsd_kernels.backends import BACKENDS, BackendUnavailable  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -51,7 +51,7 @@ def device(request):
     return request.param
 
 
-@pytest.fixture(params=NAMES)
+@pytest.fixture(params=BACKENDS)
 def backend(request, device):
     """Select each backend in turn for the test's device; restore "auto" afterwards."""
     name = request.param

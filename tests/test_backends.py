@@ -15,7 +15,7 @@ def restore_selection():
 
 def test_torch_is_always_available():
     assert "torch" in dk.available_backends()
-    assert set(dk.available_backends()) <= set(backends.NAMES)
+    assert set(dk.available_backends()) <= set(backends.BACKENDS)
 
 
 def test_unknown_backend_name():

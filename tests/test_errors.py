@@ -68,9 +68,12 @@ def test_per_tensor_k_out_of_range(xs, ks, match):
 
 
 @pytest.mark.parametrize("sparsity, match", [
-    (-0.1, "sparsity must be >= 0"), (1.0, "sparsity must be < 1"), (1.5, "sparsity must be < 1"),
-    (float("nan"), "sparsity must be finite"), ("0.5", "sparsity must be a real number"),
-    (True, "sparsity must be a real number, not bool"),
+    (-0.1, r"sparsity must be a number in \[0, 1\), got -0.1"),
+    (1.0, r"sparsity must be a number in \[0, 1\), got 1.0"),
+    (1.5, r"sparsity must be a number in \[0, 1\), got 1.5"),
+    (float("nan"), r"sparsity must be a number in \[0, 1\), got nan"),
+    ("0.5", r"sparsity must be a number in \[0, 1\), got '0.5'"),
+    (True, r"sparsity must be a number in \[0, 1\), got True"),
 ])
 def test_bad_sparsity(xs, sparsity, match):
     _raises(match, dk.magnitude_masks, xs, sparsity)

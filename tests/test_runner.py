@@ -191,8 +191,8 @@ def test_phases_only_go_forward_within_the_plan():
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: Phase("sparse", 3, sparsity=1.0), r"sparsity must be in \[0, 1\)"),
-    (lambda: Phase("sparse", 3, sparsity=-0.1), r"sparsity must be in \[0, 1\)"),
+    (lambda: Phase("sparse", 3, sparsity=1.0), r"sparsity must be a number in \[0, 1\)"),
+    (lambda: Phase("sparse", 3, sparsity=-0.1), r"sparsity must be a number in \[0, 1\)"),
     (lambda: Phase("dense", 0), "at least 1 epoch"),
     (lambda: Phase("pruned", 3), "phase kind"),
     (lambda: Plan(()), "at least one phase"),

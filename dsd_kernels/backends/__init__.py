@@ -22,8 +22,8 @@ from . import torch_ref
 
 logger = logging.getLogger("dsd_kernels")
 
-NAMES = ("triton", "cpp", "torch")
-CHOICES = ("auto",) + NAMES
+BACKENDS = ("triton", "cpp", "torch")  # every backend, fastest first
+BACKEND_CHOICES = ("auto",) + BACKENDS  # what use_backend and DSD_BACKEND take
 
 
 class BackendUnavailable(RuntimeError):
@@ -70,7 +70,7 @@ def loaded_cpp_module():
 
 def available_backends() -> list[str]:
     """Names of the backends that can run here (loads them: may build the C++ extension)."""
-    return [name for name in NAMES if isinstance(_load(name), Backend)]
+    return [name for name in BACKENDS if isinstance(_load(name), Backend)]
 
 
 def _auto_plan() -> dict[str, str]:
@@ -96,8 +96,8 @@ def use_backend(name: str = "auto") -> None:
     devices it does not serve keep the "auto" choice.
     """
     global _selected_lib, _plan
-    if name not in CHOICES:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(CHOICES)}")
+    if name not in BACKEND_CHOICES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_CHOICES)}")
     plan: dict[str, str] = {}
     if name != "torch":
         chosen = _load(name) if name != "auto" else None
@@ -127,11 +127,17 @@ def selected_backends() -> dict[str, str]:
     return selected
 
 
+def backend_from_env() -> str:
+    """The backend `DSD_BACKEND` names ("auto" when it is unset); a ValueError if it names
+    none."""
+    name = os.environ.get("DSD_BACKEND", "auto")
+    if name not in BACKEND_CHOICES:
+        raise ValueError(f"DSD_BACKEND={name!r} is not a backend; choose one of "
+                         f"{', '.join(BACKEND_CHOICES)}")
+    return name
+
+
 def ensure_selected() -> None:
     """Select `DSD_BACKEND` (default "auto") unless a backend was already selected."""
     if _plan is None:
-        name = os.environ.get("DSD_BACKEND", "auto")
-        if name not in CHOICES:
-            raise ValueError(f"DSD_BACKEND={name!r} is not a backend; choose one of "
-                             f"{', '.join(CHOICES)}")
-        use_backend(name)
+        use_backend(backend_from_env())

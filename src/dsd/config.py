@@ -8,18 +8,18 @@ TOML config file, command-line flags. A run directory keeps its config as config
 import difflib
 import json
 import math
-import os
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import dsd_kernels
+
 from .models import MODELS, is_factory
-from .plan import KINDS, SCOPES, Plan
+from .plan import KINDS, Plan
 from .tasks import DATA_TASKS, TASKS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
-BACKENDS = ("auto", "triton", "cpp", "torch")
 AMP = ("off", "bf16", "fp16")
 
 
@@ -42,19 +42,8 @@ def _option(default, help, choices=None):
     return field(metadata={"help": help, "choices": choices}, **kwargs)
 
 
-def _backend_from_env() -> str:
-    """DSD_BACKEND, else auto. The config records the backend a run used, so `--resume`
-    takes the same kernels whatever the variable says then."""
-    name = os.environ.get("DSD_BACKEND", "auto")
-    if name not in BACKENDS:
-        raise ValueError(f"DSD_BACKEND={name!r} is not a backend; choose one of "
-                         f"{', '.join(BACKENDS)}")
-    return name
-
-
 # Accepted values of the numeric keys. NaN fails every comparison, so it is refused too.
 _RANGES = {
-    "sparsity": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "lr": (lambda v: 0 < v < math.inf, "a number > 0"),
     "redense_lr_factor": (lambda v: 0 < v < math.inf, "a number > 0"),
     "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -93,7 +82,7 @@ class RunConfig:
                                 "sparse from dense: 12,12,12 is DSD, 8,8,8,8,8 is DSDSD")
     sparsity: float = _option(0.5, "fraction of each prunable tensor pruned in sparse phases")
     scope: str = _option("layer", "prune per tensor (layer, the paper) or ranked over all "
-                         "prunable tensors together (global)", SCOPES)
+                         "prunable tensors together (global)", dsd_kernels.SCOPES)
     include: list[str] = _option([], "prune exactly the parameters matching these fnmatch "
                                  "patterns (default: Linear/Conv/RNN/Embedding weights)")
     exclude: list[str] = _option([], "never prune parameters matching these patterns")
@@ -131,8 +120,11 @@ class RunConfig:
     workers: int = _option(0, "DataLoader worker processes preparing the training batches "
                            "(0: in the training process)")
     device: str = _option("auto", "where to train (auto: cuda if available)", DEVICES)
-    backend: str = field(default_factory=_backend_from_env, metadata={
-        "help": "dsd_kernels backend (auto: the fastest that loads)", "choices": BACKENDS,
+    backend: str = field(
+        # The config records the backend a run used, so `--resume` takes the same kernels
+        # whatever the variable says then.
+        default_factory=dsd_kernels.backend_from_env, metadata={
+        "help": "dsd_kernels backend (auto: the fastest that loads)", "choices": dsd_kernels.BACKEND_CHOICES,
         "shown_default": "$DSD_BACKEND, else auto"})
     checkpoint_every: int = _option(1, "save a resumable checkpoint every N epochs")
     threads: int = _option(1, "CPU threads for torch (0: torch's default); these small "
@@ -170,6 +162,10 @@ class RunConfig:
         for n in self.phases:
             if n < 1:
                 raise ConfigError("phases", f": every phase needs at least 1 epoch, got {n}")
+        try:
+            dsd_kernels.check_sparsity(self.sparsity)
+        except ValueError as error:  # "sparsity must be ...": the flag names the key instead
+            raise ConfigError("sparsity", str(error).removeprefix("sparsity")) from None
         for name, (accepts, what) in _RANGES.items():
             if not accepts(getattr(self, name)):
                 raise ConfigError(name, f" must be {what}, got {getattr(self, name)!r}")

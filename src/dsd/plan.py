@@ -6,9 +6,10 @@ import bisect
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+import dsd_kernels
+
 KINDS = ("dense", "sparse")
 UNITS = ("epochs", "steps")
-SCOPES = ("layer", "global")
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,7 @@ class Phase:
             raise ValueError(f"phase kind must be one of {KINDS}, got {self.kind!r}")
         if isinstance(self.length, bool) or not isinstance(self.length, int) or self.length < 1:
             raise ValueError(f"every phase needs at least 1 epoch or step, got {self.length!r}")
-        if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
-            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+        dsd_kernels.check_sparsity(self.sparsity)
         if self.kind == "dense" and self.sparsity != 0:
             raise ValueError("a dense phase has no sparsity; use kind='sparse'")
         if not (isinstance(self.lr_scale, (int, float)) and math.isfinite(self.lr_scale)
@@ -60,8 +60,8 @@ class Plan:
                 raise ValueError(f"plan phases must be Phase objects, got {type(phase).__name__}")
         if self.unit not in UNITS:
             raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}")
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.scope not in dsd_kernels.SCOPES:
+            raise ValueError(f"scope must be one of {dsd_kernels.SCOPES}, got {self.scope!r}")
         for pattern in self.include + self.exclude:
             if not isinstance(pattern, str) or not pattern:
                 raise ValueError(f"include/exclude patterns must be non-empty strings, "

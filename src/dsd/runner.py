@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 import dsd_kernels
-from dsd_kernels.distributed import local_tensor
 from dsd_kernels.optim import LR_SCALE, make_masked_
 
 from .plan import Plan
@@ -162,7 +161,7 @@ class DSD:
         if phase.kind == "sparse" and not all(p in masks for _, p in self.named_prunable):
             masks = dict(zip((p for _, p in self.named_prunable), self._magnitude_masks(phase)))
             for name, p in self.named_prunable:
-                if not torch.equal(masks[p], local_tensor(p.detach()) != 0):
+                if not torch.equal(masks[p], dsd_kernels.local_tensor(p.detach()) != 0):
                     raise ValueError(
                         f"cannot recover the masks of sparse phase {index}: the zeros of {name} "
                         f"are not the {phase.sparsity:g} smallest-magnitude weights; restore "

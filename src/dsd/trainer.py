@@ -156,7 +156,7 @@ def dry_run(config: RunConfig) -> str:
         elif name in prunable and plan.scope == "global":
             pruned = "ranked with all prunable tensors"
         elif name in prunable:
-            pruned = ", ".join(f"{math.floor(s * p.numel()):,}" for s in sorted(set(sparse)))
+            pruned = ", ".join(f"{dsd_kernels.pruned_count(s, p.numel()):,}" for s in sorted(set(sparse)))
         rows.append([name, "x".join(map(str, p.shape)), f"{p.numel():,}", pruned])
     total = sum(p.numel() for p in model.parameters())
     selected = sum(p.numel() for name, p in model.named_parameters() if name in prunable)
@@ -168,7 +168,7 @@ def dry_run(config: RunConfig) -> str:
              f"{','.join(map(str, config.phases))} epochs from {config.first_phase}, sparsity "
              f"{config.sparsity:g} ({config.scope} scope)"
              + (f", from {config.init}" if config.init else "")
-             + (f": {math.floor(config.sparsity * selected):,} weights pruned in all"
+             + (f": {dsd_kernels.pruned_count(config.sparsity, selected):,} weights pruned in all"
                 if plan.scope == "global" and sparse else "")]
     lines += report.aligned(rows)
     return "\n".join(lines) + "\n"
