@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import dsd_kernels as dk
+
 from _timing import copy_bandwidth, environment, median_seconds, print_table, write_rows
 
 DEFAULT_SIZES = {"cpu": "1e5,1e6,16e6,resnet50", "cuda": "1e5,1e6,1e7,1e8,1e9,resnet50"}

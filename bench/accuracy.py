@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import environment  # noqa: E402
-
 from dsd.study import BUDGETS, parse_settings, run_study, table, write_outputs  # noqa: E402
+
+from _timing import environment  # noqa: E402
 
 
 def main() -> None:

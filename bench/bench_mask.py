@@ -14,6 +14,7 @@ import torch
 from torch.nn.utils import prune
 
 import dsd_kernels as dk
+
 from _cases import Run, cases, make, parser
 
 
@@ -57,7 +58,7 @@ def main():
         run.time(case, numel, "masked_fill_(~mask, 0)",
                  lambda: [x.masked_fill_(p, 0) for x, p in zip(xs, pruned)], apply_bytes,
                  "dsd apply_masks_ (in place)")
-        del xs, masks, float_masks, pruned
+        xs = masks = float_masks = pruned = None  # freed before the next case allocates
     run.finish()
 
 

@@ -13,6 +13,7 @@ write p and the state.
 import torch
 
 import dsd_kernels as dk
+
 from _cases import Run, cases, make, parser
 
 ADAMW = dict(lr=1e-3, weight_decay=1e-2)
@@ -37,12 +38,12 @@ def _time_family(run, case, numel, size, name, weights, grads, masks, state_name
     opt = make_dsd(params)
     opt.set_masks(dict(zip(params, masks)))
     run.time(case, numel, reference, opt.step, masked_bytes, reference)
-    del params, opt
+    params = opt = None  # freed before the next case allocates
 
     params = _params(weights, grads)
     opt = make_torch(params)
     run.time(case, numel, f"torch {name} fused (no mask)", opt.step, dense_bytes, reference)
-    del params, opt
+    params = opt = None  # freed before the next case allocates
 
     float_masks = [m.to(w.dtype) for m, w in zip(masks, weights)]
     params = _params(weights, grads)
@@ -56,7 +57,7 @@ def _time_family(run, case, numel, size, name, weights, grads, masks, state_name
 
     run.time(case, numel, f"torch {name} fused + mask p, state (mul_)", step_then_multiply,
              masked_bytes, reference)
-    del params, opt, float_masks
+    params = opt = float_masks = None  # freed before the next case allocates
 
     pruned = [~m for m in masks]
     params = _params(weights, grads)
@@ -88,7 +89,7 @@ def main():
         _time_family(run, case, numel, size, "SGD", weights, grads, masks, ["momentum_buffer"],
                      lambda ps: dk.MaskedSGD(ps, **SGD),
                      lambda ps: torch.optim.SGD(ps, **SGD, fused=True))
-        del weights, grads, masks
+        weights = grads = masks = None  # freed before the next case allocates
     run.finish()
 
 

@@ -60,9 +60,10 @@ class _Holder(nn.Module):
 
 def child(model: str, amount: float, impl: str) -> dict:
     """One pruning call in this process: seconds, peak extra and kept memory (MB)."""
+    from torch.nn.utils import prune as torch_prune
+
     import dsd_kernels as dk
     from dsd_kernels import prune as dk_prune
-    from torch.nn.utils import prune as torch_prune
 
     gen = torch.Generator().manual_seed(0)
     modules = [_Holder(torch.randn(shape, generator=gen)) for shape in MODELS[model]()]

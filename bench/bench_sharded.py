@@ -4,7 +4,8 @@ peak extra memory per rank and time, per call of dsd_kernels.magnitude_masks.
     python bench/bench_sharded.py --worlds 2,4 --backend cpp
 
 Cases: ResNet-50's 161 tensors per layer and globally (25.6M fp32 weights split over the
-ranks), and one tensor of 16M (fp32, bf16) or 64M (fp32) elements. Each rank holds a dim-0 shard. "extra
+ranks), and one tensor of 16M (fp32, bf16) or 64M (fp32) elements. Each rank holds a dim-0
+shard. "extra
 MiB" is the rank's peak resident memory during the call above what it held before, less the
 masks it returns (one byte per element): what the call costs beyond its result.
 """

@@ -46,13 +46,14 @@ from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import dsd_kernels as dk  # noqa: E402
+
 from _cases import gpt2_small_shapes, resnet50_shapes  # noqa: E402
 from _timing import environment, median_seconds, print_table, write_rows  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from _compile_for_gpu import CompileOnlyDriver  # noqa: E402
-
 from dsd_kernels.backends.triton import mask, optim, tables  # noqa: E402
+
+from _compile_for_gpu import CompileOnlyDriver  # noqa: E402
 
 ADAMW = dict(lr=1e-3, weight_decay=1e-2)
 COLUMNS = ["case", "impl", "ms", "x_torch", "builds/step", "uploads/step"]
@@ -197,7 +198,7 @@ def _host_rows(case, shapes, device, min_time, env):
             row("dsd MaskedAdamW, uncached", *_per_call(uncached, counters))
         with serving(device, {"masked_adam_": lambda *args: None}):
             row("dsd MaskedAdamW, op not run", opt.step)
-        del params, opt
+        params = opt = None  # freed before the next case allocates
     finally:
         tables.upload = upload
 
@@ -226,7 +227,7 @@ def _device_rows(case, shapes, min_time, env):
         rows.append(dict(env, op="step_overhead", case=case, tensors=len(shapes),
                          numel=sum(p.numel() for p in params), impl=impl, seconds=seconds))
         print(f"  {case:>24}  {impl:<44} {seconds * 1e3:.3f} ms", flush=True)
-        del params, opt
+        params = opt = None  # freed before the next case allocates
     dk.use_backend("auto")
     for r in rows:
         r["x_torch"] = r["seconds"] / rows[-1]["seconds"]

@@ -13,6 +13,7 @@ input validation (which reads every tensor once more to reject NaN/Inf).
 import torch
 
 import dsd_kernels as dk
+
 from _cases import Run, cases, make, parser, pruned_count
 
 
@@ -51,7 +52,7 @@ def main():
             run.time(case, numel, "torch.kthvalue layer",
                      lambda: [torch.kthvalue(x.abs().reshape(-1), kx) for x, kx in zip(xs, ks)],
                      nbytes, "dsd layer")
-        del xs
+        xs = None  # freed before the next case allocates
     run.finish()
 
 

@@ -25,14 +25,14 @@ import torch
 from _timing import environment, median_seconds, print_table, write_rows
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-import _fake_data  # noqa: E402
-
 import dsd_kernels as dk  # noqa: E402
 from dsd.config import RunConfig  # noqa: E402
 from dsd.models import build_model  # noqa: E402
 from dsd.runner import prunable_parameters  # noqa: E402
 from dsd.trainer import train  # noqa: E402
 from dsd_kernels.optim import MaskedSGD  # noqa: E402
+
+import _fake_data  # noqa: E402
 
 CIFAR_RECIPE = dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=128)
 
@@ -41,7 +41,8 @@ def _epochs(summary: dict, run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{"arm": r["arm"], "epoch": r["epoch"], "kind": r["kind"],
              "train_examples": summary["examples"]["train"],
-             "train_seconds": r["train_seconds"], "epoch_seconds": r["seconds"], "examples_per_second": r["examples_per_second"],
+             "train_seconds": r["train_seconds"], "epoch_seconds": r["seconds"],
+             "examples_per_second": r["examples_per_second"],
              "optimizer_share": r["optimizer_share"]} for r in rows]
 
 

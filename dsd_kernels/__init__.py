@@ -6,11 +6,26 @@ the torch.nn.utils.prune drop-in in `dsd_kernels.prune`; this module re-exports 
 """
 
 from . import optim
-from .backends import (BACKEND_CHOICES, BACKENDS, BackendUnavailable, available_backends,
-                       backend_from_env, selected_backends, use_backend)
+from .backends import (
+                       BACKEND_CHOICES,
+                       BACKENDS,
+                       BackendUnavailable,
+                       available_backends,
+                       backend_from_env,
+                       selected_backends,
+                       use_backend,
+)
 from .distributed import local_tensor
-from .functional import (SCOPES, apply_masks_, check_sparsity, kth_smallest_abs,
-                         magnitude_masks, masked_adam_, masked_sgd_, pruned_count)
+from .functional import (
+                       SCOPES,
+                       apply_masks_,
+                       check_sparsity,
+                       kth_smallest_abs,
+                       magnitude_masks,
+                       masked_adam_,
+                       masked_sgd_,
+                       pruned_count,
+)
 from .optim import MaskedAdam, MaskedAdamW, MaskedSGD
 
 __all__ = [

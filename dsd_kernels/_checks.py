@@ -68,7 +68,8 @@ def float_tensors(xs: list, label: Names) -> None:
         if x.layout != torch.strided:
             raise ValueError(f"{label(i)} is a {x.layout} tensor; only dense tensors are supported")
         if x.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{label(i)} has dtype {x.dtype}; supported: float32, float16, bfloat16")
+            raise ValueError(f"{label(i)} has dtype {x.dtype}; supported: float32, float16, "
+                             "bfloat16")
         if x.device != device:
             raise ValueError(f"{label(i)} is on {x.device} but {label(0)} is on {device}; "
                              "one call takes tensors on one device")

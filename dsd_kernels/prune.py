@@ -24,9 +24,21 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as _torch_prune
 from torch.nn.utils.prune import (  # noqa: F401  (the rest of torch's module, as it is)
-    BasePruningMethod, CustomFromMask, Identity, LnStructured, PruningContainer,
-    RandomStructured, RandomUnstructured, custom_from_mask, identity, is_pruned, ln_structured,
-    random_structured, random_unstructured, remove)
+    BasePruningMethod,
+    CustomFromMask,
+    Identity,
+    LnStructured,
+    PruningContainer,
+    RandomStructured,
+    RandomUnstructured,
+    custom_from_mask,
+    identity,
+    is_pruned,
+    ln_structured,
+    random_structured,
+    random_unstructured,
+    remove,
+)
 
 from . import _checks, _ops
 from .functional import magnitude_masks
@@ -176,7 +188,8 @@ def l1_unstructured(module: nn.Module, name: str, amount, importance_scores=None
     """torch's l1_unstructured, with the mask from dsd_kernels; returns the module."""
     _check_amount(amount)
     pairs, scores, masks, labels = _scores(
-        [(module, name)], None if importance_scores is None else {(module, name): importance_scores})
+        [(module, name)],
+        None if importance_scores is None else {(module, name): importance_scores})
     # Checked before torch's apply, which removes an earlier pruning's hook before it ranks.
     unpruned = scores[0].numel() if masks[0] is None else int((masks[0] == 1).sum())
     if _count(amount, unpruned, labels[0]):

@@ -11,8 +11,13 @@ import tempfile
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from transformers import (Trainer, TrainerCallback, TrainingArguments, ViTConfig,
-                          ViTForImageClassification)
+from transformers import (
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 from dsd import Plan
 from dsd.integrations.transformers import DSDCallback

@@ -11,9 +11,10 @@ import sys
 import lightning.pytorch as L
 import torch
 
-from _lightning_net import QUIET, Net, loader
 from dsd import Plan
 from dsd.integrations.lightning import DSDCallback
+
+from _lightning_net import QUIET, Net, loader
 
 
 class KeepMasks(L.Callback):

@@ -13,13 +13,13 @@ import textwrap
 import pytest
 import torch
 
-import _kill
-from _runs import untimed_rows
-
 from dsd.cli import main
 from dsd.config import RunConfig
 from dsd.models import build_model
 from dsd.trainer import RunError, train
+
+import _kill
+from _runs import untimed_rows
 
 # Tiny and fast, but with every transition: dense -> sparse -> re-dense, plus the baseline arm
 # that branches off after the first dense phase. Dropout makes the result depend on the RNG.

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import dsd_kernels as dk
-from dsd_kernels import backends
 from dsd.cli import main
 from dsd.config import RunConfig
 from dsd.models import build_model
+from dsd_kernels import backends
 
 TINY = ["--task", "digits", "--phases", "2,1,2", "--mlp-hidden", "32,16", "--backend", "torch"]
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TOLERANCES
 
 import dsd_kernels as dk
-from conftest import TOLERANCES
 from dsd_kernels._ops import OPS
 from dsd_kernels.backends import BackendUnavailable, cpp, torch_ref
 
@@ -111,7 +111,8 @@ def test_a_build_error_is_the_reason(tmp_path):
     sources.mkdir()
     for name in cpp.SOURCES + cpp.HEADERS:
         (sources / name).write_text((cpp.CSRC / name).read_text())
-    (sources / "ops.cpp").write_text("#error deliberately broken\n" + (sources / "ops.cpp").read_text())
+    broken = "#error deliberately broken\n" + (sources / "ops.cpp").read_text()
+    (sources / "ops.cpp").write_text(broken)
     script = f"""
         from pathlib import Path
         from dsd_kernels.backends import BackendUnavailable, cpp
@@ -211,7 +212,8 @@ def _assert_same_threshold(xs, k):
 
 
 def _assert_same_masks(xs, sparsity, scope):
-    got, want = dk.magnitude_masks(xs, sparsity, scope), torch_ref.magnitude_masks(xs, sparsity, scope)
+    got = dk.magnitude_masks(xs, sparsity, scope)
+    want = torch_ref.magnitude_masks(xs, sparsity, scope)
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.is_contiguous() and g.shape == w.shape
         assert torch.equal(g, w), f"sparsity={sparsity} scope={scope} tensor {i}"
@@ -307,7 +309,8 @@ def _strided_cases(dtype, gen):
     """(tensor, base) pairs: channels_last, a transposed view, a non-dense slice of a base."""
     base = torch.randn(700, 900, generator=gen).to(dtype)
     return [
-        (torch.randn(32, 16, 3, 3, generator=gen).to(dtype).to(memory_format=torch.channels_last), None),
+        (torch.randn(32, 16, 3, 3, generator=gen).to(dtype)
+         .to(memory_format=torch.channels_last), None),
         (torch.randn(900, 700, generator=gen).to(dtype).t(), None),
         (base[:, :600], base),
         (torch.randn(300_001, generator=gen).to(dtype), None),
@@ -379,7 +382,8 @@ def test_adam_matches_on_strided_params(cpp_backend, threads, dtype, variant):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("variant", ["plain", "momentum", "nesterov_wd", "dampening_maximize_scaled"])
+@pytest.mark.parametrize("variant",
+                         ["plain", "momentum", "nesterov_wd", "dampening_maximize_scaled"])
 def test_sgd_matches_on_strided_params(cpp_backend, threads, dtype, variant):
     hyper = {
         "plain": dict(lr=0.1),

@@ -14,11 +14,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-import _kill
 import dsd_kernels as dk
 from dsd import DSD, Plan
 from dsd.config import RunConfig
 from dsd.trainer import train
+
+import _kill
 
 SETTINGS = dict(task="digits", model="mlp", phases=[2, 2, 2], sparsity=0.5, mlp_hidden=[32, 16],
                 optimizer="sgd", lr=0.05, backend="torch", device="cpu", seed=3)

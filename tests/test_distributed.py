@@ -8,8 +8,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import _oracle
 import dsd_kernels as dk
+
+import _oracle
 
 SHAPES = [(7, 5), (1, 3), (13,), (4, 3, 2), (2,)]
 KINDS = ["normal", "ties", "equal", "close"]

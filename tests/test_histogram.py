@@ -4,11 +4,12 @@ radix select driven over it (dsd_kernels.radix) against a sort."""
 import numpy as np
 import pytest
 import torch
+from conftest import DTYPES
+
+import dsd_kernels  # noqa: F401  (defines the ops)
+from dsd_kernels import radix
 
 import _oracle
-import dsd_kernels  # noqa: F401  (defines the ops)
-from conftest import DTYPES
-from dsd_kernels import radix
 
 KINDS = ["normal", "ties", "equal", "close"]
 

@@ -16,10 +16,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
 import dsd_kernels as dk
-from _lightning_net import BATCHES_PER_EPOCH, PRUNABLE, QUIET, STATE_NAMES, Net, loader, lr_factor
 from dsd import Plan
 from dsd.integrations.lightning import DSDCallback
 from dsd_kernels.optim import step_lr
+
+from _lightning_net import BATCHES_PER_EPOCH, PRUNABLE, QUIET, STATE_NAMES, Net, loader, lr_factor
 
 pytestmark = [  # Lightning's: its own use of torch, and resuming into the same directory
     pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated"),

@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
+from conftest import DTYPES
+
+import dsd_kernels as dk
 
 import _oracle
-import dsd_kernels as dk
-from conftest import DTYPES
 
 SPARSITIES = [0.0, 0.1, 0.5, 0.9, 0.999]
 LIST_SHAPES = [(33, 17), (1,), (7,), (4, 3, 5, 7), (2, 1031)]

@@ -8,8 +8,19 @@ import pytest
 import torch
 from torch import nn
 
-from dsd.models import (DATA_KINDS, MODELS, VGG, CharLM, CifarResNet, RNNClassifier,
-                        build_model, default_model, is_factory, model_from_factory, models_for)
+from dsd.models import (
+    DATA_KINDS,
+    MODELS,
+    VGG,
+    CharLM,
+    CifarResNet,
+    RNNClassifier,
+    build_model,
+    default_model,
+    is_factory,
+    model_from_factory,
+    models_for,
+)
 from dsd.runner import prunable_parameters
 
 

@@ -11,9 +11,9 @@ import io
 
 import pytest
 import torch
+from conftest import DTYPES, TOLERANCES
 
 import dsd_kernels as dk
-from conftest import DTYPES, TOLERANCES
 
 SHAPES = [(33, 17), (7,), (4, 3, 5), (1,)]
 STEPS = 100
@@ -249,7 +249,7 @@ def test_grad_scaler(backend, device, name):
     ours, theirs = _params(device), _params(device)
     opt, ref = masked_cls(ours, **kwargs), torch_cls(theirs, **kwargs)
     scalers = [torch.amp.GradScaler(device, init_scale=1024.0) for _ in range(2)]
-    for step in range(10):
+    for _ in range(10):
         for params, o, scaler in ((ours, opt, scalers[0]), (theirs, ref, scalers[1])):
             o.zero_grad()
             loss = sum((p**2).sum() * (1 + 0.1 * i) for i, p in enumerate(params))
@@ -339,7 +339,7 @@ def test_masks_take_the_layout_of_channels_last_parameters(backend, device):
     opt = dk.MaskedSGD([p], lr=0.1, momentum=0.9)
     opt.set_masks({p: mask})
     assert opt.masks[p].stride() == p.stride() and torch.equal(opt.masks[p], mask)
-    for step in range(3):
+    for _ in range(3):
         p.grad = torch.randn_like(p)
         opt.step()
         assert (p[~mask] == 0).all() and (opt.state[p]["momentum_buffer"][~mask] == 0).all()

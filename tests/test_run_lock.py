@@ -9,9 +9,9 @@ import sys
 import textwrap
 import time
 
-import _kill
-
 from dsd.cli import main
+
+import _kill
 
 TINY = ["--task", "digits", "--phases", "2,1,1", "--mlp-hidden", "16", "--backend", "torch",
         "--quiet"]

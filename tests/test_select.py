@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DTYPES, _select
+
+import dsd_kernels as dk
+from dsd_kernels import radix
 
 import _oracle
-import dsd_kernels as dk
-from conftest import DTYPES, _select
-from dsd_kernels import radix
 
 # Above the engine's nth_element size (2^14 keys), across several chunks of 2^16.
 SIZE = 3 * (1 << 16) + 1234

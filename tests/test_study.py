@@ -14,12 +14,19 @@ from scipy import stats
 from dsd import study, trainer
 from dsd.cli import main
 from dsd.config import RunConfig
-from dsd.study import (BUDGETS, Cell, benjamini_hochberg, cells_of, choose_lr, holm,
-                       paired_test, run_study)
+from dsd.study import (
+    BUDGETS,
+    Cell,
+    benjamini_hochberg,
+    cells_of,
+    choose_lr,
+    holm,
+    paired_test,
+    run_study,
+)
 from dsd.tasks import DataError, alter_training, load_task
 
 from _runs import metrics_rows
-
 
 # ---- statistics ------------------------------------------------------------------------------
 

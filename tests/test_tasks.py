@@ -325,7 +325,7 @@ def test_text_bad_files(tmp_path):
     with pytest.raises(DataError, match=f"--data {tmp_path} is not a file"):
         load_task("text", data=tmp_path)
     path = tmp_path / "latin1.txt"
-    path.write_bytes("abc".encode() + "é".encode("latin-1") + b"def" * 100)
+    path.write_bytes(b"abc" + "é".encode("latin-1") + b"def" * 100)
     with pytest.raises(DataError, match=f"^{path} is not UTF-8 text: byte offset 3 \\(0xe9\\)"):
         load_task("text", data=path)
 

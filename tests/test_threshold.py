@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from conftest import DTYPES
+
+import dsd_kernels as dk
 
 import _oracle
-import dsd_kernels as dk
-from conftest import DTYPES
 
 SHAPES = [(1,), (7,), (3, 5), (33, 17), (4, 3, 5, 7), (1031,), (129, 257)]
 KINDS = ["normal", "ties", "equal", "close"]

@@ -7,8 +7,13 @@ import math
 import pytest
 import torch
 import transformers
-from transformers import (BertConfig, BertForSequenceClassification, Trainer, TrainerState,
-                          TrainingArguments)
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    Trainer,
+    TrainerState,
+    TrainingArguments,
+)
 
 import dsd_kernels as dk
 from dsd import Plan

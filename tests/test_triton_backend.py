@@ -12,9 +12,9 @@ import sys
 
 import pytest
 import torch
+from conftest import DTYPES, TOLERANCES
 
 import dsd_kernels as dk
-from conftest import DTYPES, TOLERANCES
 from dsd_kernels.backends import BackendUnavailable, torch_ref
 
 triton_backend = pytest.importorskip("dsd_kernels.backends.triton")

@@ -11,15 +11,16 @@ import copy
 
 import pytest
 import torch
+from conftest import TOLERANCES
 
 import dsd_kernels as dk
-from conftest import TOLERANCES
 from dsd_kernels.backends import torch_ref
 
 pytest.importorskip("dsd_kernels.backends.triton")
 
-from dsd_kernels.backends.triton import mask, optim, tables, threshold  # noqa: E402
 from test_triton_backend import DEVICE, triton_selected  # noqa: E402, F401  (autouse fixture)
+
+from dsd_kernels.backends.triton import mask, optim, tables, threshold  # noqa: E402
 
 CACHES = (optim._TABLES, threshold._TABLES, mask._TABLES, mask._APPLY_TABLES)
 

@@ -12,13 +12,14 @@ import textwrap
 import pytest
 import torch
 
-import _fake_data
-import _kill
-from _runs import untimed_rows
 from dsd.cli import main
 from dsd.config import RunConfig
 from dsd.trainer import train
 from dsd_kernels.optim import MaskedAdam
+
+import _fake_data
+import _kill
+from _runs import untimed_rows
 
 TINY = dict(backend="torch", device="cpu", batch_size=16, seed=1)
 

@@ -13,7 +13,8 @@ the first call of a public op selects `DSD_BACKEND` (default "auto").
 import importlib
 import logging
 import os
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 

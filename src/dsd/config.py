@@ -16,7 +16,7 @@ import dsd_kernels
 
 from .models import MODELS, is_factory
 from .plan import KINDS, Plan
-from .tasks import DATA_TASKS, TASKS
+from .tasks import TASKS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
@@ -124,7 +124,8 @@ class RunConfig:
         # The config records the backend a run used, so `--resume` takes the same kernels
         # whatever the variable says then.
         default_factory=dsd_kernels.backend_from_env, metadata={
-        "help": "dsd_kernels backend (auto: the fastest that loads)", "choices": dsd_kernels.BACKEND_CHOICES,
+        "help": "dsd_kernels backend (auto: the fastest that loads)",
+        "choices": dsd_kernels.BACKEND_CHOICES,
         "shown_default": "$DSD_BACKEND, else auto"})
     checkpoint_every: int = _option(1, "save a resumable checkpoint every N epochs")
     threads: int = _option(1, "CPU threads for torch (0: torch's default); these small "

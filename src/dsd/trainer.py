@@ -156,7 +156,8 @@ def dry_run(config: RunConfig) -> str:
         elif name in prunable and plan.scope == "global":
             pruned = "ranked with all prunable tensors"
         elif name in prunable:
-            pruned = ", ".join(f"{dsd_kernels.pruned_count(s, p.numel()):,}" for s in sorted(set(sparse)))
+            pruned = ", ".join(f"{dsd_kernels.pruned_count(s, p.numel()):,}"
+                               for s in sorted(set(sparse)))
         rows.append([name, "x".join(map(str, p.shape)), f"{p.numel():,}", pruned])
     total = sum(p.numel() for p in model.parameters())
     selected = sum(p.numel() for name, p in model.named_parameters() if name in prunable)

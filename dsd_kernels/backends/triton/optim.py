@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from . import tables
-from .tables import blocks_end, column_pointer, lanes
 from .convert import from_fp32, to_fp32
+from .tables import blocks_end, column_pointer, lanes
 
 BLOCK = 2048  # elements per step of a program: 8 per thread, 128-bit fp32 accesses
 CHUNK = 8 * BLOCK  # elements per program

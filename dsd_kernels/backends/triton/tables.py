@@ -18,7 +18,8 @@ and the scalars of a call (learning rate, bias corrections) are kernel arguments
 
 import contextlib
 import logging
-from typing import Hashable, NamedTuple
+from collections.abc import Hashable
+from typing import NamedTuple
 
 import torch
 import triton

@@ -54,12 +54,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._ops import magnitude_dtype
 from ... import radix
+from ..._ops import magnitude_dtype
 from ...radix import DIGITS, PASSES
 from . import tables
-from .tables import blocks_end, column_pointer, lanes
 from .convert import to_fp32
+from .tables import blocks_end, column_pointer, lanes
 
 # The widest digit's bins (radix.DIGITS): what tl.histogram costs per value depends on the
 # bin count and on the Triton version (docs/design.md, "How Triton lowers tl.histogram").
