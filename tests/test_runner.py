@@ -67,6 +67,13 @@ def test_include_replaces_and_exclude_removes():
         prunable_parameters(model, exclude=["*"])
 
 
+def test_one_pattern_string_is_one_pattern():
+    plan = Plan.dsd(1, 1, 1, include="head.*", exclude="*.bias")
+    assert plan.include == ("head.*",) and plan.exclude == ("*.bias",)
+    assert [n for n, _ in prunable_parameters(Net(), include="head.*")] == \
+        ["head.weight", "head.bias"]
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_phase_switches_in_a_step_based_loop(kind):
     torch.manual_seed(0)
@@ -199,6 +206,10 @@ def test_phases_only_go_forward_within_the_plan():
     (lambda: Plan.dsd(5, 5, 5, scope="model"), "scope must be"),
     (lambda: Plan.dsd(5, 5, 5, redense_lr_factor=0), "redense_lr_factor"),
     (lambda: Plan.dsd(5, 5, 5, iterations=0), "iterations must be"),
+    (lambda: Plan.dsd(5, 5, 5, include=["fc.weight", 3]), "include patterns must be .* got 3"),
+    (lambda: Plan.dsd(5, 5, 5, exclude=[""]), "exclude patterns must be non-empty"),
+    (lambda: Plan.dsd(5, 5, 5, exclude=None), "exclude must be a pattern or a list"),
+    (lambda: Plan.from_lengths("10,10"), "lengths must be a list of ints"),
 ])
 def test_plan_validation(make, message):
     with pytest.raises(ValueError, match=message):

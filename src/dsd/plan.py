@@ -12,6 +12,20 @@ KINDS = ("dense", "sparse")
 UNITS = ("epochs", "steps")
 
 
+def as_patterns(name: str, patterns) -> tuple[str, ...]:
+    """`patterns` (one fnmatch pattern, or an iterable of them) as a tuple; `name` (include
+    or exclude) names the argument in the error."""
+    if isinstance(patterns, str):
+        return as_patterns(name, (patterns,))
+    if not hasattr(patterns, "__iter__"):
+        raise ValueError(f"{name} must be a pattern or a list of patterns, got {patterns!r}")
+    patterns = tuple(patterns)
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"{name} patterns must be non-empty strings, got {pattern!r}")
+    return patterns
+
+
 @dataclass(frozen=True)
 class Phase:
     """One phase: `length` epochs or steps (the plan's unit) of dense or masked training.
@@ -51,8 +65,8 @@ class Plan:
 
     def __post_init__(self):
         object.__setattr__(self, "phases", tuple(self.phases))
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "include", as_patterns("include", self.include))
+        object.__setattr__(self, "exclude", as_patterns("exclude", self.exclude))
         if not self.phases:
             raise ValueError("a plan needs at least one phase")
         for phase in self.phases:
@@ -62,10 +76,6 @@ class Plan:
             raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}")
         if self.scope not in dsd_kernels.SCOPES:
             raise ValueError(f"scope must be one of {dsd_kernels.SCOPES}, got {self.scope!r}")
-        for pattern in self.include + self.exclude:
-            if not isinstance(pattern, str) or not pattern:
-                raise ValueError(f"include/exclude patterns must be non-empty strings, "
-                                 f"got {pattern!r}")
 
     @classmethod
     def dsd(cls, dense: int, sparse: int, redense: int, *, sparsity: float = 0.5,
@@ -96,6 +106,8 @@ class Plan:
             raise ValueError(f"redense_lr_factor must be > 0, got {redense_lr_factor!r}")
         if first not in KINDS:
             raise ValueError(f"first must be one of {KINDS}, got {first!r}")
+        if isinstance(lengths, str) or not hasattr(lengths, "__iter__"):
+            raise ValueError(f"lengths must be a list of ints, got {lengths!r}")
         lengths = list(lengths)
         if not lengths:
             raise ValueError("a plan needs at least one phase")

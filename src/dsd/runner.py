@@ -16,7 +16,7 @@ from torch import nn
 import dsd_kernels
 from dsd_kernels.optim import LR_SCALE, make_masked_
 
-from .plan import Plan
+from .plan import Plan, as_patterns
 
 # Modules whose `weight`-named parameters are pruned by default (the paper prunes these; biases
 # and normalisation parameters are few and sensitive).
@@ -31,8 +31,9 @@ def prunable_parameters(model: nn.Module, include=(),
     (fnmatch patterns on full parameter names) replaces the default; `exclude` removes
     matches. A pattern that matches no parameter is an error (it is most likely a typo).
     """
+    include, exclude = as_patterns("include", include), as_patterns("exclude", exclude)
     named = list(model.named_parameters())
-    for pattern in tuple(include) + tuple(exclude):
+    for pattern in include + exclude:
         if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in named):
             raise ValueError(f"the pattern {pattern!r} matches no parameter of the model; "
                              f"its parameters are: {', '.join(name for name, _ in named)}")
