@@ -67,6 +67,21 @@ def test_include_replaces_and_exclude_removes():
         prunable_parameters(model, exclude=["*"])
 
 
+def test_frozen_parameters_are_not_pruned_and_an_include_of_them_is_refused():
+    model = Net()
+    model.conv.requires_grad_(False)
+    names = [name for name, _ in prunable_parameters(model)]
+    assert names == ["embed.weight", "gru.weight_ih_l0", "gru.weight_hh_l0", "head.weight"]
+    with pytest.raises(ValueError, match=r"include selects frozen parameters .*: conv.weight;"):
+        prunable_parameters(model, include=["*.weight"])
+    assert "conv.weight" not in dict(prunable_parameters(model, include=["*.weight"],
+                                                         exclude=["conv.*"]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dsd = DSD(model, optimizer, Plan.dsd(1, 1, 1, sparsity=0.5))
+    dsd.epoch_start(1)
+    assert optimizer.masks and model.conv.weight.count_nonzero() == model.conv.weight.numel()
+
+
 def test_one_pattern_string_is_one_pattern():
     plan = Plan.dsd(1, 1, 1, include="head.*", exclude="*.bias")
     assert plan.include == ("head.*",) and plan.exclude == ("*.bias",)

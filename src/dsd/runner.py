@@ -25,11 +25,22 @@ _PRUNABLE_MODULES = (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase, nn.Embeddin
 
 def prunable_parameters(model: nn.Module, include=(),
                         exclude=()) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) pairs to prune, in `model.named_parameters()` order.
+    """The parameters a plan prunes, as (name, parameter) pairs in `model.named_parameters()`
+    order.
 
-    Default: weight tensors of Linear, Conv*, RNN/LSTM/GRU and Embedding layers. `include`
-    (fnmatch patterns on full parameter names) replaces the default; `exclude` removes
-    matches. A pattern that matches no parameter is an error (it is most likely a typo).
+    By default the trained (`requires_grad`) weights of Linear, Conv*, RNN/LSTM/GRU and
+    Embedding layers: a frozen parameter gets no gradient, so once pruned it would never regrow.
+
+    Args:
+        model: the module whose parameters are selected.
+        include: fnmatch patterns on full parameter names (one string is one pattern); they
+            replace the default selection.
+        exclude: patterns of names never pruned; applied after `include`.
+
+    Raises:
+        ValueError: a pattern that is not a non-empty string or matches no parameter (most
+            likely a typo); `include` selecting a frozen parameter that `exclude` does not
+            remove; nothing left to prune.
     """
     include, exclude = as_patterns("include", include), as_patterns("exclude", exclude)
     named = list(model.named_parameters())
@@ -45,14 +56,18 @@ def prunable_parameters(model: nn.Module, include=(),
         for module_name, module in model.named_modules():
             if isinstance(module, _PRUNABLE_MODULES):
                 prefix = f"{module_name}." if module_name else ""
-                chosen.update(prefix + name for name, _ in module.named_parameters(recurse=False)
-                              if name.startswith("weight"))
+                chosen.update(prefix + name for name, p in module.named_parameters(recurse=False)
+                              if name.startswith("weight") and p.requires_grad)
     chosen = {name for name in chosen
               if not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)}
     selected = [(name, p) for name, p in named if name in chosen]
+    frozen = [name for name, p in selected if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"include selects frozen parameters (requires_grad=False), which would "
+                         f"stay pruned: {', '.join(frozen)}; exclude them or unfreeze them")
     if not selected:
-        raise ValueError("no prunable parameter selected: the model has no Linear, Conv, RNN or "
-                         "Embedding weight, or include/exclude left none")
+        raise ValueError("no prunable parameter selected: the model has no trained Linear, "
+                         "Conv, RNN or Embedding weight, or include/exclude left none")
     return selected
 
 
