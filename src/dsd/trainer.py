@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 import dsd_kernels
 from dsd_kernels.optim import MaskedAdam, MaskedAdamW, MaskedSGD, step_lr
 
-from . import batches, checkpoint, report
+from . import atomic_io, batches, report
 from .config import RunConfig
 from .models import build_model, default_model, is_factory, model_from_factory
 from .runner import DSD, prunable_parameters
@@ -104,7 +104,7 @@ def train(config: RunConfig, run_dir=None, *, quiet: bool = False) -> dict:
     if world.main:  # one process claims the directory; all of them learn what went wrong
         try:
             lock = _claim_run_dir(config, run_dir)
-        except (RunError, checkpoint.WriteError) as error:
+        except (RunError, atomic_io.WriteError) as error:
             problem = error
     problem = world.from_main(problem)
     if problem:
@@ -116,8 +116,8 @@ def train(config: RunConfig, run_dir=None, *, quiet: bool = False) -> dict:
     except KeyboardInterrupt as interrupt:
         interrupt.run_dir = run_dir
         raise
-    except checkpoint.WriteError as error:
-        raise checkpoint.WriteError(f"{error}; nothing saved before it is lost: resume with "
+    except atomic_io.WriteError as error:
+        raise atomic_io.WriteError(f"{error}; nothing saved before it is lost: resume with "
                                     f"`dsd train --resume {run_dir}`") from None
     finally:
         if lock is not None:
@@ -179,8 +179,8 @@ def _read_init(path: str) -> dict:
     """The state_dict in an --init file: a plain one, or the entry "state_dict", "model" or
     "model_state_dict" of a checkpoint dict (a dsd checkpoint's is "model")."""
     try:
-        state = checkpoint.load_torch(path)
-    except checkpoint.ReadError as error:
+        state = atomic_io.load_torch(path)
+    except atomic_io.ReadError as error:
         raise RunError(f"init file: {error}") from None
     if isinstance(state, dict):
         for key in ("state_dict", "model", "model_state_dict"):
@@ -276,8 +276,8 @@ def evaluate_saved(run_dir, split: str, arm: str = "dsd") -> dict:
     data, _, model = prepare(config, device)
     path = run_dir / ("model.pt" if arm == "dsd" else "baseline_model.pt")
     try:
-        model.load_state_dict(checkpoint.load_torch(path))
-    except checkpoint.ReadError as error:
+        model.load_state_dict(atomic_io.load_torch(path))
+    except atomic_io.ReadError as error:
         raise RunError(f"cannot evaluate: {error}") from None
     loss, acc = _evaluate(model, getattr(data, f"x_{split}"), getattr(data, f"y_{split}"),
                           config, device)
@@ -338,7 +338,7 @@ def _claim_run_dir(config: RunConfig, run_dir: Path) -> int:
     try:
         if created or not any(run_dir.iterdir()):
             # An empty directory is a new run (or one killed before its config was written).
-            checkpoint.save_text(config.to_toml(), run_dir / "config.toml")
+            atomic_io.save_text(config.to_toml(), run_dir / "config.toml")
         else:
             saved = load_config(run_dir)
             if saved != config:
@@ -502,8 +502,8 @@ class _Run:
         """The checkpoint at `path`, checked to be this run's and finite before anything uses
         it; otherwise a RunError naming the file and the fault, with nothing modified."""
         try:
-            state = checkpoint.load_torch(path)
-        except checkpoint.ReadError as error:
+            state = atomic_io.load_torch(path)
+        except atomic_io.ReadError as error:
             raise RunError(f"cannot resume: {error}") from None
         if not isinstance(state, dict) or "format" not in state:
             raise RunError(f"cannot resume: {path} is not a dsd checkpoint")
@@ -550,7 +550,7 @@ class _Run:
 
     def _save(self, arm: _Arm | None, next_epoch: int, filename: str = "last.pt") -> None:
         if self.world.main:  # the ranks' states are the same: one copy, on any world size
-            checkpoint.save_torch(self._state(arm, next_epoch), self.ckpt_dir / filename)
+            atomic_io.save_torch(self._state(arm, next_epoch), self.ckpt_dir / filename)
 
     # ---- the run -------------------------------------------------------------------------
     def execute(self) -> dict:
@@ -564,10 +564,10 @@ class _Run:
             arm, next_epoch = _Arm.build(self.config, self.data, "dsd", self.device,
                                          self.world, self.init), 0
         if self.world.main:
-            with checkpoint.writing(self.ckpt_dir):
+            with atomic_io.writing(self.ckpt_dir):
                 self.ckpt_dir.mkdir(exist_ok=True)
-            checkpoint.remove_stale_temps(self.ckpt_dir)
-            checkpoint.remove_stale_temps(self.run_dir)
+            atomic_io.remove_stale_temps(self.ckpt_dir)
+            atomic_io.remove_stale_temps(self.run_dir)
         if next_epoch == 0 and arm is not None and self.config.baseline \
                 and self.branch_epoch == 0:
             self._save(arm, 0, "branch.pt")  # a sparse-first plan: both arms start here
@@ -577,7 +577,7 @@ class _Run:
             self.world.check_replicas(arm.model.parameters())
             if self.world.main:
                 final = {k: v.detach().cpu().clone() for k, v in arm.model.state_dict().items()}
-                checkpoint.save_torch(final, self.run_dir / ("model.pt" if arm.name == "dsd"
+                atomic_io.save_torch(final, self.run_dir / ("model.pt" if arm.name == "dsd"
                                                              else "baseline_model.pt"))
             following = self.arm_names.index(arm.name) + 1
             if following < len(self.arm_names):
@@ -715,7 +715,7 @@ class _Run:
         if not self.world.main:
             return
         path = self.run_dir / "metrics.jsonl"
-        with checkpoint.writing(path), open(path, "a") as file:
+        with atomic_io.writing(path), open(path, "a") as file:
             file.write(json.dumps(row) + "\n")
 
     def _rewrite_metrics(self) -> None:
@@ -724,7 +724,7 @@ class _Run:
         if not self.world.main:
             return
         rows = [row for name in self.arm_names for row in self.history[name]]
-        checkpoint.save_text("".join(json.dumps(row) + "\n" for row in rows),
+        atomic_io.save_text("".join(json.dumps(row) + "\n" for row in rows),
                              self.run_dir / "metrics.jsonl")
 
     def _write_outputs(self) -> dict:
@@ -737,13 +737,13 @@ class _Run:
         summary["data"] = self.data.source
         if not self.world.main:
             return summary
-        checkpoint.save_json(self.sparsity, self.run_dir / "sparsity.json")
-        checkpoint.save_json(summary, self.run_dir / "summary.json")
-        checkpoint.save_text(report.table(summary), self.run_dir / "summary.txt")
+        atomic_io.save_json(self.sparsity, self.run_dir / "sparsity.json")
+        atomic_io.save_json(summary, self.run_dir / "summary.json")
+        atomic_io.save_text(report.table(summary), self.run_dir / "summary.txt")
         png = report.plot(self.plan, self.history, branch_epoch=self.branch_epoch,
                           title=f"DSD on {self.config.task} / {summary['model']} "
                                 f"(sparsity {self.config.sparsity:g}, seed {self.config.seed})")
-        checkpoint.save_bytes(png, self.run_dir / "plot.png")
+        atomic_io.save_bytes(png, self.run_dir / "plot.png")
         return summary
 
     def _say(self, message: str) -> None:
