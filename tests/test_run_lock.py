@@ -20,19 +20,19 @@ TINY = ["--task", "digits", "--phases", "2,1,1", "--mlp-hidden", "16", "--backen
 _HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from dsd import trainer
     from dsd.cli import main
+    from dsd.train import recipe
 
     signal_file, args = Path(sys.argv[1]), sys.argv[2:]
-    train_epoch = trainer._Run._train_epoch
+    train_epoch = recipe.train_epoch
 
-    def hang_in_epoch_2(self, arm, epoch):
+    def hang_in_epoch_2(arm, epoch, *args, **kwargs):
         if epoch == 1:
             signal_file.touch()
             time.sleep(600)
-        return train_epoch(self, arm, epoch)
+        return train_epoch(arm, epoch, *args, **kwargs)
 
-    trainer._Run._train_epoch = hang_in_epoch_2
+    recipe.train_epoch = hang_in_epoch_2
     sys.exit(main(args))
 """)
 

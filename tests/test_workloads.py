@@ -14,7 +14,7 @@ import torch
 
 from dsd.cli import main
 from dsd.config import RunConfig
-from dsd.trainer import train
+from dsd.train import train
 from dsd_kernels.optim import MaskedAdam
 
 import _fake_data
@@ -188,7 +188,7 @@ def test_workers_and_a_resume_give_the_same_run(cifar, tmp_path):
         import json, sys
         import _kill
         from dsd.config import RunConfig
-        from dsd.trainer import train
+        from dsd.train import train
 
         _kill.die_in_save(3)  # epoch 1 last.pt, branch.pt, then mid-way through epoch 2's
         train(RunConfig.from_mapping(json.loads(sys.argv[2])), sys.argv[1], quiet=True)

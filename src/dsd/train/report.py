@@ -3,9 +3,6 @@
 import io
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 import dsd_kernels
 
 _FINAL_KEYS = ("train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "sparsity")
@@ -133,6 +130,9 @@ def aligned(grid: list[list[str]]) -> list[str]:
 def plot(plan, history: dict, *, title: str, branch_epoch: int) -> bytes:
     """PNG of loss and accuracy (bits per character for text) per epoch, phases shaded and
     labelled; the baseline dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # only a finished run plots
+    from matplotlib.figure import Figure
+
     split = _shown_split(history["dsd"][-1])
     text = f"{split}_bpc" in history["dsd"][-1]
     metric, scale, metric_label = (f"{split}_bpc", 1, "bits per character") if text else \
