@@ -13,7 +13,7 @@ from .report import aligned
 def dry_run(config: RunConfig) -> str:
     """What `dsd train --dry-run` prints: every parameter of the model, whether the plan prunes
     it and how many of its weights each sparse phase zeroes; nothing is written."""
-    data, _, model = prepare(config, resolve_device(config.device))
+    data, init, model = prepare(config, resolve_device(config.device))
     plan = config.plan()
     prunable = {name for name, _ in prunable_parameters(model, plan.include, plan.exclude)}
     sparse = [phase.sparsity for phase in plan.phases if phase.kind == "sparse"]
@@ -37,7 +37,7 @@ def dry_run(config: RunConfig) -> str:
              f"prunable holding {selected:,} weights ({selected / total:.1%}); plan "
              f"{','.join(map(str, config.phases))} epochs from {config.first_phase}, sparsity "
              f"{config.sparsity:g} ({config.scope} scope)"
-             + (f", from {config.init}" if config.init else "")
+             + (f", from {config.init} ({init.holds})" if init else "")
              + (f": {dsd_kernels.pruned_count(config.sparsity, selected):,} weights pruned in all"
                 if plan.scope == "global" and sparse else "")]
     lines += aligned(rows)

@@ -20,8 +20,9 @@ def prepare(config: RunConfig, device) -> tuple:
         device: the torch.device the model is built on.
 
     Returns:
-        (data, init, model): the task's splits, the --init state_dict (None without --init)
-        and the DSD arm's initial model, already run once on two validation examples.
+        (data, init, model): the task's splits, the --init file's weights (an InitWeights:
+        the state_dict and which weights it is; None without --init) and the DSD arm's
+        initial model, already run once on two validation examples.
 
     Raises:
         RunError: the task, the --init file or the model does not fit the run (the message
@@ -36,7 +37,7 @@ def prepare(config: RunConfig, device) -> tuple:
                        f"{data.kind} inputs of shape {tuple(data.signal_shape)}")
     init = read_init(config.init) if config.init else None
     # Include/exclude patterns, the init file's keys and the model's output get checked here.
-    model = Arm.build(config, data, "dsd", device, init=init).model
+    model = Arm.build(config, data, "dsd", device, init=init and init.state).model
     _check_output(model, data, device, config)
     return data, init, model
 

@@ -39,6 +39,7 @@ from .compute import resolve_device
 from .epoch import train_epoch
 from .errors import DivergedError, RunError
 from .evaluate import evaluate
+from .init_file import InitWeights
 from .prepare import prepare
 from .run_dir import claim_run_dir, default_run_dir
 
@@ -109,7 +110,7 @@ def train(config: RunConfig, run_dir=None, *, quiet: bool = False) -> dict:
 class Run:
     """One run in its locked directory: resume or start, train each arm, write the outputs."""
 
-    def __init__(self, config: RunConfig, data, init: dict | None, run_dir: Path, device,
+    def __init__(self, config: RunConfig, data, init: InitWeights | None, run_dir: Path, device,
                  quiet: bool, world: World):
         self.config, self.data, self.run_dir, self.device = config, data, run_dir, device
         self.init, self.world = init, world
@@ -165,8 +166,10 @@ class Run:
             if arm is not None:
                 self._say(f"resuming {self.run_dir}: {arm.name} arm at epoch {next_epoch + 1}")
         else:
-            arm, next_epoch = Arm.build(self.config, self.data, "dsd", self.device,
-                                        self.world, self.init), 0
+            arm, next_epoch = Arm.build(self.config, self.data, "dsd", self.device, self.world,
+                                        self.init and self.init.state), 0
+            if self.init:
+                self._say(f"starting from {self.config.init}: {self.init.holds}")
         if self.world.main:
             with atomic_io.writing(self.ckpt_dir):
                 self.ckpt_dir.mkdir(exist_ok=True)
