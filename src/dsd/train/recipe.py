@@ -150,6 +150,24 @@ class Run:
     def _read(self, path: Path) -> dict:
         return checkpoints.read(path, self.config, self.arm_names)
 
+    def _check_resume_needs(self, arm: str, next_epoch: int) -> None:
+        """Refuse a resume that would fail later for want of a file the run wrote earlier:
+        branch.pt while the baseline arm has still to start from it, model.pt once the DSD arm
+        has ended (the baseline arm's run does not rebuild it)."""
+        branch = self.ckpt_dir / "branch.pt"
+        if arm == "dsd" and self.config.baseline and next_epoch >= self.branch_epoch \
+                and next_epoch > 0:
+            if not branch.exists():
+                raise RunError(f"cannot resume: {branch} is missing; the baseline arm starts "
+                               "from it once the DSD arm ends, and only a new run (another "
+                               "--out) can make it again")
+            self._read(branch)
+        model = self.run_dir / "model.pt"
+        if arm == "baseline" and not model.exists():
+            raise RunError(f"cannot resume: {model} (the DSD arm's final weights) is missing, "
+                           "and the baseline arm left to train does not make it again: start a "
+                           "new run (another --out)")
+
     def _save(self, arm: Arm | None, next_epoch: int, filename: str = "last.pt") -> None:
         if self.world.main:  # the ranks' states are the same: one copy, on any world size
             state = checkpoints.capture(arm, next_epoch, config=self.config,
@@ -162,6 +180,7 @@ class Run:
         last = self.ckpt_dir / "last.pt"
         if last.exists():  # checked before the first write: a bad one leaves the run as it is
             state = self._read(last)
+            self._check_resume_needs(state["arm"], state["next_epoch"])
             arm, next_epoch = self._restore(state, state["arm"], last)
             if arm is not None:
                 self._say(f"resuming {self.run_dir}: {arm.name} arm at epoch {next_epoch + 1}")
