@@ -5,6 +5,7 @@ resume, DDP; and the one-line errors for bad data, factories and init files."""
 
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import torch
 
 from dsd.cli import main
 from dsd.config import RunConfig
-from dsd.train import train
+from dsd.train import report, train
 from dsd_kernels.optim import MaskedAdam
 
 import _fake_data
@@ -110,10 +111,13 @@ def test_text_lstm_reports_bits_per_character(text_file, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["train", "--task", "text", "--data", str(text_file), "--model", "lstm",
                  "--seq-len", "32", "--rnn-hidden", "24", "--phases", "1,1,1", "--baseline",
-                 "--backend", "torch", "--device", "cpu", "--out", str(run_dir),
-                 "--quiet"]) == 0
-    table = capsys.readouterr().out
-    assert "final test bits per character: DSD" in table
+                 "--backend", "torch", "--device", "cpu", "--out", str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "final test bits per character: DSD" in printed
+    epochs = [line for line in printed.splitlines() if re.search(r" epoch +\d/3 ", line)]
+    assert len(epochs) == 5  # the baseline trains from the branch, after epoch 1
+    assert all(" val bpc " in line and " test bpc " in line and " acc " not in line
+               for line in epochs)
     summary = json.loads((run_dir / "summary.json").read_text())
     for arm in ("dsd", "baseline"):
         final = summary["arms"][arm]["final"]
@@ -127,6 +131,17 @@ def test_text_lstm_reports_bits_per_character(text_file, tmp_path, capsys):
     assert sorted(layers) == ["embed.weight", "out.weight", "rnn.weight_hh_l0",
                               "rnn.weight_ih_l0"]
     assert all(value == pytest.approx(0.5, abs=0.01) for value in layers.values())
+
+
+def test_text_epoch_lines_say_bits_per_character(capsys):
+    row = {"arm": "dsd", "epoch": 2, "kind": "sparse", "lr": 0.01, "train_loss": 1.5,
+           "val_loss": 1.2, "val_acc": 0.61, "val_bpc": 1.2 / math.log(2)}
+    assert report.epoch_line(row, 3) == ("dsd      epoch   2/3  sparse lr 0.01  train loss 1.5000"
+                                         "  val bpc 1.7312")
+    row.update(test_loss=1.1, test_acc=0.62, test_bpc=1.1 / math.log(2))
+    assert report.epoch_line(row, 3).endswith("  val bpc 1.7312  test bpc 1.5870")
+    images = {k: v for k, v in row.items() if not k.endswith("_bpc")}
+    assert report.epoch_line(images, 3).endswith("  val acc 61.00%  test acc 62.00%")
 
 
 def test_a_factory_model_on_a_tensors_file(tmp_path, monkeypatch):
@@ -188,7 +203,7 @@ def test_workers_and_a_resume_give_the_same_run(cifar, tmp_path):
         import json, sys
         import _kill
         from dsd.config import RunConfig
-        from dsd.train import train
+        from dsd.train import report, train
 
         _kill.die_in_save(3)  # epoch 1 last.pt, branch.pt, then mid-way through epoch 2's
         train(RunConfig.from_mapping(json.loads(sys.argv[2])), sys.argv[1], quiet=True)

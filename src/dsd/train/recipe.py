@@ -259,10 +259,7 @@ class Run:
                 self._save(arm, epoch + 1)
             if self.world.main:
                 outputs.append_metrics(self.run_dir, row)
-            self._say(f"{arm.name:8s} epoch {epoch + 1:3d}/{total}  {row['kind']:6s} "
-                      f"lr {row['lr']:.2g}  train loss {train_loss:.4f}  "
-                      f"val acc {row['val_acc']:.2%}"
-                      + (f"  test acc {row['test_acc']:.2%}" if "test_acc" in row else ""))
+            self._say(report.epoch_line(row, total))
         epochs.close()
 
     def _evaluate(self, model, split: str) -> tuple[float, float]:

@@ -1,4 +1,5 @@
-"""What a finished run reports: the summary (dict and text table) and the plot."""
+"""What a run reports: its line per epoch, then the summary (dict and text table) and the
+plot."""
 
 import io
 from pathlib import Path
@@ -12,6 +13,16 @@ _BPC_KEYS = ("train_bpc", "val_bpc", "test_bpc")  # text tasks
 def _shown_split(row: dict) -> str:
     """The split a run reports: test, or validation when the run never read the test split."""
     return "test" if "test_loss" in row else "val"
+
+
+def epoch_line(row: dict, total: int) -> str:
+    """The progress line of one metrics row: accuracy, or bits per character for text."""
+    text = "val_bpc" in row
+    scores = "".join(f"  {split} bpc {row[f'{split}_bpc']:.4f}" if text
+                     else f"  {split} acc {row[f'{split}_acc']:.2%}"
+                     for split in ("val", "test") if f"{split}_loss" in row)
+    return (f"{row['arm']:8s} epoch {row['epoch']:3d}/{total}  {row['kind']:6s} "
+            f"lr {row['lr']:.2g}  train loss {row['train_loss']:.4f}{scores}")
 
 
 def _phase_name(plan, index: int) -> str:
