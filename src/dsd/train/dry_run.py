@@ -11,8 +11,20 @@ from .report import aligned
 
 
 def dry_run(config: RunConfig) -> str:
-    """What `dsd train --dry-run` prints: every parameter of the model, whether the plan prunes
-    it and how many of its weights each sparse phase zeroes; nothing is written."""
+    """What `dsd train --dry-run` prints: the task, the model and the plan, then every
+    parameter of the model, whether the plan prunes it and how many of its weights each sparse
+    phase zeroes (a frozen one, requires_grad=False, is never pruned: it says so). Nothing is
+    written.
+
+    Args:
+        config: the run's options.
+
+    Returns:
+        The report, lines ending in newlines.
+
+    Raises:
+        RunError: as prepare() does: the task, the --init file or the model does not fit.
+    """
     data, init, model = prepare(config, resolve_device(config.device))
     plan = config.plan()
     prunable = {name for name, _ in prunable_parameters(model, plan.include, plan.exclude)}
@@ -20,7 +32,9 @@ def dry_run(config: RunConfig) -> str:
     rows = [["parameter", "shape", "weights", "pruned"]]
     for name, p in model.named_parameters():
         pruned = "-"
-        if name in prunable and not sparse:
+        if not p.requires_grad:  # no gradient: a pruned weight could never regrow
+            pruned = "- (frozen)"
+        elif name in prunable and not sparse:
             pruned = "0 (no sparse phase)"
         elif name in prunable and plan.scope == "global":
             pruned = "ranked with all prunable tensors"
