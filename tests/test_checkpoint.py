@@ -87,6 +87,7 @@ def test_interrupted_mid_save_resumes_to_identical_weights(reference, tmp_path, 
     _assert_same_run(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_hard_kill_mid_save_leaves_a_torn_temp_and_resumes(reference, tmp_path):
     run_dir = tmp_path / "run"
     killed = subprocess.run([sys.executable, "-c", _KILLER, str(run_dir), "5",

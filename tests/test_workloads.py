@@ -189,6 +189,7 @@ def test_init_then_sparse_first_plan_branches_the_baseline_at_the_start(cifar, t
     assert [row["lr"] for row in baseline_rows] == pytest.approx([1e-3, 1e-4])
 
 
+@pytest.mark.slow
 def test_workers_and_a_resume_give_the_same_run(cifar, tmp_path):
     """Augmented batches prepared by 2 worker processes equal those of the training process;
     a run hard-killed in the middle of a checkpoint write resumes to the same bits."""
@@ -218,7 +219,7 @@ def test_workers_and_a_resume_give_the_same_run(cifar, tmp_path):
     assert untimed_rows(killed) == untimed_rows(reference)
 
 
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("amp", ["bf16", pytest.param("fp16", marks=pytest.mark.slow)])
 def test_mixed_precision_on_cpu(cifar, tmp_path, amp, sparsity_checked_every_step):
     run_dir = tmp_path / amp
     fp16 = amp == "fp16"
@@ -233,6 +234,17 @@ def test_mixed_precision_on_cpu(cifar, tmp_path, amp, sparsity_checked_every_ste
         assert branch["scaler"]["scale"] > 0 and "_growth_tracker" in branch["scaler"]
 
 
+def test_fp16_scaler_state_travels_to_the_baseline(tmp_path):
+    """The fast check of fp16 (ResNet convolutions in fp16 take minutes on a CPU)."""
+    run_dir = tmp_path / "fp16"
+    summary = train(_config(task="digits", mlp_hidden=[16], phases=[1, 1, 1], amp="fp16",
+                            baseline=True), run_dir, quiet=True)
+    assert math.isfinite(summary["arms"]["baseline"]["final"]["test_loss"])
+    branch = torch.load(run_dir / "checkpoints" / "branch.pt", weights_only=True)
+    assert branch["scaler"]["scale"] > 0 and "_growth_tracker" in branch["scaler"]
+
+
+@pytest.mark.slow
 def test_ddp_on_two_processes_matches_one(text_file, tmp_path):
     """The text LSTM (no batch norm: the ranks' halves give the global batch's gradient) under
     torchrun with a DataLoader worker per rank, against one process."""
