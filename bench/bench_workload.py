@@ -29,7 +29,7 @@ import dsd_kernels as dk  # noqa: E402
 from dsd.config import RunConfig  # noqa: E402
 from dsd.models import build_model  # noqa: E402
 from dsd.runner import prunable_parameters  # noqa: E402
-from dsd.trainer import train  # noqa: E402
+from dsd.train import train  # noqa: E402
 from dsd_kernels.optim import MaskedSGD  # noqa: E402
 
 import _fake_data  # noqa: E402

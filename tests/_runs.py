@@ -2,7 +2,7 @@
 
 import json
 
-from dsd.trainer import TIMING_KEYS
+from dsd.train import TIMING_KEYS
 
 
 def metrics_rows(run_dir) -> list[dict]:

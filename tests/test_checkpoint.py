@@ -16,7 +16,7 @@ import torch
 from dsd.cli import main
 from dsd.config import RunConfig
 from dsd.models import build_model
-from dsd.trainer import RunError, train
+from dsd.train import RunError, train
 
 import _kill
 from _runs import untimed_rows
@@ -31,7 +31,7 @@ _KILLER = textwrap.dedent("""
     import json, sys
     import _kill
     from dsd.config import RunConfig
-    from dsd.trainer import train
+    from dsd.train import train
 
     run_dir, kill_at, settings = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
     _kill.die_in_save(kill_at)
@@ -87,6 +87,7 @@ def test_interrupted_mid_save_resumes_to_identical_weights(reference, tmp_path, 
     _assert_same_run(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_hard_kill_mid_save_leaves_a_torn_temp_and_resumes(reference, tmp_path):
     run_dir = tmp_path / "run"
     killed = subprocess.run([sys.executable, "-c", _KILLER, str(run_dir), "5",

@@ -17,7 +17,7 @@ from torch import nn
 import dsd_kernels as dk
 from dsd import DSD, Plan
 from dsd.config import RunConfig
-from dsd.trainer import train
+from dsd.train import train
 
 import _kill
 

@@ -9,7 +9,12 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from dsd.cli import main
+from dsd.config import RunConfig
+from dsd.train import RunDirError
+from dsd.train.run_dir import claim_run_dir
 
 import _kill
 
@@ -20,19 +25,19 @@ TINY = ["--task", "digits", "--phases", "2,1,1", "--mlp-hidden", "16", "--backen
 _HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from dsd import trainer
     from dsd.cli import main
+    from dsd.train import recipe
 
     signal_file, args = Path(sys.argv[1]), sys.argv[2:]
-    train_epoch = trainer._Run._train_epoch
+    train_epoch = recipe.train_epoch
 
-    def hang_in_epoch_2(self, arm, epoch):
+    def hang_in_epoch_2(arm, epoch, *args, **kwargs):
         if epoch == 1:
             signal_file.touch()
             time.sleep(600)
-        return train_epoch(self, arm, epoch)
+        return train_epoch(arm, epoch, *args, **kwargs)
 
-    trainer._Run._train_epoch = hang_in_epoch_2
+    recipe.train_epoch = hang_in_epoch_2
     sys.exit(main(args))
 """)
 
@@ -55,6 +60,7 @@ def _snapshot(run_dir):
             for p in run_dir.rglob("*")}
 
 
+@pytest.mark.slow
 def test_a_second_run_is_refused_while_the_first_lives_and_free_once_it_is_killed(tmp_path,
                                                                                    capsys):
     out = tmp_path / "run"
@@ -76,3 +82,18 @@ def test_a_second_run_is_refused_while_the_first_lives_and_free_once_it_is_kille
     assert main(["train", "--resume", str(out), "--quiet"]) == 0  # from epoch 1's checkpoint
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
+
+
+def test_a_claimed_run_dir_is_refused_until_its_lock_is_released(tmp_path):
+    """The lock in one process: a second open of the directory cannot take it (flock locks
+    belong to the open file, not the process)."""
+    out = tmp_path / "run"
+    config = RunConfig.from_mapping({"task": "digits", "backend": "torch"})
+    lock = claim_run_dir(config, out)
+    try:
+        with pytest.raises(RunDirError, match="another dsd train is running in it"):
+            claim_run_dir(config, out)
+        assert (out / "config.toml").is_file()
+    finally:
+        os.close(lock)
+    os.close(claim_run_dir(config, out))  # released: the same config takes the directory again

@@ -11,7 +11,8 @@ import pytest
 import torch
 from scipy import stats
 
-from dsd import study, trainer
+from dsd import study
+from dsd import train as trainer
 from dsd.cli import main
 from dsd.config import RunConfig
 from dsd.study import (
@@ -25,6 +26,7 @@ from dsd.study import (
     run_study,
 )
 from dsd.tasks import DataError, alter_training, load_task
+from dsd.train.recipe import Run
 
 from _runs import metrics_rows
 
@@ -154,8 +156,8 @@ def test_train_examples_keeps_a_seeded_subset_of_the_training_split():
 
 def test_a_run_without_the_test_split_never_evaluates_it(tmp_path, monkeypatch):
     splits = []
-    evaluate = trainer._Run._evaluate
-    monkeypatch.setattr(trainer._Run, "_evaluate",
+    evaluate = Run._evaluate
+    monkeypatch.setattr(Run, "_evaluate",
                         lambda self, model, split: splits.append(split) or evaluate(
                             self, model, split))
     config = RunConfig.from_mapping({"task": "digits", "phases": [1, 1, 1], "mlp_hidden": [8],
@@ -176,9 +178,9 @@ def test_a_run_without_the_test_split_never_evaluates_it(tmp_path, monkeypatch):
 def test_quick_study_end_to_end_reads_the_test_split_only_after_every_choice(
         tmp_path, monkeypatch, capsys):
     events = []
-    run_evaluate, saved_evaluate, choose = (trainer._Run._evaluate, study.evaluate_saved,
+    run_evaluate, saved_evaluate, choose = (Run._evaluate, study.evaluate_saved,
                                             study.choose_lr)
-    monkeypatch.setattr(trainer._Run, "_evaluate", lambda self, model, split: events.append(
+    monkeypatch.setattr(Run, "_evaluate", lambda self, model, split: events.append(
         ("train-eval", split)) or run_evaluate(self, model, split))
     monkeypatch.setattr(study, "evaluate_saved", lambda run_dir, split, arm: events.append(
         ("saved-eval", split)) or saved_evaluate(run_dir, split, arm))

@@ -5,6 +5,7 @@ resume, DDP; and the one-line errors for bad data, factories and init files."""
 
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import torch
 
 from dsd.cli import main
 from dsd.config import RunConfig
-from dsd.trainer import train
+from dsd.train import report, train
 from dsd_kernels.optim import MaskedAdam
 
 import _fake_data
@@ -110,10 +111,13 @@ def test_text_lstm_reports_bits_per_character(text_file, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["train", "--task", "text", "--data", str(text_file), "--model", "lstm",
                  "--seq-len", "32", "--rnn-hidden", "24", "--phases", "1,1,1", "--baseline",
-                 "--backend", "torch", "--device", "cpu", "--out", str(run_dir),
-                 "--quiet"]) == 0
-    table = capsys.readouterr().out
-    assert "final test bits per character: DSD" in table
+                 "--backend", "torch", "--device", "cpu", "--out", str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "final test bits per character: DSD" in printed
+    epochs = [line for line in printed.splitlines() if re.search(r" epoch +\d/3 ", line)]
+    assert len(epochs) == 5  # the baseline trains from the branch, after epoch 1
+    assert all(" val bpc " in line and " test bpc " in line and " acc " not in line
+               for line in epochs)
     summary = json.loads((run_dir / "summary.json").read_text())
     for arm in ("dsd", "baseline"):
         final = summary["arms"][arm]["final"]
@@ -127,6 +131,17 @@ def test_text_lstm_reports_bits_per_character(text_file, tmp_path, capsys):
     assert sorted(layers) == ["embed.weight", "out.weight", "rnn.weight_hh_l0",
                               "rnn.weight_ih_l0"]
     assert all(value == pytest.approx(0.5, abs=0.01) for value in layers.values())
+
+
+def test_text_epoch_lines_say_bits_per_character(capsys):
+    row = {"arm": "dsd", "epoch": 2, "kind": "sparse", "lr": 0.01, "train_loss": 1.5,
+           "val_loss": 1.2, "val_acc": 0.61, "val_bpc": 1.2 / math.log(2)}
+    assert report.epoch_line(row, 3) == ("dsd      epoch   2/3  sparse lr 0.01  train loss 1.5000"
+                                         "  val bpc 1.7312")
+    row.update(test_loss=1.1, test_acc=0.62, test_bpc=1.1 / math.log(2))
+    assert report.epoch_line(row, 3).endswith("  val bpc 1.7312  test bpc 1.5870")
+    images = {k: v for k, v in row.items() if not k.endswith("_bpc")}
+    assert report.epoch_line(images, 3).endswith("  val acc 61.00%  test acc 62.00%")
 
 
 def test_a_factory_model_on_a_tensors_file(tmp_path, monkeypatch):
@@ -174,6 +189,7 @@ def test_init_then_sparse_first_plan_branches_the_baseline_at_the_start(cifar, t
     assert [row["lr"] for row in baseline_rows] == pytest.approx([1e-3, 1e-4])
 
 
+@pytest.mark.slow
 def test_workers_and_a_resume_give_the_same_run(cifar, tmp_path):
     """Augmented batches prepared by 2 worker processes equal those of the training process;
     a run hard-killed in the middle of a checkpoint write resumes to the same bits."""
@@ -188,7 +204,7 @@ def test_workers_and_a_resume_give_the_same_run(cifar, tmp_path):
         import json, sys
         import _kill
         from dsd.config import RunConfig
-        from dsd.trainer import train
+        from dsd.train import report, train
 
         _kill.die_in_save(3)  # epoch 1 last.pt, branch.pt, then mid-way through epoch 2's
         train(RunConfig.from_mapping(json.loads(sys.argv[2])), sys.argv[1], quiet=True)
@@ -203,7 +219,7 @@ def test_workers_and_a_resume_give_the_same_run(cifar, tmp_path):
     assert untimed_rows(killed) == untimed_rows(reference)
 
 
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("amp", ["bf16", pytest.param("fp16", marks=pytest.mark.slow)])
 def test_mixed_precision_on_cpu(cifar, tmp_path, amp, sparsity_checked_every_step):
     run_dir = tmp_path / amp
     fp16 = amp == "fp16"
@@ -218,6 +234,17 @@ def test_mixed_precision_on_cpu(cifar, tmp_path, amp, sparsity_checked_every_ste
         assert branch["scaler"]["scale"] > 0 and "_growth_tracker" in branch["scaler"]
 
 
+def test_fp16_scaler_state_travels_to_the_baseline(tmp_path):
+    """The fast check of fp16 (ResNet convolutions in fp16 take minutes on a CPU)."""
+    run_dir = tmp_path / "fp16"
+    summary = train(_config(task="digits", mlp_hidden=[16], phases=[1, 1, 1], amp="fp16",
+                            baseline=True), run_dir, quiet=True)
+    assert math.isfinite(summary["arms"]["baseline"]["final"]["test_loss"])
+    branch = torch.load(run_dir / "checkpoints" / "branch.pt", weights_only=True)
+    assert branch["scaler"]["scale"] > 0 and "_growth_tracker" in branch["scaler"]
+
+
+@pytest.mark.slow
 def test_ddp_on_two_processes_matches_one(text_file, tmp_path):
     """The text LSTM (no batch norm: the ranks' halves give the global batch's gradient) under
     torchrun with a DataLoader worker per rank, against one process."""

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, report
+from . import __version__
 from .config import ConfigError, RunConfig
 from .study import BUDGETS, REGIMES
-from .trainer import RunDirError, RunError, dry_run, load_config, train
+from .train import RunDirError, RunError, dry_run, load_config, report, train
 
 
 def _comma_list(item_type):

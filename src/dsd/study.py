@@ -30,7 +30,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from .config import ConfigError, RunConfig
-from .trainer import DivergedError, evaluate_saved, train
+from .train import DivergedError, evaluate_saved, train
 
 ALPHA = 0.05  # family-wise error rate of the verdicts (Holm)
 # Keys the study sets in every run itself, and how to choose them instead.

@@ -1,10 +1,8 @@
-"""What a finished run reports: the summary (dict and text table) and the plot."""
+"""What a run reports: its line per epoch, then the summary (dict and text table) and the
+plot."""
 
 import io
 from pathlib import Path
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 import dsd_kernels
 
@@ -15,6 +13,16 @@ _BPC_KEYS = ("train_bpc", "val_bpc", "test_bpc")  # text tasks
 def _shown_split(row: dict) -> str:
     """The split a run reports: test, or validation when the run never read the test split."""
     return "test" if "test_loss" in row else "val"
+
+
+def epoch_line(row: dict, total: int) -> str:
+    """The progress line of one metrics row: accuracy, or bits per character for text."""
+    text = "val_bpc" in row
+    scores = "".join(f"  {split} bpc {row[f'{split}_bpc']:.4f}" if text
+                     else f"  {split} acc {row[f'{split}_acc']:.2%}"
+                     for split in ("val", "test") if f"{split}_loss" in row)
+    return (f"{row['arm']:8s} epoch {row['epoch']:3d}/{total}  {row['kind']:6s} "
+            f"lr {row['lr']:.2g}  train loss {row['train_loss']:.4f}{scores}")
 
 
 def _phase_name(plan, index: int) -> str:
@@ -133,6 +141,9 @@ def aligned(grid: list[list[str]]) -> list[str]:
 def plot(plan, history: dict, *, title: str, branch_epoch: int) -> bytes:
     """PNG of loss and accuracy (bits per character for text) per epoch, phases shaded and
     labelled; the baseline dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # only a finished run plots
+    from matplotlib.figure import Figure
+
     split = _shown_split(history["dsd"][-1])
     text = f"{split}_bpc" in history["dsd"][-1]
     metric, scale, metric_label = (f"{split}_bpc", 1, "bits per character") if text else \

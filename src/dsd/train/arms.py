@@ -1,0 +1,62 @@
+"""Assembling an arm of a run (the DSD arm, or its dense baseline): the model, its masked
+optimizer, the DSD runner and (fp16) the gradient scaler."""
+
+import torch
+
+from dsd_kernels.optim import MaskedAdam, MaskedAdamW, MaskedSGD
+
+from ..config import RunConfig
+from ..models import build_model, default_model, is_factory, model_from_factory
+from ..runner import DSD
+from ..world import World
+from .init_file import load_init
+
+
+def model_label(config: RunConfig, data) -> str:
+    """The model's name: the built-in one ("auto" resolved for the task) or the factory spec."""
+    if is_factory(config.model):
+        return config.model
+    if config.model == "auto":
+        return default_model(data.kind, data.signal_shape)
+    return config.model
+
+
+class Arm:
+    """One arm's live objects: the model, its masked optimizer, the DSD runner and (fp16) the
+    gradient scaler; `net` is the module that runs the batches (the model itself, or its DDP
+    wrapper under torchrun)."""
+
+    def __init__(self, name, model, dsd, net, scaler):
+        self.name, self.model, self.dsd, self.net, self.scaler = name, model, dsd, net, scaler
+
+    @classmethod
+    def build(cls, config: RunConfig, data, name: str, device, world: World | None = None,
+              init: dict | None = None) -> "Arm":
+        """Arm `name` ("dsd" or "baseline") at its start; `init` is the --init state_dict."""
+        torch.manual_seed(config.seed)  # the same initial weights for both arms and devices
+        if is_factory(config.model):
+            model = model_from_factory(config.model, config.model_args)
+        else:
+            model = build_model(config.model, data.signal_shape, data.num_classes,
+                                kind=data.kind, mlp_hidden=config.mlp_hidden,
+                                cnn_channels=config.cnn_channels, rnn_hidden=config.rnn_hidden,
+                                rnn_layers=config.rnn_layers, dropout=config.dropout)
+        if init is not None:
+            load_init(model, init, config.init)
+        model = model.to(device)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if config.optimizer == "sgd":
+            optimizer = MaskedSGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                  weight_decay=config.weight_decay)
+        else:
+            masked = MaskedAdam if config.optimizer == "adam" else MaskedAdamW
+            optimizer = masked(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        plan = config.plan()
+        dsd = DSD(model, optimizer, plan if name == "dsd" else plan.dense_baseline())
+        scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
+        return cls(name, model, dsd, world.wrap(model, device) if world else model, scaler)
+
+    @property
+    def optimizer(self):
+        return self.dsd.optimizer

@@ -1,0 +1,58 @@
+"""`dsd train --dry-run`: the parameters of the model and what the plan prunes of each."""
+
+import dsd_kernels
+
+from ..config import RunConfig
+from ..runner import prunable_parameters
+from .arms import model_label
+from .compute import resolve_device
+from .prepare import prepare
+from .report import aligned
+
+
+def dry_run(config: RunConfig) -> str:
+    """What `dsd train --dry-run` prints: the task, the model and the plan, then every
+    parameter of the model, whether the plan prunes it and how many of its weights each sparse
+    phase zeroes (a frozen one, requires_grad=False, is never pruned: it says so). Nothing is
+    written.
+
+    Args:
+        config: the run's options.
+
+    Returns:
+        The report, lines ending in newlines.
+
+    Raises:
+        RunError: as prepare() does: the task, the --init file or the model does not fit.
+    """
+    data, init, model = prepare(config, resolve_device(config.device))
+    plan = config.plan()
+    prunable = {name for name, _ in prunable_parameters(model, plan.include, plan.exclude)}
+    sparse = [phase.sparsity for phase in plan.phases if phase.kind == "sparse"]
+    rows = [["parameter", "shape", "weights", "pruned"]]
+    for name, p in model.named_parameters():
+        pruned = "-"
+        if not p.requires_grad:  # no gradient: a pruned weight could never regrow
+            pruned = "- (frozen)"
+        elif name in prunable and not sparse:
+            pruned = "0 (no sparse phase)"
+        elif name in prunable and plan.scope == "global":
+            pruned = "ranked with all prunable tensors"
+        elif name in prunable:
+            pruned = ", ".join(f"{dsd_kernels.pruned_count(s, p.numel()):,}"
+                               for s in sorted(set(sparse)))
+        rows.append([name, "x".join(map(str, p.shape)), f"{p.numel():,}", pruned])
+    total = sum(p.numel() for p in model.parameters())
+    selected = sum(p.numel() for name, p in model.named_parameters() if name in prunable)
+    lines = [f"task {config.task} ({data.source or 'embedded'}): {len(data.y_train):,} training, "
+             f"{len(data.y_val):,} validation, {len(data.y_test):,} test examples of shape "
+             f"{tuple(data.signal_shape)}, {data.num_classes} classes",
+             f"model {model_label(config, data)}: {total:,} parameters, {len(prunable)} tensors "
+             f"prunable holding {selected:,} weights ({selected / total:.1%}); plan "
+             f"{','.join(map(str, config.phases))} epochs from {config.first_phase}, sparsity "
+             f"{config.sparsity:g} ({config.scope} scope)"
+             + (f", from {config.init} ({init.holds})" if init else "")
+             + (f": {dsd_kernels.pruned_count(config.sparsity, selected):,} weights pruned in all"
+                if plan.scope == "global" and sparse else "")]
+    lines += aligned(rows)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,37 @@
+"""`dsd train --dry-run`: what the plan prunes of each parameter, and why not."""
+
+import sys
+import textwrap
+
+import pytest
+
+from dsd.config import RunConfig
+from dsd.train import dry_run
+
+
+@pytest.fixture
+def frozen_factory(tmp_path, monkeypatch):
+    """A factory model for task digits whose first layer is frozen."""
+    (tmp_path / "frozen_nets.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+        def build():
+            model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+            model[1].requires_grad_(False)
+            return model
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "frozen_nets", raising=False)
+    yield "frozen_nets:build"
+    sys.modules.pop("frozen_nets", None)
+
+
+def test_frozen_parameters_are_listed_as_not_pruned_saying_why(frozen_factory):
+    text = dry_run(RunConfig.from_mapping({"task": "digits", "model": frozen_factory,
+                                           "backend": "torch", "sparsity": 0.5}))
+    rows = {line.split()[0]: line for line in text.splitlines()[3:]}
+    assert rows["1.weight"].endswith("- (frozen)")
+    assert rows["1.bias"].endswith("- (frozen)")
+    assert rows["3.weight"].endswith(f"{16 * 10 // 2:,}")
+    assert rows["3.bias"].split()[-1] == "-"
+    assert f"model {frozen_factory}: 1,210 parameters, 1 tensors prunable holding 160" in text
