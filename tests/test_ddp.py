@@ -130,3 +130,15 @@ def test_killed_torchrun_run_resumes_on_another_world_size(tmp_path, single_proc
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 3
     _close(run_dir, single_process_run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "-5"], "dsd: error: --seed must be an integer in [0, 2**32 - 1], got -5"),
+    (["--epochs", "3"], "dsd: error: unrecognized arguments: --epochs 3"),
+])
+def test_a_bad_option_under_torchrun_is_one_line_from_rank_0(tmp_path, args, message):
+    result = _torchrun(2, ["train", *args, "--out", str(tmp_path / "run")], check=False)
+    assert result.returncode != 0 and not (tmp_path / "run").exists()
+    assert result.stderr.count("dsd: error:") == 1 and message in result.stderr
+    assert "[rank 1]" not in result.stderr and "dsd/cli.py" not in result.stderr  # no traceback

@@ -5,6 +5,7 @@ from dataclasses import fields
 
 import pytest
 
+from dsd import cli
 from dsd.cli import main
 from dsd.config import ConfigError, RunConfig
 
@@ -57,3 +58,27 @@ def test_every_integer_option_refuses_a_value_over_int64_naming_it(key):
 def test_an_integer_option_over_int64_on_the_command_line_names_the_flag(capsys):
     err = _refused(capsys, "--mlp-hidden", f"8,{HUGE}")
     assert err == f"dsd: error: --mlp-hidden must be at most 2**63 - 1, got [8, {HUGE}]\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--seed", "-5", "--dry-run"], "dsd: error: --seed must be"),
+    (["train", "--epochs", "3"], "dsd: error: unrecognized arguments: --epochs 3"),
+])
+def test_under_torchrun_rank_0_reports_a_bad_option_and_the_others_wait_silently(
+        capsys, monkeypatch, argv, message):
+    def run(rank):
+        monkeypatch.setenv("RANK", str(rank))
+        try:
+            status = main(argv)
+        except SystemExit as leaving:  # argparse's errors
+            status = leaving.code
+        return status, capsys.readouterr().err
+
+    waits = []  # torchrun stops a waiting rank once rank 0 has failed: here the wait ends
+    monkeypatch.setattr(cli.time, "sleep", lambda s: waits.append((s, capsys.readouterr().err)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    status, err = run(0)
+    assert status == 2 and err.count(message) == 1 and not waits
+    status, err = run(1)
+    assert status == 2 and waits == [(cli.OTHER_RANKS_WAIT_S, "")]  # silent while it waits
+    assert err.startswith("[rank 1] ") and err.count(message) == 1  # only a rank's own error
