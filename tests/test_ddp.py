@@ -54,6 +54,7 @@ def _user_loop(rank, world, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_python_api_under_ddp(tmp_path):
     mp.spawn(_user_loop, args=(2, str(tmp_path)), nprocs=2, join=True)
     single = tmp_path / "single"
@@ -99,6 +100,7 @@ def _close(run_a, run_b):
         torch.testing.assert_close(a[key], b[key], **TRAJECTORY)
 
 
+@pytest.mark.slow
 def test_dsd_train_under_torchrun_matches_single_process(tmp_path, single_process_run):
     run_dir = tmp_path / "ddp"
     result = _torchrun(2, ["train", *_flags(SETTINGS), "--out", str(run_dir)])
@@ -119,6 +121,7 @@ _KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_killed_torchrun_run_resumes_on_another_world_size(tmp_path, single_process_run):
     script = tmp_path / "killer.py"
     script.write_text(_KILLER)
