@@ -14,6 +14,7 @@ from scipy import stats
 from dsd import study, trainer
 from dsd.cli import main
 from dsd.config import RunConfig
+from dsd.data import DataError, alter_training, load_task
 from dsd.study import (
     BUDGETS,
     Cell,
@@ -24,7 +25,6 @@ from dsd.study import (
     paired_test,
     run_study,
 )
-from dsd.tasks import DataError, alter_training, load_task
 
 from _runs import metrics_rows
 
