@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
-from dsd import study, trainer
+from dsd import trainer
 from dsd.cli import main
 from dsd.config import RunConfig
 from dsd.data import DataError, alter_training, load_task
@@ -25,6 +25,7 @@ from dsd.study import (
     paired_test,
     run_study,
 )
+from dsd.study import run as study_run
 
 from _runs import metrics_rows
 
@@ -176,13 +177,13 @@ def test_a_run_without_the_test_split_never_evaluates_it(tmp_path, monkeypatch):
 def test_quick_study_end_to_end_reads_the_test_split_only_after_every_choice(
         tmp_path, monkeypatch, capsys):
     events = []
-    run_evaluate, saved_evaluate, choose = (trainer._Run._evaluate, study.evaluate_saved,
-                                            study.choose_lr)
+    run_evaluate, saved_evaluate, choose = (trainer._Run._evaluate, study_run.evaluate_saved,
+                                            study_run.choose_lr)
     monkeypatch.setattr(trainer._Run, "_evaluate", lambda self, model, split: events.append(
         ("train-eval", split)) or run_evaluate(self, model, split))
-    monkeypatch.setattr(study, "evaluate_saved", lambda run_dir, split, arm: events.append(
+    monkeypatch.setattr(study_run, "evaluate_saved", lambda run_dir, split, arm: events.append(
         ("saved-eval", split)) or saved_evaluate(run_dir, split, arm))
-    monkeypatch.setattr(study, "choose_lr", lambda cell, records: events.append(
+    monkeypatch.setattr(study_run, "choose_lr", lambda cell, records: events.append(
         ("choice", cell.key())) or choose(cell, records))
 
     out = tmp_path / "out"
@@ -244,16 +245,17 @@ def test_a_diverged_run_is_recorded_and_not_trained_again(tmp_path, monkeypatch)
         calls.append(config.lr)
         raise trainer.DivergedError("training diverged in epoch 1 of the dsd arm")
 
-    monkeypatch.setattr(study, "train", diverge)
+    monkeypatch.setattr(study_run, "train", diverge)
     config = RunConfig.from_mapping({"task": "digits", "baseline": True})
     (tmp_path / "run").mkdir()
     for _ in range(2):
-        record = study.train_one(config, tmp_path / "run")
+        record = study_run.train_one(config, tmp_path / "run")
         assert record["diverged"].startswith("training diverged")
     assert calls == [config.lr]
 
 
 @pytest.mark.parametrize("kwargs, message", [
+    ({"budget": "huge"}, "unknown budget 'huge'; choose one of quick, full"),
     ({"tasks": ["cifar10"]}, "--tasks: budget quick has no task 'cifar10'; it runs digits"),
     ({"regimes": ["width"]}, "--regimes: 'width' is not a regime of budget quick on digits; "
                              "choose from label_noise, sparsity"),
