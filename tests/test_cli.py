@@ -97,6 +97,19 @@ def test_bad_input_is_a_clear_error_and_leaves_no_run_dir(tmp_path, capsys, args
     assert list(tmp_path.iterdir()) == ([tmp_path / "bad.toml"] if config_text else [])
 
 
+@pytest.mark.filterwarnings("error")  # numpy's empty-slice warnings among them
+def test_a_val_fraction_leaving_no_training_example_is_one_line_and_leaves_no_run_dir(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default run directory (runs/...) would go
+    assert main(["train", "--task", "mnist1d", "--mnist1d-samples", "200", "--val-fraction",
+                 "0.9999", "--phases", "1,1,1", "--backend", "torch"]) == 2
+    assert capsys.readouterr().err == (
+        "dsd: error: val_fraction 0.9999 splits the 160 training examples of task mnist1d into "
+        "0 for training and 160 for validation; each needs at least 1: give a smaller "
+        "--val-fraction\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("flag, value", [("--task", "imagenet"), ("--lr", "fast"),
                                          ("--model-args", "{depth: 3}"),
                                          ("--model-args", "[3]")])

@@ -3,6 +3,7 @@
 import hashlib
 import io
 import pickle
+import re
 import struct
 import sys
 
@@ -41,6 +42,25 @@ def test_bad_arguments():
             load_task("digits", val_fraction=fraction)
     with pytest.raises(ValueError, match="seq_len must be at least 1, got 0"):
         load_task("text", seq_len=0)
+
+
+@pytest.mark.filterwarnings("error")  # numpy's empty-slice warnings among them
+@pytest.mark.parametrize("name, kwargs, n", [
+    ("mnist1d", dict(mnist1d_samples=200), 160), ("digits", {}, 1347),
+    ("tensors", dict(data="tensors"), 36), ("cifar10", dict(data="cifar"), 10)])
+def test_a_val_fraction_that_leaves_no_training_example_is_refused(tmp_path, name, kwargs, n):
+    if kwargs.get("data") == "tensors":
+        kwargs = dict(data=write_tensors(tmp_path / "d.pt", n=40, shape=(3,), classes=2))
+    elif kwargs.get("data") == "cifar":
+        kwargs = dict(data=write_cifar(tmp_path, per_batch=2, test=2))
+    fraction = 1 - 0.4 / n  # rounds to every example
+    with pytest.raises(DataError, match=re.escape(
+            f"val_fraction {fraction} splits the {n:,} training examples of task {name} into 0 "
+            f"for training and {n:,} for validation; each needs at least 1: give a smaller "
+            f"--val-fraction")):
+        load_task(name, val_fraction=fraction, **kwargs)
+    fraction = 1 - 0.6 / n  # leaves one
+    assert len(load_task(name, val_fraction=fraction, **kwargs).y_train) == 1
 
 
 @pytest.mark.parametrize("name", ["mnist1d", "digits"])
