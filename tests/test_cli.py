@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dsd_kernels as dk
-from dsd.cli import main
+from dsd.cli import main, parse_settings
 from dsd.config import RunConfig
 from dsd.models import build_model
 from dsd_kernels import backends
@@ -191,3 +191,12 @@ def test_info_reports_an_unavailable_backend_as_a_line(monkeypatch, capsys):
         "available: no CUDA device\n" in capsys.readouterr().out
 
 
+
+
+def test_study_settings_are_toml_values():
+    assert parse_settings(['device="cuda"', "phases = [1, 2, 3]", "sparsity=0.3"]) == {
+        "device": "cuda", "phases": [1, 2, 3], "sparsity": 0.3}
+    with pytest.raises(ValueError, match="^--set takes KEY=VALUE, got 'sparsity'$"):
+        parse_settings(["sparsity"])
+    with pytest.raises(ValueError, match=r"^--set 'device=cuda': not a TOML value \("):
+        parse_settings(["device=cuda"])
