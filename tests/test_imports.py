@@ -5,8 +5,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 HEAVY = ("matplotlib", "scipy", "lightning", "pytorch_lightning", "transformers")
 
 # Each step runs in the same fresh interpreter; what a step leaves in sys.modules stays, so a
@@ -44,7 +42,6 @@ print(json.dumps(steps))
 """
 
 
-@pytest.mark.slow
 def test_imports_and_help_pull_no_heavy_module_and_build_nothing():
     done = subprocess.run([sys.executable, "-c", _PROBE.format(heavy=HEAVY)],
                           capture_output=True, text=True, timeout=300)
