@@ -1,12 +1,12 @@
 """Where DSD helps: the study of `dsd study`, writing its results into bench/results/.
 
-    python bench/accuracy.py --jobs 2             # the README's study, ~1.5 hours on 2 cores
+    python bench/accuracy.py --jobs 2             # docs/study.md's study, ~1.5 h on 2 cores
     python bench/accuracy.py --budget quick       # a few seconds: a check
     python bench/accuracy.py --tasks text --set device=\\"cuda\\"   # one task, on a GPU
 
 Each cell (a task with one knob at one value) trains DSD and its equal-budget dense baseline at
 every learning rate of a grid over seeds, with the test split switched off; each arm picks its
-learning rate on validation, then the chosen models are tested (src/dsd/study.py). Writes
+learning rate on validation, then the chosen models are tested (src/dsd/study/). Writes
 bench/results/study_BUDGET.json (every run, the choices, the paired statistics, the machine and
 commit), study_BUDGET.md (the table) and study_BUDGET_REGIME.png (one plot per regime). Runs
 live in runs/study/ and an interrupted study picks up where it stopped.
@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dsd.study import BUDGETS, parse_settings, run_study, table, write_outputs  # noqa: E402
+from dsd.cli import parse_settings  # noqa: E402
+from dsd.study import BUDGETS, run_study, table, write_outputs  # noqa: E402
 
 from _timing import environment  # noqa: E402
 

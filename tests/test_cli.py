@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dsd_kernels as dk
-from dsd.cli import main
+from dsd.cli import main, parse_settings
 from dsd.config import RunConfig
 from dsd.models import build_model
 from dsd_kernels import backends
@@ -97,6 +97,19 @@ def test_bad_input_is_a_clear_error_and_leaves_no_run_dir(tmp_path, capsys, args
     assert list(tmp_path.iterdir()) == ([tmp_path / "bad.toml"] if config_text else [])
 
 
+@pytest.mark.filterwarnings("error")  # numpy's empty-slice warnings among them
+def test_a_val_fraction_leaving_no_training_example_is_one_line_and_leaves_no_run_dir(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default run directory (runs/...) would go
+    assert main(["train", "--task", "mnist1d", "--mnist1d-samples", "200", "--val-fraction",
+                 "0.9999", "--phases", "1,1,1", "--backend", "torch"]) == 2
+    assert capsys.readouterr().err == (
+        "dsd: error: val_fraction 0.9999 splits the 160 training examples of task mnist1d into "
+        "0 for training and 160 for validation; each needs at least 1: give a smaller "
+        "--val-fraction\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("flag, value", [("--task", "imagenet"), ("--lr", "fast"),
                                          ("--model-args", "{depth: 3}"),
                                          ("--model-args", "[3]")])
@@ -178,3 +191,12 @@ def test_info_reports_an_unavailable_backend_as_a_line(monkeypatch, capsys):
         "available: no CUDA device\n" in capsys.readouterr().out
 
 
+
+
+def test_study_settings_are_toml_values():
+    assert parse_settings(['device="cuda"', "phases = [1, 2, 3]", "sparsity=0.3"]) == {
+        "device": "cuda", "phases": [1, 2, 3], "sparsity": 0.3}
+    with pytest.raises(ValueError, match="^--set takes KEY=VALUE, got 'sparsity'$"):
+        parse_settings(["sparsity"])
+    with pytest.raises(ValueError, match=r"^--set 'device=cuda': not a TOML value \("):
+        parse_settings(["device=cuda"])

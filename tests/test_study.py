@@ -11,10 +11,10 @@ import pytest
 import torch
 from scipy import stats
 
-from dsd import study
 from dsd import train as trainer
 from dsd.cli import main
 from dsd.config import RunConfig
+from dsd.data import DataError, alter_training, load_task
 from dsd.study import (
     BUDGETS,
     Cell,
@@ -25,7 +25,7 @@ from dsd.study import (
     paired_test,
     run_study,
 )
-from dsd.tasks import DataError, alter_training, load_task
+from dsd.study import run as study_run
 from dsd.train.recipe import Run
 
 from _runs import metrics_rows
@@ -175,16 +175,66 @@ def test_a_run_without_the_test_split_never_evaluates_it(tmp_path, monkeypatch):
 
 # ---- the study end to end ----------------------------------------------------------------------
 
+def test_study_command_with_a_stand_in_trainer(tmp_path, monkeypatch, capsys):
+    """The orchestration and the command's outputs, fast: runs "train" in no time, with
+    validation scores that favour the highest rate (so grids widen) and seed-dependent test
+    scores."""
+    events = []
+
+    def train(config, run_dir, quiet):
+        events.append(("train", config.lr))
+        run_dir.mkdir(parents=True)
+        final = {"val_acc": 0.5 + 10 * config.lr, "val_loss": 1.0}
+        return {"train_seconds": 0.5, "arms": {"dsd": {"final": final},
+                                               "baseline": {"final": final}}}
+
+    def evaluate_saved(run_dir, split, arm):
+        events.append(("test", split))
+        seed = int(run_dir.name.split("-s")[1].split("-")[0])
+        return {"test_acc": 0.8 + 0.01 * seed * (arm == "dsd") + 0.001 * (arm == "baseline")}
+
+    monkeypatch.setattr(study_run, "train", train)
+    monkeypatch.setattr(study_run, "evaluate_saved", evaluate_saved)
+    out = tmp_path / "out"
+    argv = ["study", "--budget", "quick", "--regimes", "sparsity", "--work",
+            str(tmp_path / "runs"), "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert "8 runs: 0 done, 8 to train" in printed.err  # 2 cells x 2 rates x 2 seeds
+    assert "12 runs: 8 done, 4 to train" in printed.err  # 4e-3 chosen: 8e-3 added, once
+    last_train = max(i for i, e in enumerate(events) if e[0] == "train")
+    assert all(e == ("test", "test") for e in events[last_train + 1:])
+    assert min(i for i, e in enumerate(events) if e[0] == "test") > last_train
+    result = json.loads((out / "study_quick.json").read_text())
+    assert [c["grid"] for c in result["cells"]] == [[1e-3, 4e-3, 8e-3]] * 2
+    assert all(c["choice"]["dsd"]["lr"] == 8e-3 and c["choice"]["dsd"]["at_grid_edge"]
+               for c in result["cells"])
+    tuned = result["cells"][0]["tuned"]
+    assert tuned["dsd_test"] == pytest.approx([0.8, 0.81])
+    assert tuned["paired"]["mean_diff"] == pytest.approx(0.004)
+    assert result["train_seconds_total"] == 12 * 0.5 and result["runs"] == 12
+    assert printed.out == (out / "study_quick.md").read_text()
+    assert "| sparsity | 90% | 0.008 / 0.008* |" in printed.out
+    assert (out / "study_quick_sparsity.png").read_bytes()[:4] == b"\x89PNG"
+
+    events.clear()
+    assert main(argv) == 0  # every run recorded: nothing trained again, the same numbers
+    assert "12 runs: 12 done, 0 to train" in capsys.readouterr().err
+    assert not any(e[0] == "train" for e in events)
+    assert json.loads((out / "study_quick.json").read_text())["cells"] == result["cells"]
+
+
+@pytest.mark.slow
 def test_quick_study_end_to_end_reads_the_test_split_only_after_every_choice(
         tmp_path, monkeypatch, capsys):
     events = []
-    run_evaluate, saved_evaluate, choose = (Run._evaluate, study.evaluate_saved,
-                                            study.choose_lr)
+    run_evaluate, saved_evaluate, choose = (Run._evaluate, study_run.evaluate_saved,
+                                            study_run.choose_lr)
     monkeypatch.setattr(Run, "_evaluate", lambda self, model, split: events.append(
         ("train-eval", split)) or run_evaluate(self, model, split))
-    monkeypatch.setattr(study, "evaluate_saved", lambda run_dir, split, arm: events.append(
+    monkeypatch.setattr(study_run, "evaluate_saved", lambda run_dir, split, arm: events.append(
         ("saved-eval", split)) or saved_evaluate(run_dir, split, arm))
-    monkeypatch.setattr(study, "choose_lr", lambda cell, records: events.append(
+    monkeypatch.setattr(study_run, "choose_lr", lambda cell, records: events.append(
         ("choice", cell.key())) or choose(cell, records))
 
     out = tmp_path / "out"
@@ -246,16 +296,17 @@ def test_a_diverged_run_is_recorded_and_not_trained_again(tmp_path, monkeypatch)
         calls.append(config.lr)
         raise trainer.DivergedError("training diverged in epoch 1 of the dsd arm")
 
-    monkeypatch.setattr(study, "train", diverge)
+    monkeypatch.setattr(study_run, "train", diverge)
     config = RunConfig.from_mapping({"task": "digits", "baseline": True})
     (tmp_path / "run").mkdir()
     for _ in range(2):
-        record = study.train_one(config, tmp_path / "run")
+        record = study_run.train_one(config, tmp_path / "run")
         assert record["diverged"].startswith("training diverged")
     assert calls == [config.lr]
 
 
 @pytest.mark.parametrize("kwargs, message", [
+    ({"budget": "huge"}, "unknown budget 'huge'; choose one of quick, full"),
     ({"tasks": ["cifar10"]}, "--tasks: budget quick has no task 'cifar10'; it runs digits"),
     ({"regimes": ["width"]}, "--regimes: 'width' is not a regime of budget quick on digits; "
                              "choose from label_noise, sparsity"),

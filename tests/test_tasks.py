@@ -3,6 +3,7 @@
 import hashlib
 import io
 import pickle
+import re
 import struct
 import sys
 
@@ -10,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from dsd import tasks
-from dsd.augment import apply, crop_flip, draw
-from dsd.tasks import DATA_TASKS, TASKS, DataError, load_task
+from dsd.data import DATA_TASKS, TASKS, DataError, cifar, load_task, splits
+from dsd.data import text as text_source
+from dsd.data.augment import apply, crop_flip, draw
 
 from _fake_data import write_cifar, write_tensors, write_text
 
@@ -41,6 +42,25 @@ def test_bad_arguments():
             load_task("digits", val_fraction=fraction)
     with pytest.raises(ValueError, match="seq_len must be at least 1, got 0"):
         load_task("text", seq_len=0)
+
+
+@pytest.mark.filterwarnings("error")  # numpy's empty-slice warnings among them
+@pytest.mark.parametrize("name, kwargs, n", [
+    ("mnist1d", dict(mnist1d_samples=200), 160), ("digits", {}, 1347),
+    ("tensors", dict(data="tensors"), 36), ("cifar10", dict(data="cifar"), 10)])
+def test_a_val_fraction_that_leaves_no_training_example_is_refused(tmp_path, name, kwargs, n):
+    if kwargs.get("data") == "tensors":
+        kwargs = dict(data=write_tensors(tmp_path / "d.pt", n=40, shape=(3,), classes=2))
+    elif kwargs.get("data") == "cifar":
+        kwargs = dict(data=write_cifar(tmp_path, per_batch=2, test=2))
+    fraction = 1 - 0.4 / n  # rounds to every example
+    with pytest.raises(DataError, match=re.escape(
+            f"val_fraction {fraction} splits the {n:,} training examples of task {name} into 0 "
+            f"for training and {n:,} for validation; each needs at least 1: give a smaller "
+            f"--val-fraction")):
+        load_task(name, val_fraction=fraction, **kwargs)
+    fraction = 1 - 0.6 / n  # leaves one
+    assert len(load_task(name, val_fraction=fraction, **kwargs).y_train) == 1
 
 
 @pytest.mark.parametrize("name", ["mnist1d", "digits"])
@@ -99,7 +119,7 @@ def test_cifar10_decodes_pixels_labels_and_normalisation(tmp_path):
     batches = [_read(folder / f"data_batch_{i}") for i in range(1, 6)]
     raw = np.concatenate([b[b"data"] for b in batches])
     labels = np.concatenate([b[b"labels"] for b in batches])
-    val, train = tasks._carve(len(raw), 0.2)
+    val, train = splits.carve(len(raw), 0.2)
     mean, std = _moments(raw[train])
     scale = dict(dtype=torch.float32)
 
@@ -136,7 +156,7 @@ def test_cifar100_reads_fine_labels_from_the_folder_or_its_parent(tmp_path):
     assert from_parent.num_classes == 100
     assert torch.equal(from_parent.y_test, torch.tensor(_read(folder / "test")[b"fine_labels"]))
     train = _read(folder / "train")
-    _, kept = tasks._carve(12, 0.1)
+    _, kept = splits.carve(12, 0.1)
     assert torch.equal(from_parent.y_train, torch.tensor(train[b"fine_labels"])[kept])
 
 
@@ -176,9 +196,9 @@ def test_cifar_reads_python2_pickles_and_newer_protocols(tmp_path):
 def test_cifar_cache_sees_a_rewritten_file(tmp_path):
     folder = write_cifar(tmp_path, per_batch=2, test=2)
     assert len(load_task("cifar10", data=folder).y_test) == 2
-    hits = tasks._cifar_arrays.cache_info().hits
+    hits = cifar._arrays.cache_info().hits
     load_task("cifar10", data=folder)
-    assert tasks._cifar_arrays.cache_info().hits == hits + 1
+    assert cifar._arrays.cache_info().hits == hits + 1
     write_cifar(tmp_path, per_batch=2, test=3)
     assert len(load_task("cifar10", data=folder).y_test) == 3
 
@@ -298,12 +318,12 @@ def test_text_embedded_corpus():
 
 def test_text_without_the_embedded_corpus(monkeypatch):
     monkeypatch.setitem(sys.modules, "pydoc_data.topics", None)
-    tasks._embedded_text.cache_clear()
+    text_source._embedded.cache_clear()
     try:
         with pytest.raises(DataError, match="lacks pydoc_data.topics .*; give --data FILE"):
             load_task("text")
     finally:
-        tasks._embedded_text.cache_clear()
+        text_source._embedded.cache_clear()
 
 
 def test_text_minimum_length(tmp_path):
@@ -347,7 +367,7 @@ def test_tensors_with_and_without_a_test_split(tmp_path, suffix):
     assert (data.kind, data.signal_shape) == ("image", (2, 5, 5))
     assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (30, 10, 10)
     raw = np.load(path) if suffix == ".npz" else {k: v.numpy() for k, v in torch.load(path).items()}
-    _, train = tasks._carve(40, 0.25)
+    _, train = splits.carve(40, 0.25)
     mean, std = raw["x"][train].mean(dtype=np.float64), raw["x"][train].std(dtype=np.float64)
     torch.testing.assert_close(data.x_test, torch.tensor((raw["x_test"] - mean) / std,
                                                                 dtype=torch.float32))

@@ -10,6 +10,7 @@ import platform
 import re
 import sys
 import time
+import tomllib
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -17,9 +18,11 @@ import torch
 
 from . import __version__
 from .config import ConfigError, RunConfig
-from .study import BUDGETS, REGIMES
-from .train import RunDirError, RunError, dry_run, load_config, report, train
+from .study.budgets import BUDGETS, REGIMES
 from .world import launched_rank
+
+# The trainer and the study's runs (torch-heavy, plots) are imported by the subcommand that
+# needs them, so that `dsd --help` and `dsd info` start fast.
 
 
 def _comma_list(item_type):
@@ -100,8 +103,8 @@ def _parser() -> argparse.ArgumentParser:
         "study", help="where DSD helps: DSD vs a tuned dense baseline per regime, paired over "
                       "seeds")
     study_parser.add_argument("--budget", choices=list(BUDGETS), default="full",
-                              help="quick: a few seconds (a check); full: the README's study "
-                                   "(about 1.5 hours on 2 CPU cores with --jobs 2)")
+                              help="quick: a few seconds (a check); full: the study of "
+                                   "docs/study.md (about 1.5 hours on 2 CPU cores with --jobs 2)")
     study_parser.add_argument("--tasks", type=_comma_list(str), default=None,
                               help="only these of the budget's tasks")
     study_parser.add_argument("--regimes", type=_comma_list(str), default=None,
@@ -123,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
+    from .train import RunDirError, RunError, dry_run, load_config, report, train
+
     given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
     if args.resume is not None:
         if given or args.config or args.out:
@@ -153,6 +158,32 @@ def _train(args) -> int:
         return 130
     if os.environ.get("RANK", "0") == "0":  # under torchrun (which sets RANK), rank 0 reports
         print(report.table(summary), end="")
+    return 0
+
+
+def parse_settings(items: list[str]) -> dict:
+    """Run options from KEY=VALUE strings (TOML values), as --set gives them."""
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            settings.update(tomllib.loads(f"{key.strip()} = {value}"))
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"--set {item!r}: not a TOML value ({error})") from None
+    return settings
+
+
+def _study(args) -> int:
+    """`dsd study`: the study's runs in --work, its results into --out, the table printed."""
+    from .study import run_study, table, write_outputs
+
+    result = run_study(budget=args.budget, tasks=args.tasks, regimes=args.regimes,
+                       seeds=args.seeds, settings=parse_settings(args.set), work=args.work,
+                       jobs=args.jobs, say=lambda line: print(line, file=sys.stderr))
+    write_outputs(result, args.out, f"study_{args.budget}")
+    print(table(result), end="")
     return 0
 
 
@@ -211,9 +242,7 @@ def main(argv=None) -> int:
         if args.command == "train":
             return _train(args)
         if args.command == "study":
-            from .study import run_study_command
-
-            return run_study_command(args)
+            return _study(args)
         return _info()
     except ValueError as error:  # RunError, config and plan errors: the message says it all
         _report(rank, f"dsd: error: {error}\n")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import dsd_kernels
 
+from .data import TASKS
 from .models import MODELS, is_factory
 from .plan import KINDS, Plan
-from .tasks import TASKS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")

@@ -7,8 +7,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .. import batches
 from ..config import RunConfig
+from ..data import batches
 from ..world import World
 from .compute import autocast, to_device
 from .evaluate import losses

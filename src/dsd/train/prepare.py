@@ -4,8 +4,8 @@ file is written."""
 import torch
 
 from ..config import RunConfig
+from ..data import alter_training, load_task
 from ..models import is_factory
-from ..tasks import alter_training, load_task
 from .arms import Arm, model_label
 from .compute import autocast
 from .errors import RunError

@@ -1,0 +1,227 @@
+"""Running a study: train every run its cells need (resumable), choose each arm's learning rate
+on validation, widen a grid whose edge is chosen, then test the chosen models and compare.
+
+Runs live in the work directory, named by a hash of their config, so an interrupted study
+resumes where it stopped (design.md, "The study").
+"""
+
+import json
+import math
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..config import RunConfig
+from ..train import DivergedError, evaluate_saved, train
+from .budgets import ARMS, BUDGETS, REGIMES, Cell, cells_of, digest
+from .stats import correct, paired_test
+
+_TRAINER_ARM = dict(zip(ARMS, ("dsd", "baseline")))  # the arm's name in a run's files
+_RECORD = "study_record.json"  # in each run directory: the run's validation numbers
+
+
+def run_study(budget: str = "full", *, tasks=None, regimes=None, seeds: int | None = None,
+              settings: dict | None = None, work: Path = Path("runs/study"), jobs: int = 1,
+              say=print) -> dict:
+    """Train every run the cells need (resumable in `work`), choose each arm's learning rate
+    per cell on validation (widening a grid whose edge is chosen), then evaluate the chosen
+    models on the test split and test the differences.
+
+    Args:
+        budget: a key of `BUDGETS` ("quick": seconds, a check; "full": docs/study.md's study).
+        tasks: only these of the budget's tasks (None: all).
+        regimes: only these of the budget's regimes (None: all).
+        seeds: seeds per cell, at least 2 (None: the budget's).
+        settings: run options for every run, as config-file keys (e.g. {"device": "cuda"}).
+        work: the directory of the runs; a run already recorded there is not trained again.
+        jobs: runs trained at once, each in its own process.
+        say: called with each progress line.
+
+    Returns:
+        The study as a JSON-ready dict: per cell the grid, every run's validation numbers,
+        each arm's choice, the test scores and the paired tests with Holm and BH p-values.
+
+    Raises:
+        ValueError: an unknown budget, task or regime, too few seeds or jobs, or a bad or
+            study-owned setting, before anything is written; or a run's own error (e.g.
+            dsd.data.DataError for data it cannot read).
+    """
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+    seeds = BUDGETS[budget]["seeds"] if seeds is None else seeds
+    if seeds < 2:
+        raise ValueError("--seeds must be at least 2 for a paired test")
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    cells = cells_of(budget, tasks, regimes, settings)
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    records, began = None, time.perf_counter()
+
+    def run_of(cell, lr, seed):
+        config = RunConfig.from_mapping({"lr": lr, "seed": seed}, base=cell.config)
+        return _run_dir(work, config), records[digest(config.to_dict())]
+
+    # Every choice first, from validation numbers only: a choice at the edge of its grid
+    # widens the grid by a factor 2 that way (at most `extensions` times each way) ...
+    extensions = {id(cell): {"up": 0, "down": 0} for cell in cells}
+    while True:
+        runs = _runs(cells, seeds)
+        records = _train_all(runs, work, jobs, say)
+        choices = [choose_lr(cell, {lr: [run_of(cell, lr, s)[1] for s in range(seeds)]
+                                    for lr in cell.grid}) for cell in cells]
+        widened = [_widen(cell, choice, extensions[id(cell)], BUDGETS[budget]["extensions"])
+                   for cell, choice in zip(cells, choices)]
+        if not any(widened):
+            break
+    train_wall = time.perf_counter() - began
+    # ... then the test split, of the chosen runs and of the reference-LR runs; cells that
+    # share a config, and the two comparisons of a cell, often name the same run.
+    tested = {}
+
+    def test_scores(run_dir, arm):
+        if (run_dir, arm) not in tested:
+            tested[run_dir, arm] = evaluate_saved(run_dir, "test", _TRAINER_ARM[arm])
+        return tested[run_dir, arm]
+
+    results = []
+    for cell, choice in zip(cells, choices):
+        comparisons = {"tuned": (choice["dsd"]["lr"], choice["dense"]["lr"]),
+                       "same_lr": (cell.reference_lr, cell.reference_lr)}
+        result = {"task": cell.task, "regime": cell.regime, "value": cell.value,
+                  "grid_extensions": extensions[id(cell)],
+                  "shown": REGIMES[cell.regime].shown(cell.value), "key": cell.key(),
+                  "metric": cell.metric, "higher_is_better": cell.higher_is_better,
+                  "config": {k: v for k, v in cell.config.to_dict().items() if k != "lr"},
+                  "grid": list(cell.grid), "choice": choice,
+                  "runs": [{"lr": lr, "seed": s, **run_of(cell, lr, s)[1]}
+                           for lr in cell.grid for s in range(seeds)]}
+        for name, lrs in comparisons.items():
+            result[name] = _compare(cell, lrs, [[run_of(cell, lr, s) for s in range(seeds)]
+                                                for lr in lrs], test_scores)
+        results.append(result)
+    correct(results)
+    seconds = sum(record["train_seconds"] for record in records.values())
+    return {"budget": budget, "seeds": seeds, "settings": settings or {},
+            "regimes": {name: REGIMES[name].label for name in
+                        dict.fromkeys(c["regime"] for c in results)},
+            "runs": len(runs), "train_seconds_total": round(seconds, 1),
+            "wall_seconds_this_call": round(train_wall, 1), "jobs": jobs, "cells": results}
+
+
+def _runs(cells: list[Cell], seeds: int) -> dict:
+    """{run config digest: config} of every run of the cells (shared runs once)."""
+    runs = {}
+    for cell in cells:
+        for lr in cell.grid:
+            for seed in range(seeds):
+                config = RunConfig.from_mapping({"lr": lr, "seed": seed}, base=cell.config)
+                runs[digest(config.to_dict())] = config
+    return runs
+
+
+def _run_dir(work: Path, config: RunConfig) -> Path:
+    return work / f"{config.task}-s{config.seed}-{digest(config.to_dict())}"
+
+
+def train_one(config: RunConfig, run_dir: Path) -> dict:
+    """Train one run (resuming it if it was interrupted) and record its final validation
+    numbers, or that it diverged, in the run directory; a recorded run is not trained again."""
+    record_path = run_dir / _RECORD
+    if record_path.exists():
+        return json.loads(record_path.read_text())
+    began = time.perf_counter()
+    try:
+        summary = train(config, run_dir, quiet=True)
+        record = {"diverged": None, "train_seconds": summary["train_seconds"],
+                  **{arm: {k: v for k, v in summary["arms"][_TRAINER_ARM[arm]]["final"].items()
+                           if k.startswith("val_")} for arm in ARMS}}
+    except DivergedError as error:
+        record = {"diverged": str(error), "train_seconds": time.perf_counter() - began}
+    record_path.write_text(json.dumps(record) + "\n")
+    return record
+
+
+def _train_all(runs: dict, work: Path, jobs: int, say) -> dict:
+    """{digest: record} for every run; the runs not yet recorded are trained, `jobs` at once."""
+    records, todo = {}, []
+    for key, config in runs.items():
+        path = _run_dir(work, config) / _RECORD
+        if path.exists():
+            records[key] = json.loads(path.read_text())
+        else:
+            todo.append(key)
+    say(f"{len(runs)} runs: {len(records)} done, {len(todo)} to train")
+    bar = tqdm(total=len(todo), unit="run", desc="study", smoothing=0.05, disable=not todo)
+    if jobs == 1:
+        for key in todo:
+            records[key] = train_one(runs[key], _run_dir(work, runs[key]))
+            bar.update()
+    else:  # fresh interpreters: forked ones would inherit torch's thread pools
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(train_one, runs[key], _run_dir(work, runs[key])): key
+                       for key in todo}
+            for future in as_completed(futures):
+                records[futures[future]] = future.result()
+                bar.update()
+    bar.close()
+    return records
+
+
+def _score(record: dict, arm: str, cell: Cell) -> float:
+    """The validation score an arm is tuned on (higher is better); a diverged run scores -inf."""
+    if record["diverged"]:
+        return -math.inf
+    value = record[arm][f"val_{cell.metric}"]
+    return value if cell.higher_is_better else -value
+
+
+def choose_lr(cell: Cell, records_by_lr: dict) -> dict:
+    """{arm: {"lr", "val_mean", "at_grid_edge"}}: each arm's learning rate with the best mean
+    validation score over seeds (the first in grid order on a tie), from validation only."""
+    chosen = {}
+    for arm in ARMS:
+        means = [float(np.mean([_score(r, arm, cell) for r in records_by_lr[lr]]))
+                 for lr in cell.grid]
+        best = int(np.argmax(means))
+        sign = 1 if cell.higher_is_better else -1
+        chosen[arm] = {"lr": cell.grid[best], "val_mean": sign * means[best],
+                       "val_means": {str(lr): sign * m for lr, m in zip(cell.grid, means)},
+                       "at_grid_edge": len(cell.grid) > 1 and best in (0, len(cell.grid) - 1)}
+    return chosen
+
+
+def _widen(cell: Cell, choice: dict, done: dict, most: int) -> bool:
+    """Add a rate beyond an edge of the cell's grid that an arm chose (while `done` counts
+    fewer than `most` additions that way); True if the grid grew."""
+    grid = list(cell.grid)
+    chosen = {choice[arm]["lr"] for arm in ARMS}
+    if grid[-1] in chosen and done["up"] < most:
+        grid.append(grid[-1] * 2)
+        done["up"] += 1
+    if grid[0] in chosen and done["down"] < most:
+        grid.insert(0, grid[0] / 2)
+        done["down"] += 1
+    widened = len(grid) > len(cell.grid)
+    cell.grid = tuple(grid)
+    return widened
+
+
+def _compare(cell: Cell, lrs: tuple, runs: list[list], test_scores) -> dict:
+    """Test numbers of each arm at its learning rate, per seed (`test_scores(run_dir, arm)`),
+    and the paired test of DSD minus dense; None where a run at that rate diverged."""
+    key = f"test_{cell.metric}"
+    if any(record["diverged"] for arm_runs in runs for _, record in arm_runs):
+        return {"lr": dict(zip(ARMS, lrs)), "diverged": True}
+    tests = {arm: [test_scores(run_dir, arm)[key] for run_dir, _ in arm_runs]
+             for arm, arm_runs in zip(ARMS, runs)}
+    return {"lr": dict(zip(ARMS, lrs)), "diverged": False,
+            "dsd_test": tests["dsd"], "dense_test": tests["dense"],
+            "dsd_mean": float(np.mean(tests["dsd"])), "dense_mean": float(np.mean(tests["dense"])),
+            "dsd_sd": float(np.std(tests["dsd"], ddof=1)),
+            "dense_sd": float(np.std(tests["dense"], ddof=1)),
+            "paired": paired_test(tests["dsd"], tests["dense"])}
