@@ -67,8 +67,8 @@ _RANGES = {
                 f"an integer in [0, {_CPUS}] (at most this machine's CPUs)"),
     "workers": (lambda v: 0 <= v <= _CPUS,
                 f"an integer in [0, {_CPUS}] (at most this machine's CPUs)"),
-    # NumPy's seed range; the batch order seeds torch with seed * 100_003 + epoch (batches.py),
-    # which then stays inside torch's 64 bits.
+    # NumPy's seed range; the batch order seeds torch with seed * 100_003 + epoch
+    # (dsd.data.batches), which then stays inside torch's 64 bits.
     "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32 - 1]"),
     "mnist1d_samples": (lambda v: v >= 100, "an integer >= 100"),
     "seq_len": (lambda v: v >= 1, "an integer >= 1"),
