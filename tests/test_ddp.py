@@ -54,6 +54,7 @@ def _user_loop(rank, world, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_python_api_under_ddp(tmp_path):
     mp.spawn(_user_loop, args=(2, str(tmp_path)), nprocs=2, join=True)
     single = tmp_path / "single"
@@ -99,6 +100,7 @@ def _close(run_a, run_b):
         torch.testing.assert_close(a[key], b[key], **TRAJECTORY)
 
 
+@pytest.mark.slow
 def test_dsd_train_under_torchrun_matches_single_process(tmp_path, single_process_run):
     run_dir = tmp_path / "ddp"
     result = _torchrun(2, ["train", *_flags(SETTINGS), "--out", str(run_dir)])
@@ -119,6 +121,7 @@ _KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_killed_torchrun_run_resumes_on_another_world_size(tmp_path, single_process_run):
     script = tmp_path / "killer.py"
     script.write_text(_KILLER)
@@ -130,3 +133,15 @@ def test_killed_torchrun_run_resumes_on_another_world_size(tmp_path, single_proc
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 3
     _close(run_dir, single_process_run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "-5"], "dsd: error: --seed must be an integer in [0, 2**32 - 1], got -5"),
+    (["--epochs", "3"], "dsd: error: unrecognized arguments: --epochs 3"),
+])
+def test_a_bad_option_under_torchrun_is_one_line_from_rank_0(tmp_path, args, message):
+    result = _torchrun(2, ["train", *args, "--out", str(tmp_path / "run")], check=False)
+    assert result.returncode != 0 and not (tmp_path / "run").exists()
+    assert result.stderr.count("dsd: error:") == 1 and message in result.stderr
+    assert "[rank 1]" not in result.stderr and "dsd/cli.py" not in result.stderr  # no traceback

@@ -307,6 +307,7 @@ def test_plan_must_be_a_plan():
         DSDCallback({"phases": []})
 
 
+@pytest.mark.slow  # two processes
 def test_ddp_ranks_have_the_same_masks_and_weights(tmp_path):
     script = Path(__file__).with_name("_lightning_ddp.py")
     # The pure-torch kernels: two new processes must not each wait for a C++ build.

@@ -67,6 +67,28 @@ def test_include_replaces_and_exclude_removes():
         prunable_parameters(model, exclude=["*"])
 
 
+def test_frozen_parameters_are_not_pruned_and_an_include_of_them_is_refused():
+    model = Net()
+    model.conv.requires_grad_(False)
+    names = [name for name, _ in prunable_parameters(model)]
+    assert names == ["embed.weight", "gru.weight_ih_l0", "gru.weight_hh_l0", "head.weight"]
+    with pytest.raises(ValueError, match=r"include selects frozen parameters .*: conv.weight;"):
+        prunable_parameters(model, include=["*.weight"])
+    assert "conv.weight" not in dict(prunable_parameters(model, include=["*.weight"],
+                                                         exclude=["conv.*"]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dsd = DSD(model, optimizer, Plan.dsd(1, 1, 1, sparsity=0.5))
+    dsd.epoch_start(1)
+    assert optimizer.masks and model.conv.weight.count_nonzero() == model.conv.weight.numel()
+
+
+def test_one_pattern_string_is_one_pattern():
+    plan = Plan.dsd(1, 1, 1, include="head.*", exclude="*.bias")
+    assert plan.include == ("head.*",) and plan.exclude == ("*.bias",)
+    assert [n for n, _ in prunable_parameters(Net(), include="head.*")] == \
+        ["head.weight", "head.bias"]
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_phase_switches_in_a_step_based_loop(kind):
     torch.manual_seed(0)
@@ -199,6 +221,10 @@ def test_phases_only_go_forward_within_the_plan():
     (lambda: Plan.dsd(5, 5, 5, scope="model"), "scope must be"),
     (lambda: Plan.dsd(5, 5, 5, redense_lr_factor=0), "redense_lr_factor"),
     (lambda: Plan.dsd(5, 5, 5, iterations=0), "iterations must be"),
+    (lambda: Plan.dsd(5, 5, 5, include=["fc.weight", 3]), "include patterns must be .* got 3"),
+    (lambda: Plan.dsd(5, 5, 5, exclude=[""]), "exclude patterns must be non-empty"),
+    (lambda: Plan.dsd(5, 5, 5, exclude=None), "exclude must be a pattern or a list"),
+    (lambda: Plan.from_lengths("10,10"), "lengths must be a list of ints"),
 ])
 def test_plan_validation(make, message):
     with pytest.raises(ValueError, match=message):

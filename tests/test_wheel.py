@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # clones, builds a wheel, makes a venv
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,13 +34,32 @@ def venv(tmp_path_factory):
           "--wheel-dir", str(tmp / "dist"), str(tmp / "clone")])
     wheel = next((tmp / "dist").glob("dsd-*.whl"))
     # The environment sees this interpreter's packages (torch and the other dependencies are
-    # installed here), but dsd itself only from the wheel.
-    _run([sys.executable, "-m", "venv", "--system-site-packages", str(tmp / "venv")])
+    # installed here), but dsd itself only from the wheel. Not --system-site-packages: from a
+    # virtual environment that exposes the base interpreter's packages, not this one's.
+    _run([sys.executable, "-m", "venv", str(tmp / "venv")])
     python = tmp / "venv" / "bin" / "python"
-    _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall",
-          str(wheel)])
+    _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)])
+    # Written after the install, so pip never sees a dsd installed here. Plain directories in a
+    # .pth come after the venv's own site-packages, so the wheel's dsd wins over such a dsd,
+    # and their own .pth files (an editable install's) are not read.
+    site = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"])
+    (Path(site.stdout.strip()) / "running_interpreter.pth").write_text(
+        "".join(f"{path}\n" for path in _package_dirs()))
     _run([str(python), "-c", DEPENDENCIES_SATISFIED])
     return tmp, python
+
+
+def _package_dirs() -> list[str]:
+    """The directories this interpreter imports installed packages from (its venv's or the
+    global site-packages, the user's), without the standard library and the checkout."""
+    stdlib = Path(os.__file__).resolve().parent  # may hold site-packages (not on Debian)
+    dirs = []
+    for entry in filter(None, sys.path):  # "": the working directory
+        path = Path(entry).resolve()
+        if path.is_dir() and path not in (stdlib, stdlib / "lib-dynload") \
+                and not path.is_relative_to(ROOT) and str(path) not in dirs:
+            dirs.append(str(path))
+    return dirs
 
 
 DEPENDENCIES_SATISFIED = textwrap.dedent("""

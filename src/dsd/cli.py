@@ -1,12 +1,15 @@
 """The `dsd` command: `dsd train`, `dsd study`, `dsd info`."""
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
 import platform
 import re
 import sys
+import time
 import tomllib
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -16,6 +19,7 @@ import torch
 from . import __version__
 from .config import ConfigError, RunConfig
 from .study.budgets import BUDGETS, REGIMES
+from .world import launched_rank
 
 # The trainer and the study's runs (torch-heavy, plots) are imported by the subcommand that
 # needs them, so that `dsd --help` and `dsd info` start fast.
@@ -217,11 +221,23 @@ def _attach_negative_values(argv: list[str]) -> list[str]:
     return attached
 
 
+# How long a rank other than 0 holds back a user error (see _report).
+OTHER_RANKS_WAIT_S = 30.0
+
+
 def main(argv=None) -> int:
     # dsd_kernels logs once which backends it falls back from; show it as a plain line.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser().parse_args(_attach_negative_values(argv))
+    rank = launched_rank()
+    usage_error = io.StringIO()  # argparse prints its errors itself: hold them back on rank > 0
+    try:
+        with contextlib.redirect_stderr(usage_error if rank else sys.stderr):
+            args = _parser().parse_args(_attach_negative_values(argv))
+    except SystemExit as leaving:
+        if leaving.code:
+            _report(rank, usage_error.getvalue())
+        raise
     try:
         if args.command == "train":
             return _train(args)
@@ -229,11 +245,21 @@ def main(argv=None) -> int:
             return _study(args)
         return _info()
     except ValueError as error:  # RunError, config and plan errors: the message says it all
-        print(f"dsd: error: {error}", file=sys.stderr)
+        _report(rank, f"dsd: error: {error}\n")
         return 2
     except OSError as error:  # e.g. a checkpoint that cannot be written: the disk is full
-        print(f"dsd: error: {error}", file=sys.stderr)
+        _report(rank, f"dsd: error: {error}\n")
         return 1
+
+
+def _report(rank: int, message: str) -> None:
+    """Print a user error once under torchrun, from rank 0. Every rank runs the same command
+    and meets the same error, and once rank 0 exits with it torchrun stops the others: they
+    wait for that in silence. An error of one rank alone outlives the wait, named by rank."""
+    if rank:
+        time.sleep(OTHER_RANKS_WAIT_S)
+        message = f"[rank {rank}] {message}"
+    print(message, end="", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ TOML config file, command-line flags. A run directory keeps its config as config
 import difflib
 import json
 import math
+import os
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -42,6 +43,11 @@ def _option(default, help, choices=None):
     return field(metadata={"help": help, "choices": choices}, **kwargs)
 
 
+_CPUS = os.cpu_count() or 1
+# Every integer key, and every item of an integer list, at most this: torch and NumPy take
+# sizes and counts as int64, and a larger one fails there naming no key.
+_INT64_MAX = 2**63 - 1
+
 # Accepted values of the numeric keys. NaN fails every comparison, so it is refused too.
 _RANGES = {
     "lr": (lambda v: 0 < v < math.inf, "a number > 0"),
@@ -55,11 +61,18 @@ _RANGES = {
     "batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "rnn_hidden": (lambda v: v >= 1, "an integer >= 1"),
     "checkpoint_every": (lambda v: v >= 1, "an integer >= 1"),
-    "threads": (lambda v: v >= 0, "an integer >= 0"),
+    # More threads or worker processes than CPUs only compete for them; far more exhaust the
+    # system's threads or processes.
+    "threads": (lambda v: 0 <= v <= _CPUS,
+                f"an integer in [0, {_CPUS}] (at most this machine's CPUs)"),
+    "workers": (lambda v: 0 <= v <= _CPUS,
+                f"an integer in [0, {_CPUS}] (at most this machine's CPUs)"),
+    # NumPy's seed range; the batch order seeds torch with seed * 100_003 + epoch
+    # (dsd.data.batches), which then stays inside torch's 64 bits.
+    "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32 - 1]"),
     "mnist1d_samples": (lambda v: v >= 100, "an integer >= 100"),
     "seq_len": (lambda v: v >= 1, "an integer >= 1"),
     "rnn_layers": (lambda v: v >= 1, "an integer >= 1"),
-    "workers": (lambda v: v >= 0, "an integer >= 0"),
 }
 _PATHS = ("data", "init")  # stored absolute: a run resumes from any working directory
 
@@ -95,7 +108,7 @@ class RunConfig:
     momentum: float = _option(0.9, "SGD momentum (sgd only)")
     weight_decay: float = _option(0.0, "weight decay (decoupled for adamw)")
     batch_size: int = _option(64, "training batch size")
-    seed: int = _option(0, "seed of the initialisation and the batch order")
+    seed: int = _option(0, "seed of the initialisation and the batch order, in [0, 2**32 - 1]")
     baseline: bool = _option(False, "also train densely for the same epochs with the same "
                              "LR drop, branching from the end of the first dense phase")
     val_fraction: float = _option(0.1, "share of the training set held out for validation")
@@ -118,7 +131,7 @@ class RunConfig:
     channels_last: bool = _option(False, "channels-last memory format for image models and "
                                   "their inputs")
     workers: int = _option(0, "DataLoader worker processes preparing the training batches "
-                           "(0: in the training process)")
+                           "(0: in the training process), at most the machine's CPUs")
     device: str = _option("auto", "where to train (auto: cuda if available)", DEVICES)
     backend: str = field(
         # The config records the backend a run used, so `--resume` takes the same kernels
@@ -128,8 +141,8 @@ class RunConfig:
         "choices": dsd_kernels.BACKEND_CHOICES,
         "shown_default": "$DSD_BACKEND, else auto"})
     checkpoint_every: int = _option(1, "save a resumable checkpoint every N epochs")
-    threads: int = _option(1, "CPU threads for torch (0: torch's default); these small "
-                           "models run fastest on one")
+    threads: int = _option(1, "CPU threads for torch (0: torch's default), at most the "
+                           "machine's CPUs; these small models run fastest on one")
 
     def __post_init__(self):
         for f in fields(self):
@@ -174,6 +187,11 @@ class RunConfig:
             widths = getattr(self, name)
             if not widths or any(w < 1 for w in widths):
                 raise ConfigError(name, f" needs one or more positive widths, got {widths}")
+        for f in fields(self):
+            if f.type in (int, list[int]):
+                value = getattr(self, f.name)
+                if max(value if isinstance(value, list) else [value]) > _INT64_MAX:
+                    raise ConfigError(f.name, f" must be at most 2**63 - 1, got {value!r}")
 
     def plan(self) -> Plan:
         return Plan.from_lengths(self.phases, sparsity=self.sparsity,

@@ -12,11 +12,37 @@ KINDS = ("dense", "sparse")
 UNITS = ("epochs", "steps")
 
 
+def as_patterns(name: str, patterns) -> tuple[str, ...]:
+    """`patterns` (one fnmatch pattern, or an iterable of them) as a tuple; `name` (include
+    or exclude) names the argument in the error."""
+    if isinstance(patterns, str):
+        return as_patterns(name, (patterns,))
+    if not hasattr(patterns, "__iter__"):
+        raise ValueError(f"{name} must be a pattern or a list of patterns, got {patterns!r}")
+    patterns = tuple(patterns)
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"{name} patterns must be non-empty strings, got {pattern!r}")
+    return patterns
+
+
 @dataclass(frozen=True)
 class Phase:
-    """One phase: `length` epochs or steps (the plan's unit) of dense or masked training.
+    """One phase of a plan: `length` epochs or steps (the plan's unit) of dense or masked
+    training.
 
-    `lr_scale` multiplies the optimizer's learning rates as they were when DSD took it over.
+    Args:
+        kind: ``"dense"`` (every weight trains) or ``"sparse"`` (the prunable weights are pruned
+            when the phase starts and stay zero under a fixed mask).
+        length: epochs or steps of the phase, at least 1.
+        sparsity: fraction of each prunable tensor pruned (``"sparse"`` only), in [0, 1).
+        lr_scale: factor on the learning rate of every param group (the optimizer's or its
+            scheduler's ``lr``) during the phase; a positive finite number.
+
+    Raises:
+        ValueError: If `kind` is neither ``"dense"`` nor ``"sparse"``, `length` is not an int
+            >= 1, `sparsity` is outside [0, 1) or nonzero on a dense phase, or `lr_scale` is
+            not a positive finite number.
     """
 
     kind: str
@@ -39,9 +65,26 @@ class Phase:
 
 @dataclass(frozen=True)
 class Plan:
-    """Phases run back to back. Prunable parameters: by default the weights of Linear, Conv,
-    RNN/LSTM/GRU and Embedding layers; `include` (fnmatch patterns on parameter names, e.g.
-    "fc*.weight") replaces that default, `exclude` removes names from the selection."""
+    """Phases run back to back: what `DSD` carries out. Frozen data; `Plan.dsd` and
+    `Plan.from_lengths` build the usual ones.
+
+    The prunable parameters are by default the trained (``requires_grad``) weights of Linear,
+    Conv, RNN/LSTM/GRU and Embedding layers (`dsd.prunable_parameters`).
+
+    Args:
+        phases: the `Phase` objects, in order; at least one.
+        unit: ``"epochs"`` (`DSD.epoch_start`) or ``"steps"`` (`DSD.step_start`): what the
+            phases' lengths count.
+        scope: ``"layer"`` prunes each tensor on its own (the paper); ``"global"`` ranks all
+            prunable tensors together.
+        include: fnmatch patterns on parameter names (e.g. ``"fc*.weight"``), one string or
+            a list; when given, they replace the default selection.
+        exclude: patterns of parameter names never pruned, one string or a list.
+
+    Raises:
+        ValueError: If `phases` is empty or holds something other than `Phase` objects,
+            `unit` or `scope` is unknown, or a pattern is not a non-empty string.
+    """
 
     phases: tuple[Phase, ...]
     unit: str = "epochs"
@@ -51,8 +94,8 @@ class Plan:
 
     def __post_init__(self):
         object.__setattr__(self, "phases", tuple(self.phases))
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "include", as_patterns("include", self.include))
+        object.__setattr__(self, "exclude", as_patterns("exclude", self.exclude))
         if not self.phases:
             raise ValueError("a plan needs at least one phase")
         for phase in self.phases:
@@ -62,10 +105,6 @@ class Plan:
             raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}")
         if self.scope not in dsd_kernels.SCOPES:
             raise ValueError(f"scope must be one of {dsd_kernels.SCOPES}, got {self.scope!r}")
-        for pattern in self.include + self.exclude:
-            if not isinstance(pattern, str) or not pattern:
-                raise ValueError(f"include/exclude patterns must be non-empty strings, "
-                                 f"got {pattern!r}")
 
     @classmethod
     def dsd(cls, dense: int, sparse: int, redense: int, *, sparsity: float = 0.5,
@@ -73,8 +112,18 @@ class Plan:
             scope: str = "layer", include=(), exclude=()) -> "Plan":
         """Dense, then `iterations` x (sparse, re-dense): DSD, DSDSD, ...
 
-        Each re-dense phase multiplies the learning rate by `redense_lr_factor`; a sparse phase
-        keeps the rate of the phase before it.
+        Args:
+            dense: length of the first dense phase.
+            sparse: length of each sparse phase.
+            redense: length of each re-dense phase.
+            sparsity: fraction of each prunable tensor pruned in the sparse phases, in [0, 1).
+            iterations: how many (sparse, re-dense) pairs follow the dense phase; 2 is DSDSD.
+            redense_lr_factor: each re-dense phase multiplies the learning rate by this; a
+                sparse phase keeps the rate of the phase before it.
+            unit, scope, include, exclude: as in `Plan`.
+
+        Raises:
+            ValueError: If `iterations` is not an int >= 1, or as `Plan.from_lengths`.
         """
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
@@ -86,16 +135,29 @@ class Plan:
     def from_lengths(cls, lengths, *, sparsity: float = 0.5, redense_lr_factor: float = 0.1,
                      unit: str = "epochs", scope: str = "layer", include=(), exclude=(),
                      first: str = "dense") -> "Plan":
-        """Alternating phases: [10, 10, 10] is dense 10, sparse 10, re-dense 10; with
-        first="sparse", [10, 10] is sparse 10, re-dense 10 (S-D on a converged network).
+        """Phases of alternating kinds: [10, 10, 10] is dense 10, sparse 10, re-dense 10;
+        with ``first="sparse"``, [10, 10] is sparse 10, re-dense 10 (S-D on a converged
+        network).
 
-        Each re-dense phase (a dense phase after a sparse one) multiplies the learning rate by
-        `redense_lr_factor`; a sparse phase keeps the rate of the phase before it.
+        Args:
+            lengths: the length of each phase, in order.
+            sparsity: fraction of each prunable tensor pruned in the sparse phases, in [0, 1).
+            redense_lr_factor: each re-dense phase (a dense phase after a sparse one)
+                multiplies the learning rate by this; a sparse phase keeps the rate of the
+                phase before it.
+            first: kind of the first phase, ``"dense"`` or ``"sparse"``.
+            unit, scope, include, exclude: as in `Plan`.
+
+        Raises:
+            ValueError: If `lengths` is not a non-empty list of ints >= 1,
+                `redense_lr_factor` is not > 0, `first` is unknown, or as `Phase` and `Plan`.
         """
         if not (isinstance(redense_lr_factor, (int, float)) and redense_lr_factor > 0):
             raise ValueError(f"redense_lr_factor must be > 0, got {redense_lr_factor!r}")
         if first not in KINDS:
             raise ValueError(f"first must be one of {KINDS}, got {first!r}")
+        if isinstance(lengths, str) or not hasattr(lengths, "__iter__"):
+            raise ValueError(f"lengths must be a list of ints, got {lengths!r}")
         lengths = list(lengths)
         if not lengths:
             raise ValueError("a plan needs at least one phase")
@@ -121,10 +183,15 @@ class Plan:
 
     @property
     def total(self) -> int:
+        """Length of the whole plan, in its unit."""
         return sum(phase.length for phase in self.phases)
 
     def phase_at(self, position: int) -> int:
-        """Index of the phase that the 0-based epoch or step `position` belongs to."""
+        """Index of the phase that the 0-based epoch or step `position` belongs to.
+
+        Raises:
+            ValueError: If `position` is not an int in [0, `total`).
+        """
         if isinstance(position, bool) or not isinstance(position, int):
             raise ValueError(f"the {self.unit[:-1]} must be an int, got {position!r}")
         if not 0 <= position < self.total:
@@ -138,10 +205,12 @@ class Plan:
                                           for p in self.phases))
 
     def to_dict(self) -> dict:
+        """The plan as plain data (what checkpoints keep); `from_dict` reads it back."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
+        """The plan that `to_dict` gave `data`."""
         data = dict(data)
         data["phases"] = tuple(Phase(**phase) for phase in data["phases"])
         return cls(**data)

@@ -16,7 +16,7 @@ from torch import nn
 import dsd_kernels
 from dsd_kernels.optim import LR_SCALE, make_masked_
 
-from .plan import Plan
+from .plan import Plan, as_patterns
 
 # Modules whose `weight`-named parameters are pruned by default (the paper prunes these; biases
 # and normalisation parameters are few and sensitive).
@@ -25,14 +25,26 @@ _PRUNABLE_MODULES = (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase, nn.Embeddin
 
 def prunable_parameters(model: nn.Module, include=(),
                         exclude=()) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) pairs to prune, in `model.named_parameters()` order.
+    """The parameters a plan prunes, as (name, parameter) pairs in `model.named_parameters()`
+    order.
 
-    Default: weight tensors of Linear, Conv*, RNN/LSTM/GRU and Embedding layers. `include`
-    (fnmatch patterns on full parameter names) replaces the default; `exclude` removes
-    matches. A pattern that matches no parameter is an error (it is most likely a typo).
+    By default the trained (`requires_grad`) weights of Linear, Conv*, RNN/LSTM/GRU and
+    Embedding layers: a frozen parameter gets no gradient, so once pruned it would never regrow.
+
+    Args:
+        model: the module whose parameters are selected.
+        include: fnmatch patterns on full parameter names (one string is one pattern); they
+            replace the default selection.
+        exclude: patterns of names never pruned; applied after `include`.
+
+    Raises:
+        ValueError: a pattern that is not a non-empty string or matches no parameter (most
+            likely a typo); `include` selecting a frozen parameter that `exclude` does not
+            remove; nothing left to prune.
     """
+    include, exclude = as_patterns("include", include), as_patterns("exclude", exclude)
     named = list(model.named_parameters())
-    for pattern in tuple(include) + tuple(exclude):
+    for pattern in include + exclude:
         if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in named):
             raise ValueError(f"the pattern {pattern!r} matches no parameter of the model; "
                              f"its parameters are: {', '.join(name for name, _ in named)}")
@@ -44,14 +56,18 @@ def prunable_parameters(model: nn.Module, include=(),
         for module_name, module in model.named_modules():
             if isinstance(module, _PRUNABLE_MODULES):
                 prefix = f"{module_name}." if module_name else ""
-                chosen.update(prefix + name for name, _ in module.named_parameters(recurse=False)
-                              if name.startswith("weight"))
+                chosen.update(prefix + name for name, p in module.named_parameters(recurse=False)
+                              if name.startswith("weight") and p.requires_grad)
     chosen = {name for name in chosen
               if not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)}
     selected = [(name, p) for name, p in named if name in chosen]
+    frozen = [name for name, p in selected if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"include selects frozen parameters (requires_grad=False), which would "
+                         f"stay pruned: {', '.join(frozen)}; exclude them or unfreeze them")
     if not selected:
-        raise ValueError("no prunable parameter selected: the model has no Linear, Conv, RNN or "
-                         "Embedding weight, or include/exclude left none")
+        raise ValueError("no prunable parameter selected: the model has no trained Linear, "
+                         "Conv, RNN or Embedding weight, or include/exclude left none")
     return selected
 
 
@@ -65,17 +81,33 @@ class DSD:
 
     Call `epoch_start(epoch)` (plans in epochs) or `step_start(step)` (plans in steps) before
     the work of that epoch or step; it switches phases when a boundary is reached:
+
     - entering a sparse phase prunes the smallest-magnitude weights of each prunable tensor
-      (or globally, `scope="global"`) with `dsd_kernels.magnitude_masks`, and fixes the mask;
+      (or globally, ``scope="global"``) with `dsd_kernels.magnitude_masks`, and fixes the mask;
     - entering a dense phase lifts the mask: pruned weights restart from 0 with 0 state;
     - each phase's `lr_scale` goes into every param group as `dsd_kernels.optim.LR_SCALE`,
-      which the masked step multiplies `lr` by: `lr` itself stays whatever the user or an LR
-      scheduler sets (chainable or absolute), and the scale composes with it.
+      which the masked step multiplies ``lr`` by: ``lr`` itself stays whatever the user or an
+      LR scheduler sets (chainable or absolute), and the scale composes with it.
 
-    The optimizer (torch.optim SGD, Adam or AdamW, or a masked one) is made masked in place
-    (`dsd_kernels.optim.make_masked_`): keep stepping it, and anything that holds it (an LR
-    scheduler, a GradScaler, a framework's wrapper) keeps working. `dsd.optimizer` is the same
-    object.
+    The optimizer is made masked in place (`dsd_kernels.optim.make_masked_`): keep stepping
+    it, and anything that holds it (an LR scheduler, a GradScaler, a framework's wrapper)
+    keeps working. ``dsd.optimizer`` is the same object. Everything is checked before the
+    optimizer changes: a refused one is left as it was.
+
+    Args:
+        model: the module trained; give the unwrapped module under DDP. Its prunable
+            parameters (`dsd.prunable_parameters` with the plan's include/exclude) are chosen
+            here, once.
+        optimizer: a torch.optim SGD, Adam or AdamW (or a dsd_kernels masked one) holding
+            every prunable parameter.
+        plan: the `Plan` to carry out.
+
+    Raises:
+        TypeError: If `plan` is not a `Plan`, or `optimizer` is not a torch.optim SGD, Adam,
+            AdamW or masked optimizer.
+        ValueError: If the plan's patterns match no parameter or select a frozen one, nothing
+            is left to prune, a prunable parameter is not in the optimizer, or a parameter or
+            param group is one the masked step does not support (e.g. ``amsgrad=True``).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: Plan):
@@ -101,11 +133,34 @@ class DSD:
         return None if self.phase_index is None else self.plan.phases[self.phase_index]
 
     def epoch_start(self, epoch: int) -> bool:
-        """Enter the phase of the 0-based `epoch`; True if this switched phase."""
+        """Enter the phase of the 0-based `epoch`, and the phases before it not yet entered.
+
+        Args:
+            epoch: the epoch about to start, counted from 0.
+
+        Returns:
+            True if this switched phase (pruned, or lifted the masks).
+
+        Raises:
+            ValueError: If the plan counts steps, `epoch` is outside the plan, or it belongs
+                to a phase before the current one.
+        """
         return self._advance("epochs", epoch)
 
     def step_start(self, step: int) -> bool:
-        """Enter the phase of the 0-based optimizer `step`; True if this switched phase."""
+        """Enter the phase of the 0-based optimizer `step`, and the phases before it not yet
+        entered.
+
+        Args:
+            step: the optimizer step about to run, counted from 0.
+
+        Returns:
+            True if this switched phase (pruned, or lifted the masks).
+
+        Raises:
+            ValueError: If the plan counts epochs, `step` is outside the plan, or it belongs
+                to a phase before the current one.
+        """
         return self._advance("steps", step)
 
     def _advance(self, unit: str, position: int) -> bool:
@@ -148,7 +203,15 @@ class DSD:
         The masks travel in a masked optimizer's state_dict. If they were lost (the
         checkpoint was loaded into a plain torch.optim optimizer, which drops them), they are
         recovered from the weights: the phase's magnitude masks on the restored weights must
-        prune exactly the weights that are zero, else this raises with nothing changed.
+        prune exactly the weights that are zero.
+
+        Args:
+            done: epochs or steps the checkpoint had finished; 0 starts from the beginning.
+
+        Raises:
+            ValueError: If `done` is not an int in [0, plan.total], or the masks of a sparse
+                phase are neither in the optimizer nor recoverable from the weights; nothing
+                is changed then.
         """
         if isinstance(done, bool) or not isinstance(done, int) or done < 0:
             raise ValueError(f"done must be an int >= 0, got {done!r}")
@@ -183,7 +246,12 @@ class DSD:
         return {"phase_index": self.phase_index, "plan": self.plan.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the phase. Load the optimizer's state_dict too: it carries the masks."""
+        """Restore the phase of `state_dict()`. Load the optimizer's state_dict too: it
+        carries the masks.
+
+        Raises:
+            ValueError: If `state` was saved with another plan, or its phase is outside it.
+        """
         if Plan.from_dict(state["plan"]) != self.plan:
             raise ValueError("this DSD state was saved with a different plan")
         index = state["phase_index"]

@@ -12,6 +12,16 @@ import torch
 import torch.distributed as dist
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (RANK), readable before any process group
+    exists; 0 without torchrun."""
+    return int(os.environ.get("RANK", "0")) if _launched_size() > 1 else 0
+
+
+def _launched_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 class World:
     def __init__(self, rank: int = 0, size: int = 1, owns_group: bool = False):
         self.rank, self.size = rank, size
@@ -26,7 +36,7 @@ class World:
     def start(cls, device: torch.device) -> tuple["World", torch.device]:
         """Join torchrun's process group (gloo on CPU, nccl on CUDA); on CUDA each process
         takes the GPU of its LOCAL_RANK. Returns the world and the device to train on."""
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        if _launched_size() <= 1 or not dist.is_available():
             return cls(), device
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

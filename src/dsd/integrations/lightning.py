@@ -28,6 +28,24 @@ class DSDCallback(pl.Callback):
     state. `trainer.fit(model, ckpt_path=...)` takes the run up in the same phase with the same
     masks. Under DDP every rank prunes its own replica: the replicas are identical, so are the
     masks. `callback.dsd` is the `dsd.DSD` at work (None before fitting starts).
+
+    Args:
+        plan: the `dsd.Plan` to carry out; its unit (epochs or steps) says when phases switch.
+
+    Raises:
+        TypeError: If `plan` is not a `dsd.Plan`; at fit start, as `dsd.DSD` for an optimizer
+            that cannot be masked.
+        ValueError: At fit start, if the Trainer would train past the plan (``max_epochs`` or
+            ``max_steps`` over ``plan.total``), `configure_optimizers` returned other than
+            one optimizer, or as `dsd.DSD`; on loading a checkpoint made with another plan.
+            Nothing is changed when fitting is refused.
+
+    Example::
+
+        dsd_callback = DSDCallback(Plan.dsd(10, 10, 10, sparsity=0.5))
+        trainer = Trainer(max_epochs=30, callbacks=[dsd_callback])
+        trainer.fit(model)
+        print(dsd_callback.dsd.sparsity())  # the share of zeros in each pruned tensor
     """
 
     def __init__(self, plan: Plan):

@@ -53,6 +53,23 @@ class DSDCallback(transformers.TrainerCallback):
       INFO level on logger "dsd.integrations.transformers".
 
     `callback.dsd` is the `dsd.DSD` of the current training run (None before it begins).
+
+    Args:
+        plan: the `dsd.Plan` to carry out; its unit (epochs or steps) says when phases switch.
+
+    Raises:
+        TypeError: If `plan` is not a `dsd.Plan`; at train begin, if the optimizer cannot be
+            masked (the message names the ``optim`` choices that can).
+        ValueError: At train begin, if the Trainer would train past the plan, a plan in epochs
+            meets a train dataset without a length, or as `dsd.DSD` (patterns, frozen
+            parameters); on resume, if the checkpoint's masks cannot be recovered.
+
+    Example::
+
+        plan = Plan.dsd(300, 300, 300, sparsity=0.5, unit="steps")
+        trainer = Trainer(model, TrainingArguments(max_steps=900, ...), train_dataset=data,
+                          callbacks=[DSDCallback(plan)])
+        trainer.train()
     """
 
     def __init__(self, plan: Plan):
