@@ -156,7 +156,7 @@ def _train(args) -> int:
         if where is not None:
             print(f"\ninterrupted; continue with: dsd train --resume {where}", file=sys.stderr)
         return 130
-    if os.environ.get("RANK", "0") == "0":  # under torchrun (which sets RANK), rank 0 reports
+    if launched_rank() == 0:  # under torchrun, rank 0 reports
         print(report.table(summary), end="")
     return 0
 
