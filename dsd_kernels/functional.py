@@ -6,6 +6,7 @@ backend (`use_backend`, env `DSD_BACKEND`). See docs/design.md for the semantics
 share.
 """
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -13,7 +14,6 @@ import torch
 
 from . import _checks, _ops, distributed  # noqa: F401  (_ops defines the ops)
 from ._checks import SCOPES
-from ._ops import pruned_count
 from .backends import ensure_selected as _ensure_selected
 
 __all__ = ["kth_smallest_abs", "magnitude_masks", "apply_masks_", "masked_sgd_", "masked_adam_",
@@ -24,6 +24,20 @@ def check_sparsity(value) -> float:
     """`value` as a float if it is a sparsity dsd can prune to (a finite number in [0, 1));
     otherwise a ValueError saying so."""
     return _checks.sparsity(value)
+
+
+def pruned_count(sparsity: float, numel: int) -> int:
+    """How many of `numel` entries a sparsity prunes: floor(sparsity * numel), in double."""
+    return math.floor(sparsity * numel)
+
+
+def _pruned_counts(numels: list, scope: str, sparsity, pruned, label) -> list:
+    """The entries to prune of each segment (one per tensor for "layer", one for "global")
+    from a checked sparsity, or the explicit counts `pruned` after checking them."""
+    totals = numels if scope == "layer" else [sum(numels)]
+    if sparsity is not None:
+        return [pruned_count(sparsity, n) for n in totals]
+    return _checks.pruned(pruned, totals, scope, label)
 
 
 _ops_ = torch.ops.dsd
@@ -57,30 +71,43 @@ def kth_smallest_abs(xs, k: int | Sequence[int], *, names: Sequence[str] | None 
         return _ops_.kth_smallest_abs(xs, k)
 
 
-def magnitude_masks(xs, sparsity: float, scope: str = "layer", *,
+def magnitude_masks(xs, sparsity: float | None = None, scope: str = "layer", *,
+                    pruned: int | Sequence[int] | None = None,
                     names: Sequence[str] | None = None, process_group=None):
     """Bool masks (True = kept) that prune exactly floor(sparsity * N) smallest-|x| entries.
 
     `scope="layer"` prunes each tensor on its own (the paper); `"global"` ranks all of them
     together. Ties are pruned in position order (lower flat index, then earlier tensor).
     A tensor in gives a mask out; a list in gives a list out.
+    Instead of a sparsity, `pruned` may give the counts themselves: one int per tensor for
+    "layer", one int for "global" or a single tensor, each in [0, N].
     With a `process_group`, `xs` are this rank's shards (rank order = position order) and the
     masks returned are the local shards of the gathered tensors' masks; every rank must call it.
     FSDP2 parameters (DTensors) are recognised: their local masks are returned.
     """
+    if (sparsity is None) == (pruned is None):
+        raise ValueError("give either sparsity or pruned (the counts), not "
+                         + ("both" if pruned is not None else "neither"))
+    sparsity = None if sparsity is None else _checks.sparsity(sparsity)
+    scope = _checks.scope(scope)
     single = isinstance(xs, torch.Tensor)
+    if single and scope == "layer" and pruned is not None and not isinstance(pruned, (list, tuple)):
+        pruned = [pruned]  # one tensor: its count as an int
     xs, mesh_group = distributed.unshard(xs)
     process_group = process_group if process_group is not None else mesh_group
+
+    def counts(numels, label):
+        return _pruned_counts(numels, scope, sparsity, pruned, label)
+
     if process_group is not None:
-        masks = distributed.magnitude_masks(xs, sparsity, scope, process_group, names=names)
+        masks = distributed.magnitude_masks(xs, counts, scope, process_group, names=names)
         return masks[0] if single else masks
     xs, label = _checks.weights(xs, names)
-    sparsity = _checks.sparsity(sparsity)
-    scope = _checks.scope(scope)
+    ks = counts([x.numel() for x in xs], label)
     _checks.finite(xs, label)
     _ensure_selected()
     with torch.no_grad():
-        masks = _ops_.magnitude_masks(xs, sparsity, scope)
+        masks = _ops_.magnitude_masks(xs, ks, scope)
     return masks[0] if single else list(masks)
 
 

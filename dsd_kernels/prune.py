@@ -16,7 +16,6 @@ amount, or round(amount * unpruned)). `L1Unstructured` plugs the same masks into
 takes a `pruning_method=` (torch's global_unstructured, Lightning's ModelPruning).
 """
 
-import math
 import numbers
 from collections.abc import Iterable
 
@@ -40,7 +39,7 @@ from torch.nn.utils.prune import (  # noqa: F401  (the rest of torch's module, a
     remove,
 )
 
-from . import _checks, _ops
+from . import _checks
 from .functional import magnitude_masks
 from .optim import make_masked_
 
@@ -73,15 +72,9 @@ def _count(amount, unpruned: int, what: str) -> int:
 
 
 def _keep(scores: list, count: int, names) -> list:
-    """Bool masks over `scores` keeping all but the `count` smallest |score| (ranked jointly),
-    from magnitude_masks at a sparsity whose floor(sparsity * N) is exactly `count`."""
-    total = sum(s.numel() for s in scores)
-    if count == total:  # everything: magnitude_masks takes sparsity < 1
-        return [torch.zeros(s.shape, dtype=torch.bool, device=s.device) for s in scores]
-    sparsity = count / total
-    if _ops.pruned_count(sparsity, total) < count:  # k / N rounded down in double
-        sparsity = math.nextafter(sparsity, 1.0)
-    return magnitude_masks([s.detach() for s in scores], sparsity, "global", names=names)
+    """Bool masks over `scores` keeping all but the `count` smallest |score| (ranked jointly)."""
+    return magnitude_masks([s.detach() for s in scores], scope="global", pruned=count,
+                           names=names)
 
 
 class L1Unstructured(_torch_prune.L1Unstructured):

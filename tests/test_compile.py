@@ -16,7 +16,8 @@ def _weights():
 
 def test_raw_ops_compile_into_one_graph():
     xs = _weights()
-    masks = torch.compile(lambda ts: torch.ops.dsd.magnitude_masks(ts, 0.5, "global"),
+    ks = [(64 * 9 + 33) // 2]
+    masks = torch.compile(lambda ts: torch.ops.dsd.magnitude_masks(ts, ks, "global"),
                           fullgraph=True)(xs)
     assert all(torch.equal(a, b) for a, b in zip(masks, dk.magnitude_masks(xs, 0.5, "global")))
 

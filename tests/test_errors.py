@@ -79,6 +79,21 @@ def test_bad_sparsity(xs, sparsity, match):
     _raises(match, dk.magnitude_masks, xs, sparsity)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sparsity=0.5, pruned=[1, 1]), "give either sparsity or pruned .*, not both"),
+    (dict(), "give either sparsity or pruned .*, not neither"),
+    (dict(pruned=3), "pruned must be a list of one int per tensor for scope='layer', not int"),
+    (dict(pruned=[1]), "pruned has 1 entries but xs has 2; give one per tensor"),
+    (dict(pruned=[21, 0]), r"pruned\[0\] must be in \[0, 20\] \(the elements of xs\[0\]\)"),
+    (dict(pruned=[0, -1]), r"pruned\[1\] must be in \[0, 7\]"),
+    (dict(pruned=[0, 1.5]), r"pruned\[1\] must be an integer"),
+    (dict(pruned=28, scope="global"), r"pruned must be in \[0, 27\] \(the elements of xs\)"),
+    (dict(pruned=[3], scope="global"), "pruned must be an integer, not list"),
+])
+def test_bad_pruned_counts(xs, kwargs, match):
+    _raises(match, dk.magnitude_masks, xs, **kwargs)
+
+
 def test_bad_scope(xs):
     _raises("scope must be one of 'layer', 'global'", dk.magnitude_masks, xs, 0.5, "model")
 

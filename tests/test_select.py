@@ -85,7 +85,7 @@ def _check_thresholds(xs, ks):
 def _check_masks(xs):
     for scope in ("layer", "global"):
         for sparsity in (0.0, 0.3, 0.5, 0.9, 0.99):
-            got = torch.ops.dsd.magnitude_masks(xs, sparsity, scope)
+            got = torch.ops.dsd.magnitude_masks(xs, _oracle.counts(xs, sparsity, scope), scope)
             for mask, want in zip(got, _oracle.masks(xs, sparsity, scope)):
                 assert torch.equal(mask, want), (scope, sparsity)
 
@@ -118,7 +118,7 @@ def test_ordinary_weights_never_fall_back(cpp):
         k = math.floor(sparsity * sum(x.numel() for x in xs))
         _check_thresholds(xs, [k])
         for scope in ("layer", "global"):
-            got = torch.ops.dsd.magnitude_masks(xs, sparsity, scope)
+            got = torch.ops.dsd.magnitude_masks(xs, _oracle.counts(xs, sparsity, scope), scope)
             for mask, want in zip(got, _oracle.masks(xs, sparsity, scope)):
                 assert torch.equal(mask, want)
     assert cpp.bracket_misses() == before

@@ -17,6 +17,8 @@ from conftest import DTYPES, TOLERANCES
 import dsd_kernels as dk
 from dsd_kernels.backends import BackendUnavailable, torch_ref
 
+import _oracle
+
 triton_backend = pytest.importorskip("dsd_kernels.backends.triton")
 
 from dsd_kernels.backends.triton import threshold  # noqa: E402
@@ -86,7 +88,8 @@ def _check_threshold_and_masks(xs, ks, sparsities=(0.3, 0.5, 0.77)):
     for sparsity in sparsities:
         for scope in ("layer", "global"):
             got = dk.magnitude_masks(xs, sparsity, scope)
-            expected = torch_ref.magnitude_masks(xs, sparsity, scope)
+            expected = torch_ref.magnitude_masks(xs, _oracle.counts(xs, sparsity, scope),
+                                                  scope)
             for i, (g, e) in enumerate(zip(got, expected)):
                 assert g.dtype == torch.bool and g.is_contiguous() and g.shape == e.shape
                 assert torch.equal(g, e), f"{scope} sparsity={sparsity}: mask {i} differs"
@@ -247,8 +250,8 @@ def test_survivors_of_many_chunks_from_mixed_dtypes(without_bracket):
     got = dk.kth_smallest_abs(xs, k)
     assert _bits(got) == _bits(torch_ref.kth_smallest_abs(xs, k))
     masks = dk.magnitude_masks(xs, 0.5, "global")
-    assert all(torch.equal(g, e) for g, e in zip(masks, torch_ref.magnitude_masks(xs, 0.5,
-                                                                                  "global")))
+    expected = torch_ref.magnitude_masks(xs, _oracle.counts(xs, 0.5, "global"), "global")
+    assert all(torch.equal(g, e) for g, e in zip(masks, expected))
 
 
 def test_survivors_decided_per_segment(without_bracket):
@@ -533,7 +536,7 @@ def test_ops_pass_opcheck():
     ops = torch.ops.dsd
     cases = [
         (ops.kth_smallest_abs, ([x, *ys], 100)),
-        (ops.magnitude_masks, ([x, *ys], 0.5, "global")),
+        (ops.magnitude_masks, ([x, *ys], _oracle.counts([x, *ys], 0.5, "global"), "global")),
         (ops.apply_masks_, ([x], [mask])),
         (ops.masked_sgd_, ([p], [g], [m], [mask], 0.1, 0.9, 0.0, 0.0, False, False, None)),
         (ops.masked_adam_, ([p], [g], [m], [v], [None], [2.0], 1e-3, 0.9, 0.999, 1e-8, 0.0,
@@ -546,7 +549,7 @@ def test_ops_pass_opcheck():
 def test_ops_inside_torch_compile():
     @torch.compile(backend="aot_eager", fullgraph=True)
     def prune_and_step(ws, grads, buffers):
-        masks = torch.ops.dsd.magnitude_masks(ws, 0.5, "layer")
+        masks = torch.ops.dsd.magnitude_masks(ws, [50, 31], "layer")
         torch.ops.dsd.masked_sgd_(ws, grads, buffers, masks, 0.1, 0.9, 0.0, 0.0, False, False,
                                   None)
         return masks
@@ -556,7 +559,7 @@ def test_ops_inside_torch_compile():
     expected_ws, buffers = _clones(ws), [torch.zeros_like(w) for w in ws]
     expected_buffers = _clones(buffers)
     masks = prune_and_step(ws, grads, buffers)
-    expected_masks = torch_ref.magnitude_masks(expected_ws, 0.5, "layer")
+    expected_masks = torch_ref.magnitude_masks(expected_ws, [50, 31], "layer")
     torch_ref.masked_sgd_(expected_ws, grads, expected_buffers, expected_masks, 0.1, 0.9, 0.0,
                           0.0, False, False, None)
     assert all(torch.equal(a, b) for a, b in zip(masks, expected_masks))
