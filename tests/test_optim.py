@@ -350,7 +350,7 @@ def test_masks_take_the_layout_of_channels_last_parameters(backend, device):
 
 
 def _plan_script(name, device, uncached):
-    """Run a script of every change a step's plan (dsd_kernels.optim._Plan) depends on, with a
+    """Run a script of every change a step's plan (dsd_kernels.optim.plan.Plan) depends on, with a
     step after each. Returns snapshots of every parameter and state value after each step,
     and per step and param group whether the step reused the group's plan. With `uncached`,
     every step plans afresh and counts Adam's steps tensor by tensor, as without a cache."""
@@ -462,16 +462,16 @@ def _plan_script(name, device, uncached):
 @pytest.fixture(params=["cpp", "python"])
 def kinds(request, monkeypatch):
     """The plans' key of tensor kinds read by the C++ library, and by the Python fallback."""
-    from dsd_kernels import optim
     from dsd_kernels.backends import cpp
+    from dsd_kernels.optim import plan
 
     if request.param == "cpp":
         function = cpp.python_module().tensor_kinds  # the C++ backend builds in CI
     else:
         function = None
-        monkeypatch.setattr(optim, "loaded_cpp_module", lambda: None)
-    monkeypatch.setattr(optim, "_tensor_kinds", function)
-    return optim._kinds
+        monkeypatch.setattr(plan, "loaded_cpp_module", lambda: None)
+    monkeypatch.setattr(plan, "_tensor_kinds", function)
+    return plan.kinds
 
 
 def test_kinds_differ_exactly_when_a_plan_would(kinds):
@@ -518,10 +518,10 @@ def test_reused_plans_match_fresh_ones_through_every_change(backend, device, nam
     """A step reuses its param group's plan (its checks, buckets and state lists) while
     nothing the plan was built from changed, and plans again after any change: bit for bit
     the same steps as planning afresh every step."""
-    from dsd_kernels import optim
+    from dsd_kernels.optim import masked
 
     cached, reused = _plan_script(name, device, uncached=False)
-    monkeypatch.setattr(optim, "_shared_counts", lambda bucket: None)
+    monkeypatch.setattr(masked, "_shared_counts", lambda bucket: None)
     fresh, _ = _plan_script(name, device, uncached=True)
     assert len(cached) == len(fresh)
     for step, (got, expected) in enumerate(zip(cached, fresh)):
