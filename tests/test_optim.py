@@ -14,6 +14,7 @@ import torch
 from conftest import DTYPES, TOLERANCES
 
 import dsd_kernels as dk
+from dsd_kernels import host
 
 SHAPES = [(33, 17), (7,), (4, 3, 5), (1,)]
 STEPS = 100
@@ -462,16 +463,17 @@ def _plan_script(name, device, uncached):
 @pytest.fixture(params=["cpp", "python"])
 def kinds(request, monkeypatch):
     """The plans' key of tensor kinds read by the C++ library, and by the Python fallback."""
-    from dsd_kernels.backends import cpp
-    from dsd_kernels.optim import plan
+    function = _kinds_in_cpp() if request.param == "cpp" else host.tensor_kinds_in_python
+    monkeypatch.setattr(host, "tensor_kinds", function)
+    return lambda params, grads: function([params, grads])
 
-    if request.param == "cpp":
-        function = cpp.python_module().tensor_kinds  # the C++ backend builds in CI
-    else:
-        function = None
-        monkeypatch.setattr(plan, "loaded_cpp_module", lambda: None)
-    monkeypatch.setattr(plan, "_tensor_kinds", function)
-    return plan.kinds
+
+def _kinds_in_cpp():
+    """host.tensor_kinds as the C++ library installs it (the C++ backend builds in CI)."""
+    if "cpp" not in dk.available_backends():
+        pytest.skip("the C++ backend is not available")
+    assert host.tensor_kinds is not host.tensor_kinds_in_python
+    return host.tensor_kinds
 
 
 def test_kinds_differ_exactly_when_a_plan_would(kinds):
@@ -503,9 +505,7 @@ class _Tagged(torch.Tensor):
 
 
 def test_kinds_refuse_what_is_not_a_tensor():
-    from dsd_kernels.backends import cpp
-
-    tensor_kinds = cpp.python_module().tensor_kinds
+    tensor_kinds = _kinds_in_cpp()
     with pytest.raises(TypeError):
         tensor_kinds([[torch.zeros(2), 3]])
     with pytest.raises(TypeError):

@@ -59,16 +59,6 @@ def _load(name: str) -> Backend | BackendUnavailable:
     return _loaded[name]
 
 
-def loaded_cpp_module():
-    """The C++ library's Python functions (csrc/describe.cpp) if the C++ backend is loaded
-    already, else None: loads nothing."""
-    if isinstance(_loaded.get("cpp"), Backend):
-        from . import cpp
-
-        return cpp._module
-    return None
-
-
 def available_backends() -> list[str]:
     """Names of the backends that can run here (loads them: may build the C++ extension)."""
     return [name for name in BACKENDS if isinstance(_load(name), Backend)]

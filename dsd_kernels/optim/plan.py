@@ -2,15 +2,14 @@
 nothing it was built from changes (docs/design.md, Step plans)."""
 
 from collections.abc import Mapping
-from itertools import chain, compress, repeat
-from operator import attrgetter, is_, is_not, itemgetter
+from itertools import chain, compress
+from operator import is_, itemgetter
 
 import torch
 
-from ..backends import loaded_cpp_module
+from .. import host
 from ..distributed import local_tensor
 
-_DTYPE, _DEVICE, _LAYOUT = map(attrgetter, ("dtype", "device", "layout"))
 PLAIN = {torch.Tensor, torch.nn.Parameter}  # types the kernels take as they are
 
 
@@ -56,7 +55,7 @@ class Plan:
         if reusable:  # what `matches` compares
             self.group, self.params = group, list(group["params"])
             self.masks = optimizer._masks
-            self.kinds = kinds(self.params, grads)
+            self.kinds = host.tensor_kinds([self.params, grads])
             self.present, self.present_dicts = present, [optimizer.state[p] for p in present]
             self._remember_state(optimizer.state)
             self.state_names = optimizer._read_state(group)
@@ -67,7 +66,7 @@ class Plan:
         params, state = group["params"], optimizer.state
         if (group is not self.group or optimizer._masks is not self.masks
                 or len(params) != len(self.params) or not all(map(is_, params, self.params))
-                or kinds(params, grads) != self.kinds
+                or host.tensor_kinds([params, grads]) != self.kinds
                 or optimizer._read_state(group) != self.state_names):
             return False
         # The state as the plan last saw it (the same keys and dicts in the same order) holds
@@ -105,26 +104,3 @@ def state_tensors(dicts: list, names: tuple[str, ...]) -> list | None:
     except KeyError:
         return None
     return list(chain.from_iterable(values)) if len(names) > 1 else values
-
-
-def kinds(params: list, grads: list):
-    """A key equal for two steps exactly when the same params have gradients and the params
-    and gradients have the same Python types, layouts, devices and dtypes: read in one pass
-    by the C++ library where it is loaded (`tensor_kinds`), else in Python."""
-    global _tensor_kinds
-    if _tensor_kinds is None:
-        module = loaded_cpp_module()
-        if module is None:
-            return kinds_in_python(params, grads)
-        _tensor_kinds = module.tensor_kinds
-    return _tensor_kinds([params, grads])
-
-
-def kinds_in_python(params: list, grads: list) -> tuple:
-    has_grad = tuple(map(is_not, grads, repeat(None)))
-    present = list(compress(grads, has_grad))
-    return (has_grad, *(tuple(map(kind, tensors)) for tensors in (params, present)
-                        for kind in (type, _LAYOUT, _DEVICE, _DTYPE)))
-
-
-_tensor_kinds = None  # the C++ library's tensor_kinds, once it is found loaded
