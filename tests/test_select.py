@@ -3,15 +3,12 @@ the fallback when the bracket misses, against the sort oracle, bit for bit, thre
 masks (ties included), every dtype; and that ordinary weights never fall back."""
 
 import math
-import re
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import DTYPES, _select
 
 import dsd_kernels as dk
-from dsd_kernels import radix
 
 import _oracle
 
@@ -131,13 +128,3 @@ def test_one_crowded_chunk_falls_back(cpp):
     got = torch.ops.dsd.kth_smallest_abs(xs, k)
     assert cpp.bracket_misses() == before + 1
     assert got.item() == _oracle.kth_smallest_abs(xs, k).item()
-
-
-def test_the_fallback_digits_are_radix_py_plan():
-    header = (Path(__file__).parents[1] / "csrc" / "dsd_cpu.h").read_text()
-    digits = re.search(r"kDigits\[\] = \{(.*?)\};", header).group(1)
-    assert tuple(map(tuple, (map(int, d) for d in re.findall(r"\{(\d+), (\d+)\}", digits)))) \
-        == radix.DIGITS
-    passes = re.search(r"return dtype == at::kFloat \? (\d) : dtype == at::kHalf \? (\d) : (\d);",
-                       header).groups()
-    assert tuple(map(int, passes)) == tuple(radix.PASSES[d] for d in DTYPES)
