@@ -5,7 +5,14 @@ import types
 
 import torch
 
-from .masked import MaskedAdam, MaskedAdamW, MaskedSGD, _Masked, _refuse_unsupported
+from .masked import (
+    MaskedAdam,
+    MaskedAdamW,
+    MaskedSGD,
+    _Masked,
+    _refuse_unsupported,
+    refuse_unsupported_dtypes,
+)
 
 _MASKED_VERSION = {torch.optim.SGD: MaskedSGD, torch.optim.Adam: MaskedAdam,
                    torch.optim.AdamW: MaskedAdamW}
@@ -32,6 +39,7 @@ def make_masked_(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     _refuse_unsupported(optimizer.defaults, "the optimizer's defaults")
     for i, group in enumerate(optimizer.param_groups):
         _refuse_unsupported(group, f"param group {i}")
+        refuse_unsupported_dtypes(group["params"], i, group.get("param_names"))
     old_step = type(optimizer).step  # hooked by torch.optim; __wrapped__ is torch's own step
     old_steps = [old_step, getattr(old_step, "__wrapped__", old_step)]
     redirect = _step_references(optimizer, old_steps)

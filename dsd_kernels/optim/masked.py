@@ -31,6 +31,28 @@ def step_lr(group: dict) -> float:
     return float(group["lr"]) * float(group.get(LR_SCALE, 1.0))
 
 
+def _parameter(index: int, i: int, names) -> str:
+    """How errors call parameter i of param group `index`."""
+    return f"param group {index}, parameter {i}" + (f" ({names[i]!r})" if names else "")
+
+
+def _dtype_error(what: str, dtype: torch.dtype) -> ValueError:
+    return ValueError(f"{what} has dtype {dtype}; the masked optimizers support float32, "
+                      "float16 and bfloat16")
+
+
+def refuse_unsupported_dtypes(params: list, index: int, names=None) -> None:
+    """A ValueError naming the first of `params` (param group `index`'s tensors, or torch's
+    (name, tensor) pairs) whose dtype the masked step cannot update."""
+    for i, p in enumerate(params):
+        if isinstance(p, tuple) and len(p) == 2:
+            (name, p), names = p, None
+            what = f"{_parameter(index, i, None)} ({name!r})"
+        else:
+            what = _parameter(index, i, names)
+        if isinstance(p, torch.Tensor) and p.dtype not in _checks.FLOAT_DTYPES:
+            raise _dtype_error(what, p.dtype)
+
 
 class _Masked:
     """Mask bookkeeping and the step shared by the masked optimizers (mixed in before the
@@ -46,9 +68,22 @@ class _Masked:
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group (the constructor's groups pass here too), refusing the
-        flags the masked step does not implement."""
-        _refuse_unsupported({**self.defaults, **param_group},
-                            f"param group {len(self.param_groups)}")
+        flags the masked step does not implement and parameters of other dtypes than
+        float32, float16 and bfloat16, with the optimizer unchanged.
+
+        Raises:
+            ValueError: a flag (amsgrad, capturable, differentiable) is on, or a parameter has
+                an unsupported dtype (the message names its group, position and dtype).
+        """
+        index = len(self.param_groups)
+        _refuse_unsupported({**self.defaults, **param_group}, f"param group {index}")
+        params = param_group.get("params")
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif params is not None and not isinstance(params, set):  # torch refuses those
+            params = param_group["params"] = list(params)  # torch's own first step: read once
+        if isinstance(params, list):
+            refuse_unsupported_dtypes(params, index, param_group.get("param_names"))
         super().add_param_group(param_group)
 
     def _init_group(self, *args, **kwargs):
@@ -171,7 +206,7 @@ class _Masked:
         names = group.get("param_names")
 
         def what(i):
-            return f"param group {index}, parameter {i}" + (f" ({names[i]!r})" if names else "")
+            return _parameter(index, i, names)
 
         for i, p in enumerate(group["params"]):
             if p.grad is None:
@@ -180,8 +215,7 @@ class _Masked:
                 raise ValueError(f"{what(i)} has a sparse gradient; the masked optimizers need "
                                  "dense gradients")
             if p.dtype not in _checks.FLOAT_DTYPES:
-                raise ValueError(f"{what(i)} has dtype {p.dtype}; supported: float32, float16, "
-                                 "bfloat16")
+                raise _dtype_error(what(i), p.dtype)
             mask = self._masks.get(p)
             if mask is not None and mask.device != p.device:
                 raise ValueError(f"the mask of {what(i)} is on {mask.device} but the parameter "
