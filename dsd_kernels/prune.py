@@ -43,6 +43,10 @@ from . import _checks
 from .functional import magnitude_masks
 from .optim import make_masked_
 
+# torch's own class, as it is before anything replaces torch's name with this module's (the
+# drop-in): global_unstructured accepts it whatever the name points at later.
+_TORCH_L1_UNSTRUCTURED = _torch_prune.L1Unstructured
+
 __all__ = [
     "L1Unstructured", "l1_unstructured", "global_unstructured", "mask_optimizer_",
     "BasePruningMethod", "CustomFromMask", "Identity", "LnStructured", "PruningContainer",
@@ -77,7 +81,7 @@ def _keep(scores: list, count: int, names) -> list:
                            names=names)
 
 
-class L1Unstructured(_torch_prune.L1Unstructured):
+class L1Unstructured(_TORCH_L1_UNSTRUCTURED):
     """torch's L1Unstructured (same arguments, same count), with the mask from dsd_kernels:
     exactly the `amount` smallest |t|, ties pruned in position order."""
 
@@ -109,20 +113,35 @@ def _scores(parameters, importance_scores) -> tuple[list, list, list, list]:
     if not pairs:
         raise ValueError("parameters is empty: nothing to prune")
     scores, masks, labels = [], [], []
-    for pair in pairs:
-        if not (isinstance(pair, tuple) and len(pair) == 2):
-            raise TypeError(f"parameters must hold (module, name) pairs, got {pair!r}")
-        module, name = pair
+    for i, pair in enumerate(pairs):
+        try:  # any pair, as torch unpacks them: a tuple, a list, ...
+            module, name = pair
+        except (TypeError, ValueError):
+            raise TypeError(f"parameters must hold (module, name) pairs, got {pair!r}") from None
+        pairs[i] = module, name
         masks.append(_pruned_state(module, name))
         param = getattr(module, name)
-        score = importance_scores.get(pair, param)
-        if score.shape != param.shape:
-            raise ValueError(f"the importance scores of {type(module).__name__}.{name} have "
-                             f"shape {tuple(score.shape)}, not the parameter's "
-                             f"{tuple(param.shape)}")
+        label = f"{type(module).__name__}.{name}"
+        score = importance_scores.get((module, name), param)
+        if score is not param:
+            _check_scores(score, param, label)
         scores.append(score)
-        labels.append(f"{type(module).__name__}.{name}")
+        labels.append(label)
     return pairs, scores, masks, labels
+
+
+def _check_scores(score, param, label: str) -> None:
+    """Importance scores the kernels can rank in place of `param`."""
+    if not isinstance(score, torch.Tensor):
+        raise TypeError(f"the importance scores of {label} must be a tensor, not "
+                        f"{type(score).__name__}")
+    if score.shape != param.shape:
+        raise ValueError(f"the importance scores of {label} have shape {tuple(score.shape)}, "
+                         f"not the parameter's {tuple(param.shape)}")
+    if score.dtype not in _checks.FLOAT_DTYPES:
+        raise ValueError(f"the importance scores of {label} have dtype {score.dtype}; "
+                         "dsd_kernels ranks float32, float16 or bfloat16 scores exactly "
+                         "(convert them, e.g. scores.float())")
 
 
 def _new_masks(scores, masks, labels, amount) -> list:
@@ -150,7 +169,7 @@ def global_unstructured(parameters, pruning_method=L1Unstructured, importance_sc
     entries of all `parameters` together) of the smallest |score|, ranked across all tensors
     without concatenating them. `pruning_method` may be given as torch does; only L1 magnitude
     (torch's L1Unstructured or this module's) is computed here."""
-    if pruning_method not in (L1Unstructured, _torch_prune.L1Unstructured):
+    if pruning_method not in (L1Unstructured, _TORCH_L1_UNSTRUCTURED, _torch_prune.L1Unstructured):
         raise TypeError(f"dsd_kernels.prune.global_unstructured computes L1 (magnitude) masks; "
                         f"for {getattr(pruning_method, '__name__', pruning_method)} use "
                         "torch.nn.utils.prune.global_unstructured")
