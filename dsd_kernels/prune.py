@@ -83,7 +83,16 @@ def _keep(scores: list, count: int, names) -> list:
 
 class L1Unstructured(_TORCH_L1_UNSTRUCTURED):
     """torch's L1Unstructured (same arguments, same count), with the mask from dsd_kernels:
-    exactly the `amount` smallest |t|, ties pruned in position order."""
+    exactly the `amount` smallest |t|, ties pruned in position order.
+
+    Args:
+        amount: an int (a count) or a float in [0, 1] (a fraction of the unpruned entries).
+
+    Raises:
+        TypeError, ValueError: torch's checks of `amount`; when a mask is computed, an amount
+            over the unpruned entries, or a tensor dsd_kernels cannot rank (its dtype, NaN or
+            Inf).
+    """
 
     def compute_mask(self, t, default_mask):
         count = _count(self.amount, t.nelement(), "the tensor")
@@ -165,10 +174,24 @@ def _new_masks(scores, masks, labels, amount) -> list:
 
 def global_unstructured(parameters, pruning_method=L1Unstructured, importance_scores=None,
                         **kwargs) -> None:
-    """torch's global_unstructured: prune `amount` (a count, or a fraction of the unpruned
-    entries of all `parameters` together) of the smallest |score|, ranked across all tensors
-    without concatenating them. `pruning_method` may be given as torch does; only L1 magnitude
-    (torch's L1Unstructured or this module's) is computed here."""
+    """torch's global_unstructured: prune the smallest |score| of all `parameters` together,
+    ranked across the tensors without concatenating them.
+
+    Args:
+        parameters: (module, name) pairs (tuples, lists: any pair).
+        pruning_method: this module's L1Unstructured or torch's own (the default's masks);
+            others are refused.
+        importance_scores: {(module, name): tensor shaped like that parameter}; the
+            parameter itself where absent.
+        amount: (keyword) a count, or a fraction in [0, 1] of the unpruned entries.
+
+    Raises:
+        TypeError: another pruning method, other keywords than `amount`, a bad `amount` type,
+            or `parameters` not (module, name) pairs.
+        ValueError: a bad `amount`, or scores of another shape or dtype than supported, NaN or
+            Inf. The modules are left as they were.
+        AttributeError: a module without the named parameter.
+    """
     if pruning_method not in (L1Unstructured, _TORCH_L1_UNSTRUCTURED, _torch_prune.L1Unstructured):
         raise TypeError(f"dsd_kernels.prune.global_unstructured computes L1 (magnitude) masks; "
                         f"for {getattr(pruning_method, '__name__', pruning_method)} use "
@@ -197,7 +220,24 @@ def _last_method(module: nn.Module, name: str) -> BasePruningMethod:
 
 
 def l1_unstructured(module: nn.Module, name: str, amount, importance_scores=None) -> nn.Module:
-    """torch's l1_unstructured, with the mask from dsd_kernels; returns the module."""
+    """torch's l1_unstructured, with the mask from dsd_kernels: prune the `amount` smallest
+    |score| of module.name.
+
+    Args:
+        module: the module holding the parameter.
+        name: the parameter's name ("weight").
+        amount: a count, or a fraction in [0, 1] of the unpruned entries.
+        importance_scores: a tensor shaped like the parameter, ranked instead of it.
+
+    Returns:
+        The module.
+
+    Raises:
+        TypeError: a bad `amount` type, or `module` not an nn.Module.
+        ValueError: a bad `amount`, or scores of another shape or dtype than supported, NaN or
+            Inf. The module is left as it was.
+        AttributeError: the module has no parameter `name`.
+    """
     _check_amount(amount)
     pairs, scores, masks, labels = _scores(
         [(module, name)],
@@ -218,7 +258,19 @@ def mask_optimizer_(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch
 
     Call it again after pruning more (or after `remove`, which lifts the masks: the freed
     entries regrow from 0 with 0 state). Pruned tensors the optimizer does not train are
-    skipped. Returns the optimizer.
+    skipped.
+
+    Args:
+        optimizer: a torch.optim SGD, Adam or AdamW, or a masked optimizer.
+        model: the pruned model.
+
+    Returns:
+        The optimizer, masked.
+
+    Raises:
+        TypeError: `model` is not an nn.Module, or the optimizer cannot be masked
+            (`make_masked_`).
+        ValueError: as `make_masked_` (unsupported flags or dtypes).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

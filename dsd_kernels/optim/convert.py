@@ -24,8 +24,19 @@ def make_masked_(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     The object stays the same, with the same param groups and state, so whatever holds it (an
     LR scheduler, a GradScaler, Lightning's or Accelerate's wrapper, the user's own variable)
     now drives the masked step; a step wrapper an LR scheduler put on the object is pointed at
-    the masked step. A masked optimizer is returned as it is. Anything else, or a group using
-    amsgrad, capturable or differentiable, is refused with nothing modified.
+    the masked step. A masked optimizer is returned as it is.
+
+    Args:
+        optimizer: a torch.optim.SGD, Adam or AdamW (exactly those classes), or a masked one.
+
+    Returns:
+        The same object, now a MaskedSGD, MaskedAdam or MaskedAdamW.
+
+    Raises:
+        TypeError: any other optimizer class (a subclass included).
+        ValueError: a group using amsgrad, capturable or differentiable, or a parameter of
+            another dtype than float32, float16 and bfloat16 (named by group and position).
+            The optimizer is left as it was: same class, param groups and state.
     """
     if isinstance(optimizer, _Masked):
         return optimizer

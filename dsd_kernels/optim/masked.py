@@ -280,7 +280,23 @@ def _scale_on(grad_scale, device):
 
 
 class MaskedSGD(_Masked, torch.optim.SGD):
-    """torch.optim.SGD whose step keeps masked-out weights and momentum exactly 0."""
+    """torch.optim.SGD whose step keeps masked-out weights and momentum exactly 0.
+
+    Constructor, defaults, param groups, state and state_dict are torch.optim.SGD's (plus a
+    "masks" entry); `set_masks` prunes and fixes the masks, `clear_masks` lifts them.
+
+    Args:
+        params: parameters or param groups, as torch.optim.SGD takes them.
+        lr, momentum, dampening, weight_decay, nesterov, maximize: torch.optim.SGD's.
+        foreach, fused: accepted for drop-in use and ignored: the masked step is always one
+            fused pass.
+        differentiable: must be False.
+
+    Raises:
+        ValueError: a parameter of another dtype than float32, float16 and bfloat16 (named by
+            group and position); differentiable turned on; or torch.optim.SGD's own checks
+            of the hyper-parameters.
+    """
 
     _state_names = ("momentum_buffer",)
 
@@ -366,7 +382,23 @@ def _shared_counts(bucket: Bucket) -> torch.Tensor | None:
 
 
 class MaskedAdam(_MaskedAdamStep, torch.optim.Adam):
-    """torch.optim.Adam whose step keeps masked-out weights and both moments exactly 0."""
+    """torch.optim.Adam whose step keeps masked-out weights and both moments exactly 0.
+
+    Constructor, defaults, param groups, state and state_dict are torch.optim.Adam's (plus a
+    "masks" entry); `set_masks` prunes and fixes the masks, `clear_masks` lifts them.
+
+    Args:
+        params: parameters or param groups, as torch.optim.Adam takes them.
+        lr, betas, eps, weight_decay, maximize, decoupled_weight_decay: torch.optim.Adam's.
+        amsgrad, capturable, differentiable: must be False.
+        foreach, fused: accepted for drop-in use and ignored: the masked step is always one
+            fused pass.
+
+    Raises:
+        ValueError: a parameter of another dtype than float32, float16 and bfloat16 (named by
+            group and position); amsgrad, capturable or differentiable turned on; or
+            torch.optim.Adam's own checks of the hyper-parameters.
+    """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
@@ -378,7 +410,23 @@ class MaskedAdam(_MaskedAdamStep, torch.optim.Adam):
 
 
 class MaskedAdamW(_MaskedAdamStep, torch.optim.AdamW):
-    """torch.optim.AdamW whose step keeps masked-out weights and both moments exactly 0."""
+    """torch.optim.AdamW whose step keeps masked-out weights and both moments exactly 0.
+
+    Constructor, defaults, param groups, state and state_dict are torch.optim.AdamW's (plus a
+    "masks" entry); `set_masks` prunes and fixes the masks, `clear_masks` lifts them.
+
+    Args:
+        params: parameters or param groups, as torch.optim.AdamW takes them.
+        lr, betas, eps, weight_decay, maximize: torch.optim.AdamW's.
+        amsgrad, capturable, differentiable: must be False.
+        foreach, fused: accepted for drop-in use and ignored: the masked step is always one
+            fused pass.
+
+    Raises:
+        ValueError: a parameter of another dtype than float32, float16 and bfloat16 (named by
+            group and position); amsgrad, capturable or differentiable turned on; or
+            torch.optim.AdamW's own checks of the hyper-parameters.
+    """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
