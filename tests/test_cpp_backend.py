@@ -132,6 +132,7 @@ def test_a_build_error_is_the_reason(tmp_path):
     assert "deliberately broken" in result.stdout
 
 
+@pytest.mark.slow  # compiles every source with -std=c++17 (about a minute)
 def test_sources_are_cplusplus17():
     """torch 2.11 builds extensions with -std=c++17 (newer torch with c++20): a C++20-only
     feature in csrc/ breaks the build there, so every source must compile as C++17."""

@@ -4,11 +4,14 @@ import math
 
 import pytest
 import torch
+from _backends import per_backend
 from conftest import DTYPES
 
 import dsd_kernels as dk
 
 import _oracle
+
+pytestmark = per_backend  # every test here runs on each backend
 
 SPARSITIES = [0.0, 0.1, 0.5, 0.9, 0.999]
 LIST_SHAPES = [(33, 17), (1,), (7,), (4, 3, 5, 7), (2, 1031)]

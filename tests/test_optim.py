@@ -11,6 +11,7 @@ import io
 
 import pytest
 import torch
+from _backends import per_backend
 from conftest import DTYPES, TOLERANCES
 
 import dsd_kernels as dk
@@ -65,6 +66,7 @@ def _random_masks(params, seed=7, density=0.6):
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
+@per_backend
 def test_all_true_masks_match_torch_optim(backend, device, name):
     masked_cls, torch_cls, kwargs = OPTIMIZERS[name]
     ours, theirs = _params(device), _params(device)
@@ -83,6 +85,7 @@ def test_all_true_masks_match_torch_optim(backend, device, name):
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+@per_backend
 def test_no_masks_param_groups_scheduler_and_missing_grads(backend, device, name):
     """Two param groups with their own lr, a StepLR schedule, and a param without gradient."""
     masked_cls, torch_cls, kwargs = OPTIMIZERS[name]
@@ -105,6 +108,7 @@ def test_no_masks_param_groups_scheduler_and_missing_grads(backend, device, name
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
+@per_backend
 def test_random_masks_keep_pruned_exactly_zero(backend, device, name):
     masked_cls, torch_cls, kwargs = OPTIMIZERS[name]
     ours, theirs = _params(device), _params(device)
@@ -128,6 +132,7 @@ def test_random_masks_keep_pruned_exactly_zero(backend, device, name):
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
+@per_backend
 def test_dense_sparse_dense_regrows_from_zero(backend, device, name):
     """Through dense, sparse and re-dense phases: pruned weights restart from 0 with 0 state,
     exactly as a torch.optim run that masks gradients in the sparse phase."""
@@ -159,6 +164,7 @@ def test_dense_sparse_dense_regrows_from_zero(backend, device, name):
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+@per_backend
 def test_state_dict_round_trip_continues_identically(backend, device, name):
     masked_cls, _, kwargs = OPTIMIZERS[name]
     ours = _params(device)
@@ -186,6 +192,7 @@ def test_state_dict_round_trip_continues_identically(backend, device, name):
         assert torch.equal(a, b)
 
 
+@per_backend
 def test_loads_a_torch_optim_state_dict(backend, device):
     theirs = _params(device)
     ref = torch.optim.AdamW(theirs, lr=1e-2)
@@ -205,6 +212,7 @@ def test_loads_a_torch_optim_state_dict(backend, device):
 
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
+@per_backend
 def test_half_precision_matches_torch_backend(backend, device, dtype, name):
     """fp16/bf16 params with fp32 math: every backend agrees with the reference backend."""
     masked_cls, _, kwargs = OPTIMIZERS[name]
@@ -243,6 +251,7 @@ def test_half_precision_one_step_is_fp32_math_rounded_once(torch_backend, device
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
+@per_backend
 def test_grad_scaler(backend, device, name):
     """GradScaler hands grad_scale/found_inf to the step: same result as torch.optim with it;
     an inf gradient skips the step (weights, state and step count unchanged)."""
@@ -273,6 +282,7 @@ def test_grad_scaler(backend, device, name):
             assert torch.equal(after["state"][i][key], value)
 
 
+@per_backend
 def test_set_masks_prunes_params_and_state_at_once(backend, device):
     ours = _params(device)
     opt = dk.MaskedAdam(ours, lr=1e-2)
@@ -288,6 +298,7 @@ def test_set_masks_prunes_params_and_state_at_once(backend, device):
     assert set(opt.masks) == {ours[1]}
 
 
+@per_backend
 def test_functional_sgd_first_step_rule(backend, device):
     """torch.optim starts momentum as a copy of the gradient: a zero buffer with dampening=0."""
     p = torch.randn(50, device=device)
@@ -302,6 +313,7 @@ def test_functional_sgd_first_step_rule(backend, device):
     torch.testing.assert_close(buf, sgd.state[ref]["momentum_buffer"], rtol=1e-6, atol=1e-7)
 
 
+@per_backend
 def test_functional_adam_steps_per_tensor(backend, device):
     """Each tensor uses its own step count for the bias corrections."""
     ps = [torch.randn(20, device=device) for _ in range(2)]
@@ -318,6 +330,7 @@ def test_functional_adam_steps_per_tensor(backend, device):
     assert not torch.equal(one_call[0][0] - ps[0], one_call[0][1] - ps[1])
 
 
+@per_backend
 def test_opcheck(backend, device):
     p = torch.randn(6, 5, device=device)
     g, buf = torch.randn_like(p), torch.randn_like(p)
@@ -331,6 +344,7 @@ def test_opcheck(backend, device):
         0.1, 0.9, 0.99, 1e-8, 1e-2, True, False, None))
 
 
+@per_backend
 def test_masks_take_the_layout_of_channels_last_parameters(backend, device):
     """A mask given in another layout is stored in its parameter's (so no step converts it),
     with the same values; a loaded state_dict's masks likewise."""
@@ -513,6 +527,7 @@ def test_kinds_refuse_what_is_not_a_tensor():
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
+@per_backend
 def test_reused_plans_match_fresh_ones_through_every_change(backend, device, name, kinds,
                                                             monkeypatch):
     """A step reuses its param group's plan (its checks, buckets and state lists) while
