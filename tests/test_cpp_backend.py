@@ -108,6 +108,7 @@ def test_without_compiler_ops_fall_back_and_say_why_once(tmp_path):
     assert report["raised"].startswith(f"backend 'cpp' is not available: {reason}")
 
 
+@pytest.mark.slow  # runs a C++ build
 def test_a_build_error_is_the_reason(tmp_path):
     sources = tmp_path / "csrc"
     sources.mkdir()

@@ -36,6 +36,14 @@ OPTIMIZERS = {
               dict(lr=1e-2, betas=(0.85, 0.99), eps=1e-7, weight_decay=0.1)),
 }
 
+# Every optimizer's cases run with the slow tests; SGD's and AdamW's also in the dev loop.
+FAST = ("sgd", "adamw")
+
+
+def _names(names):
+    return [name if name in FAST else pytest.param(name, marks=pytest.mark.slow)
+            for name in names]
+
 
 def _state_names(opt):
     """The state tensors the optimizer must keep per parameter."""
@@ -65,7 +73,7 @@ def _random_masks(params, seed=7, density=0.6):
     return [(torch.rand(p.shape, generator=gen) < density).to(p.device) for p in params]
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", _names(OPTIMIZERS))
 @per_backend
 def test_all_true_masks_match_torch_optim(backend, device, name):
     masked_cls, torch_cls, kwargs = OPTIMIZERS[name]
@@ -84,7 +92,7 @@ def test_all_true_masks_match_torch_optim(backend, device, name):
             torch.testing.assert_close(opt.state[a][key], ref.state[b][key], **TRAJECTORY)
 
 
-@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("name", _names(["sgd", "adam", "adamw"]))
 @per_backend
 def test_no_masks_param_groups_scheduler_and_missing_grads(backend, device, name):
     """Two param groups with their own lr, a StepLR schedule, and a param without gradient."""
@@ -107,7 +115,7 @@ def test_no_masks_param_groups_scheduler_and_missing_grads(backend, device, name
         torch.testing.assert_close(a, b, **TRAJECTORY)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", _names(OPTIMIZERS))
 @per_backend
 def test_random_masks_keep_pruned_exactly_zero(backend, device, name):
     masked_cls, torch_cls, kwargs = OPTIMIZERS[name]
@@ -163,7 +171,7 @@ def test_dense_sparse_dense_regrows_from_zero(backend, device, name):
     assert all((p != 0).float().mean() > 0.99 for p in ours[:1])  # pruned weights regrew
 
 
-@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("name", _names(["sgd", "adam", "adamw"]))
 @per_backend
 def test_state_dict_round_trip_continues_identically(backend, device, name):
     masked_cls, _, kwargs = OPTIMIZERS[name]

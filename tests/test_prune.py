@@ -141,6 +141,7 @@ def test_half_precision_weights():
     assert_same_state(ours, theirs)
 
 
+@pytest.mark.slow  # trains two models side by side
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_mask_optimizer_closes_the_trap(name):
     """100 steps after pruning: with mask_optimizer_ every pruned weight_orig entry and its
@@ -269,6 +270,7 @@ def test_torchs_own_class_is_accepted_after_the_drop_in_replaces_it(monkeypatch)
     assert_same_state(ours, theirs)
 
 
+@pytest.mark.slow  # a Lightning fit
 def test_lightning_model_pruning_with_our_method(tmp_path):
     """Lightning's ModelPruning given our pruning method prunes exactly the amount asked, by
     our tie rule (lr 0 keeps the tied weights as they are until the pruning)."""

@@ -106,6 +106,7 @@ def test_missed_brackets_fall_back_exactly(forced_misses, kind, dtype):
         assert forced_misses.bracket_misses() > before
 
 
+@pytest.mark.slow  # model-sized weights at four sparsities
 def test_ordinary_weights_never_fall_back(cpp):
     gen = torch.Generator().manual_seed(1)
     shapes = [(256, 64, 3, 3), (1000, 512), (SIZE,), (4 * SIZE,), (20000,), (64,)]
