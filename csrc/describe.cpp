@@ -1,9 +1,9 @@
 // Host helpers read in one pass in C++, where reading the same attributes tensor by tensor in
 // Python costs more host time per step than the step's launches: the Triton backend caches
-// its launch tables under a description of the tensors they hold
-// (dsd_kernels/backends/triton/tables.py), and the masked optimizers reuse a step's plan while
-// the kinds of its parameters and gradients are unchanged (dsd_kernels/optim.py). These are
-// the extension's Python functions (the kernels are torch ops).
+// its launch tables under a description of the tensors they hold, and the masked optimizers
+// reuse a step's plan while the kinds of its parameters and gradients are unchanged. These are
+// the extension's Python functions (the kernels are torch ops); dsd_kernels/backends/cpp.py
+// installs them in dsd_kernels/host.py, which holds their Python versions.
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 

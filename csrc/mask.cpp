@@ -1,6 +1,6 @@
 // Magnitude masks with the exact tie rule, and in-place mask application.
 //
-// A mask prunes the k = floor(sparsity * N) smallest |x|: every |x| below the k-th smallest
+// A mask prunes the k smallest |x| of its segment: every |x| below the k-th smallest
 // magnitude t, plus the first k - count(|x| < t) entries equal to t in position order (lower
 // flat index, then earlier tensor). True = kept.
 #include "dsd_cpu.h"
@@ -14,11 +14,6 @@ namespace {
 
 // Elements per parallel task of apply_masks_.
 constexpr int64_t kChunk = int64_t{1} << 16;
-
-// floor(sparsity * n) in double, as Python's math.floor(sparsity * n) computes it.
-int64_t pruned_count(double sparsity, int64_t n) {
-  return static_cast<int64_t>(std::floor(sparsity * static_cast<double>(n)));
-}
 
 // Writes every group's masks so that the ks[g] smallest |x| of its concatenation are pruned:
 // one selection for all groups (select.cpp), then one parallel pass over all their chunks.
@@ -78,28 +73,39 @@ void write_masks(const std::vector<Group>& groups, const std::vector<int64_t>& k
   });
 }
 
-std::vector<at::Tensor> magnitude_masks(at::TensorList xs, double sparsity, std::string_view scope) {
+// ks: the entries to prune of each segment, one per tensor for scope "layer", one for "global".
+std::vector<at::Tensor> magnitude_masks(at::TensorList xs, at::IntArrayRef ks,
+                                        std::string_view scope) {
   TORCH_CHECK(scope == "layer" || scope == "global", "dsd_cpp.magnitude_masks: unknown scope ",
               scope);
-  TORCH_CHECK(0.0 <= sparsity && sparsity < 1.0, "dsd_cpp.magnitude_masks: sparsity ", sparsity,
-              " is outside [0, 1)");
+  const size_t segment_count = scope == "global" ? 1 : xs.size();
+  TORCH_CHECK(ks.size() == segment_count, "dsd_cpp.magnitude_masks: ", ks.size(),
+              " counts for ", segment_count, " segments");
   std::vector<at::Tensor> masks;
   for (const auto& x : xs) masks.push_back(at::empty(x.sizes(), x.options().dtype(at::kBool)));
   std::vector<at::Tensor> keep_alive;
   const std::vector<Segment> segments = make_segments(xs, keep_alive, masks);
   std::vector<Group> groups;
-  std::vector<int64_t> ks;
+  std::vector<int64_t> counts;
   if (scope == "global") {
     groups.push_back(segments);
-    ks.push_back(pruned_count(sparsity, total_numel(segments)));
+    counts.push_back(ks[0]);
   } else {
-    for (Segment segment : segments) {
+    size_t next = 0;  // the segments are the non-empty tensors, in order
+    for (size_t i = 0; i < xs.size(); ++i) {
+      if (xs[i].numel() == 0) continue;
+      Segment segment = segments[next++];
       segment.start = 0;
       groups.push_back({segment});
-      ks.push_back(pruned_count(sparsity, segment.numel));
+      counts.push_back(ks[i]);
     }
   }
-  write_masks(groups, ks);
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const int64_t numel = total_numel(groups[g]);
+    TORCH_CHECK(0 <= counts[g] && counts[g] <= numel, "dsd_cpp.magnitude_masks: a count of ",
+                counts[g], " is outside [0, ", numel, "]");
+  }
+  write_masks(groups, counts);
   return masks;
 }
 

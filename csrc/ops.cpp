@@ -9,7 +9,7 @@ TORCH_LIBRARY(dsd_cpp, m) {
   m.def(
       "magnitude_histogram(Tensor[] xs, int[] rows, Tensor prefixes, int shift, int bits) "
       "-> Tensor");
-  m.def("magnitude_masks(Tensor[] xs, float sparsity, str scope) -> Tensor[]");
+  m.def("magnitude_masks(Tensor[] xs, int[] ks, str scope) -> Tensor[]");
   m.def("apply_masks_(Tensor(a!)[] xs, Tensor[] masks) -> ()");
   m.def(
       "masked_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "

@@ -1,19 +1,7 @@
 // The exact k-th smallest magnitude key of many groups at once (dsd_cpu.h, select_groups): the
-// engine under kth_smallest_abs and magnitude_masks, in about one read of the weights.
-//
-// Per group, a sample of its keys brackets the k-th smallest: [lo, hi] around the sample's
-// quantile, a few standard deviations of a sample quantile's rank wide. One parallel pass over
-// the chunks of every group counts the keys below lo, equal to lo and equal to hi, and copies
-// the keys strictly between them into the chunk's room (a few percent of the keys). The counts
-// say where the k-th smallest is: lo, hi, or the n-th of the copied keys (a histogram of the
-// copies, then nth_element on one bucket of them), or outside the bracket. A group whose
-// bracket missed, or whose copies did not fit, falls back to the radix select over the digit
-// histograms (dsd_kernels/radix.py's plan): the result is exact whatever the sample saw, and
-// only its speed depends on it.
-// Groups of at most kSmallNumel keys are copied and selected with nth_element at once.
-//
-// The counts also give the masks' tie ranks for free: the keys equal to the selected one in
-// each chunk are the chunk's count at lo or hi, or its copies equal to the selection.
+// engine under kth_smallest_abs and magnitude_masks. A sampled bracket, then nth_element on
+// its copies or the radix passes of dsd_kernels/radix.py's plan; the bracket's counts also give
+// the masks' tie ranks. See docs/design.md, The bracket, Radix passes and Tie ranks and masks.
 #include "dsd_cpu.h"
 
 #include <torch/library.h>
@@ -27,30 +15,21 @@
 namespace dsd_cpp {
 namespace {
 
-// The bracket's constants below are those of dsd_kernels/radix.py (the Triton kernels' bracket).
-// At most this many keys: nth_element on a copy beats any pass structure.
-constexpr int64_t kSmallNumel = int64_t{1} << 14;
+// The bracket's constants: copies of dsd_kernels/radix.py's (tests/test_constants.py ties
+// them). See docs/design.md, The bracket.
+constexpr int64_t kSmallNumel = int64_t{1} << 14;  // radix.BRACKETED_NUMEL
+constexpr int64_t kSampleBlock = 64;               // radix.SAMPLE_BLOCK
+constexpr double kSamplePerRoot = 16.0;            // radix.SAMPLE_PER_ROOT
+constexpr int64_t kMinSample = 4096;               // radix.MIN_SAMPLE
+constexpr int64_t kMaxSample = int64_t{1} << 16;   // radix.MAX_SAMPLE
+constexpr double kSigmas = 4.5;                    // radix.SIGMAS
+constexpr double kSlackRanks = 8.0;                // radix.SLACK_RANKS
 
-// Keys a chunk may copy: an eighth of a chunk. The expected share is a few percent, so only
-// data whose chunks differ wildly overflows (and then falls back).
+// Keys a chunk may copy: an eighth of a chunk (docs/design.md, The bracket).
 constexpr int64_t kChunkRoom = kSelectChunk / 8;
-
-// The sample: blocks of kSampleBlock consecutive keys, evenly spaced (a block is 256 bytes of
-// fp32: few cache and TLB misses per key). Its size, kSamplePerRoot sqrt(n) within bounds,
-// balances its own selection (nth_element, ~10 ns a key) against the copies it leaves
-// (~sqrt(1/size) of the keys, two cheap passes each).
-constexpr int64_t kSampleBlock = 64;
-constexpr double kSamplePerRoot = 16.0;
-constexpr int64_t kMinSample = 4096;
-constexpr int64_t kMaxSample = int64_t{1} << 16;
 
 // The bins of the histogram that finds the bucket of the copies holding the k-th smallest.
 constexpr int kCopyDigitBits = 12;
-
-// The bracket's half-width in sample ranks: kSigmas standard deviations of the rank of a
-// sample quantile, plus kSlackRanks for small samples and correlated neighbours.
-constexpr double kSigmas = 4.5;
-constexpr double kSlackRanks = 8.0;
 
 // For tests (registered at the end of this file): a scale of the bracket's width (0: lo = hi
 // = the sample's quantile, which misses unless the k-th smallest is tied there), and the

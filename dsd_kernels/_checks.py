@@ -88,7 +88,10 @@ def non_finite(xs: list) -> torch.Tensor:
 
 
 def finite(xs: list, label: Names) -> None:
-    """No NaN or Inf anywhere (one device sync for the whole list)."""
+    """No NaN or Inf anywhere (one device sync for the whole list). Meta tensors (one device
+    for the whole list) hold no values: nothing to check, as torch's own checks skip them."""
+    if xs[0].device.type == "meta":
+        return
     bad = non_finite(xs).nonzero()
     if bad.numel():
         raise ValueError(f"{label(int(bad[0]))} contains NaN or Inf; magnitudes are undefined")
@@ -134,6 +137,28 @@ def ranks(ks, numels: list, label: Names) -> list:
             raise ValueError(f"k[{i}] must be in [1, {numel}] (the elements of {label(i)}), "
                              f"got {k}")
     return checked
+
+
+def pruned(value, totals: list, scope: str, label: Names) -> list:
+    """Explicit counts to prune: one int per tensor for scope "layer" (`totals` their numels),
+    one int for "global" (`totals` the one total), each in [0, its total]."""
+    if scope == "layer":
+        if not isinstance(value, (list, tuple)):
+            raise ValueError("pruned must be a list of one int per tensor for scope='layer', "
+                             f"not {type(value).__name__}")
+        if len(value) != len(totals):
+            raise ValueError(f"pruned has {len(value)} entries but xs has {len(totals)}; give "
+                             "one per tensor")
+        counts = [integer(k, f"pruned[{i}]") for i, k in enumerate(value)]
+        for i, (k, total) in enumerate(zip(counts, totals)):
+            if not 0 <= k <= total:
+                raise ValueError(f"pruned[{i}] must be in [0, {total}] (the elements of "
+                                 f"{label(i)}), got {k}")
+        return counts
+    k = integer(value, "pruned")
+    if not 0 <= k <= totals[0]:
+        raise ValueError(f"pruned must be in [0, {totals[0]}] (the elements of xs), got {k}")
+    return [k]
 
 
 def integer(value, what: str) -> int:

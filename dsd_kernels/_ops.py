@@ -1,20 +1,19 @@
 """Every dsd op, defined once: its schema and its fake (meta) implementation.
 
 Backends register kernels for these names per device (see `backends/`); the public
-functions in `dsd_kernels/__init__.py` validate input and then call `torch.ops.dsd.<op>`.
+functions in `dsd_kernels/functional.py` validate input and then call `torch.ops.dsd.<op>`.
 The fake implementations let `torch.compile` and `torch.library.opcheck` trace the ops.
 
 Semantics every backend shares (docs/design.md):
 - magnitudes are compared as fp32 |x| (exact for fp16/bf16/fp32 inputs), by their key: the
   fp32 bit pattern of |x| (31 bits; +0.0 and -0.0 both 0), which orders like the magnitudes;
-- `k = floor(sparsity * N)` entries are pruned, the k smallest |x|, ties broken by position
-  (lower flat index, then earlier tensor, pruned first); masks are True where kept;
+- `magnitude_masks` prunes the ks[i] smallest |x| of each segment (a tensor for scope
+  "layer", all of them for "global"; the public function computes ks), ties broken by
+  position (lower flat index, then earlier tensor, pruned first); masks are True where kept;
 - a pruned position is written as +0.0 in the weight and in every optimizer state tensor;
 - optimizer math runs in fp32 and is cast once on store; `grad_scale` (GradScaler's scale)
   divides the gradient inside the update.
 """
-
-import math
 
 import torch
 
@@ -29,7 +28,9 @@ SCHEMAS = {
     # 1 <= bits <= 8 and shift + bits <= 31.
     "magnitude_histogram": "(Tensor[] xs, int[] rows, Tensor prefixes, int shift, int bits) "
                            "-> Tensor",
-    "magnitude_masks": "(Tensor[] xs, float sparsity, str scope) -> Tensor[]",
+    # ks: entries to prune per segment (one per tensor for "layer", one for "global"), each in
+    # [0, the segment's numel].
+    "magnitude_masks": "(Tensor[] xs, int[] ks, str scope) -> Tensor[]",
     "apply_masks_": "(Tensor(a!)[] xs, Tensor[] masks) -> ()",
     "masked_sgd_": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] masks, "
@@ -47,11 +48,6 @@ OPS = tuple(SCHEMAS)
 _lib = torch.library.Library(NAMESPACE, "DEF")
 for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)
-
-
-def pruned_count(sparsity: float, numel: int) -> int:
-    """How many of `numel` entries a sparsity prunes: floor(sparsity * numel), in double."""
-    return math.floor(sparsity * numel)
 
 
 def magnitude_dtype(xs) -> torch.dtype:
@@ -78,7 +74,7 @@ def _magnitude_histogram_fake(xs, rows, prefixes, shift, bits):
 
 
 @torch.library.register_fake(f"{NAMESPACE}::magnitude_masks")
-def _magnitude_masks_fake(xs, sparsity, scope):
+def _magnitude_masks_fake(xs, ks, scope):
     return [torch.empty(x.shape, dtype=torch.bool, device=x.device) for x in xs]
 
 

@@ -113,17 +113,12 @@ def kth_smallest_abs(xs, k, process_group, *, names=None) -> torch.Tensor:
     return values if per_tensor else values[0]
 
 
-def magnitude_masks(xs, sparsity: float, scope: str, process_group, *, names=None) -> list:
-    """Local shards of the masks a single process computes on the gathered tensors."""
+def magnitude_masks(xs, counts, scope: str, process_group, *, names=None) -> list:
+    """Local shards of the masks a single process computes on the gathered tensors.
+    `counts(numels, label)` gives the entries to prune per row from the gathered numels."""
     xs, numels = _validated(xs, process_group, names)
-    sparsity = _checks.sparsity(sparsity)
-    scope = _checks.scope(scope)
-    if scope == "layer":
-        rows = list(range(len(xs)))
-        ks = [_ops.pruned_count(sparsity, n) for n in numels]
-    else:
-        rows = [0] * len(xs)
-        ks = [_ops.pruned_count(sparsity, sum(numels))]
+    ks = counts(numels, _checks.Names("xs", names))
+    rows = list(range(len(xs))) if scope == "layer" else [0] * len(xs)
     # Rows that prune nothing still take part in the collectives (with k = 1) and keep all.
     keys, ties_to_prune = _select(xs, rows, [max(k, 1) for k in ks], process_group)
     keys = keys.to(torch.int32)

@@ -6,6 +6,7 @@ backend (`use_backend`, env `DSD_BACKEND`). See docs/design.md for the semantics
 share.
 """
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -13,7 +14,6 @@ import torch
 
 from . import _checks, _ops, distributed  # noqa: F401  (_ops defines the ops)
 from ._checks import SCOPES
-from ._ops import pruned_count
 from .backends import ensure_selected as _ensure_selected
 
 __all__ = ["kth_smallest_abs", "magnitude_masks", "apply_masks_", "masked_sgd_", "masked_adam_",
@@ -26,20 +26,46 @@ def check_sparsity(value) -> float:
     return _checks.sparsity(value)
 
 
+def pruned_count(sparsity: float, numel: int) -> int:
+    """How many of `numel` entries a sparsity prunes: floor(sparsity * numel), in double."""
+    return math.floor(sparsity * numel)
+
+
+def _pruned_counts(numels: list, scope: str, sparsity, pruned, label) -> list:
+    """The entries to prune of each segment (one per tensor for "layer", one for "global")
+    from a checked sparsity, or the explicit counts `pruned` after checking them."""
+    totals = numels if scope == "layer" else [sum(numels)]
+    if sparsity is not None:
+        return [pruned_count(sparsity, n) for n in totals]
+    return _checks.pruned(pruned, totals, scope, label)
+
+
 _ops_ = torch.ops.dsd
 
 
 def kth_smallest_abs(xs, k: int | Sequence[int], *, names: Sequence[str] | None = None,
                      process_group=None) -> torch.Tensor:
-    """The exact k-th smallest |x| (1 <= k <= N) over one tensor or a list of tensors.
+    """The exact k-th smallest |x| over one tensor or a list of tensors.
 
-    Returns a 0-dim tensor on the inputs' device, in their promoted dtype. With `k` a list of
-    one int per tensor, each tensor is ranked on its own (k[i] in [1, xs[i].numel()]) and a
-    1-D tensor holds the thresholds, all found in one call (the per-layer thresholds).
-    `names` (one per tensor) only makes error messages name the offending tensor.
-    With a `process_group`, `xs` are this rank's shards and the result is over the gathered
-    tensors (see `dsd_kernels.distributed`); every rank of the group must call it. FSDP2
-    parameters (DTensors) are recognised and use their mesh's group.
+    With `k` a list of one int per tensor, each tensor is ranked on its own and a 1-D tensor
+    holds the thresholds, all found in one call (the per-layer thresholds). FSDP2 parameters
+    (DTensors) are recognised and use their mesh's group. Meta tensors give a meta result.
+
+    Args:
+        xs: a float32/float16/bfloat16 tensor, or a list of them on one device.
+        k: the rank over all of `xs`, in [1, N]; or one rank per tensor, k[i] in
+            [1, xs[i].numel()].
+        names: one name per tensor, used only by error messages.
+        process_group: `xs` are this rank's shards and the result is over the gathered
+            tensors (`dsd_kernels.distributed`); every rank of the group must call it.
+
+    Returns:
+        A 0-dim tensor (a 1-D tensor for a list `k`) on the inputs' device, in their promoted
+        dtype.
+
+    Raises:
+        ValueError: `xs` is empty, not tensors, of another dtype, layout or device than
+            supported; `k` is out of range or not an integer; a tensor holds NaN or Inf.
     """
     xs, mesh_group = distributed.unshard(xs)
     process_group = process_group if process_group is not None else mesh_group
@@ -57,36 +83,75 @@ def kth_smallest_abs(xs, k: int | Sequence[int], *, names: Sequence[str] | None 
         return _ops_.kth_smallest_abs(xs, k)
 
 
-def magnitude_masks(xs, sparsity: float, scope: str = "layer", *,
+def magnitude_masks(xs, sparsity: float | None = None, scope: str = "layer", *,
+                    pruned: int | Sequence[int] | None = None,
                     names: Sequence[str] | None = None, process_group=None):
     """Bool masks (True = kept) that prune exactly floor(sparsity * N) smallest-|x| entries.
 
-    `scope="layer"` prunes each tensor on its own (the paper); `"global"` ranks all of them
-    together. Ties are pruned in position order (lower flat index, then earlier tensor).
-    A tensor in gives a mask out; a list in gives a list out.
-    With a `process_group`, `xs` are this rank's shards (rank order = position order) and the
-    masks returned are the local shards of the gathered tensors' masks; every rank must call it.
-    FSDP2 parameters (DTensors) are recognised: their local masks are returned.
+    Ties are pruned in position order (lower flat index, then earlier tensor). FSDP2
+    parameters (DTensors) are recognised: their local masks are returned.
+
+    Args:
+        xs: a float32/float16/bfloat16 tensor, or a list of them on one device.
+        sparsity: the share to prune, in [0, 1); N is each tensor's numel for
+            `scope="layer"`, the total for `"global"`. Give this or `pruned`.
+        scope: "layer" prunes each tensor on its own (the paper); "global" ranks all of them
+            together.
+        pruned: the counts themselves instead of a sparsity: one int per tensor for "layer"
+            (an int for a single tensor), one int for "global", each in [0, N].
+        names: one name per tensor, used only by error messages.
+        process_group: `xs` are this rank's shards (rank order = position order) and the masks
+            returned are the local shards of the gathered tensors' masks; every rank of the
+            group must call it.
+
+    Returns:
+        A mask for a tensor, a list of masks (bool, contiguous, shaped like each tensor) for a
+        list.
+
+    Raises:
+        ValueError: both or neither of `sparsity` and `pruned`; a sparsity outside [0, 1) or a
+            count outside [0, N]; an unknown scope; `xs` empty, not tensors, or of an
+            unsupported dtype, layout or device; a tensor holds NaN or Inf.
     """
+    if (sparsity is None) == (pruned is None):
+        raise ValueError("give either sparsity or pruned (the counts), not "
+                         + ("both" if pruned is not None else "neither"))
+    sparsity = None if sparsity is None else _checks.sparsity(sparsity)
+    scope = _checks.scope(scope)
     single = isinstance(xs, torch.Tensor)
+    if single and scope == "layer" and pruned is not None and not isinstance(pruned, (list, tuple)):
+        pruned = [pruned]  # one tensor: its count as an int
     xs, mesh_group = distributed.unshard(xs)
     process_group = process_group if process_group is not None else mesh_group
+
+    def counts(numels, label):
+        return _pruned_counts(numels, scope, sparsity, pruned, label)
+
     if process_group is not None:
-        masks = distributed.magnitude_masks(xs, sparsity, scope, process_group, names=names)
+        masks = distributed.magnitude_masks(xs, counts, scope, process_group, names=names)
         return masks[0] if single else masks
     xs, label = _checks.weights(xs, names)
-    sparsity = _checks.sparsity(sparsity)
-    scope = _checks.scope(scope)
+    ks = counts([x.numel() for x in xs], label)
     _checks.finite(xs, label)
     _ensure_selected()
     with torch.no_grad():
-        masks = _ops_.magnitude_masks(xs, sparsity, scope)
+        masks = _ops_.magnitude_masks(xs, ks, scope)
     return masks[0] if single else list(masks)
 
 
 def apply_masks_(xs, masks) -> None:
-    """In place: x[~mask] = 0 (as +0.0) for each tensor and its bool mask (for a DTensor, the
-    mask of its local shard)."""
+    """In place: x[~mask] = 0 (as +0.0) for each tensor and its bool mask.
+
+    Args:
+        xs: a float32/float16/bfloat16 tensor or a list of them on one device (for a DTensor,
+            its local shard is written).
+        masks: one bool mask (True = kept) per tensor, shaped like it, on its device.
+
+    Raises:
+        ValueError: the lists differ in length; a tensor of an unsupported dtype, layout or
+            device; a mask that is not bool or not shaped like its tensor or on another
+            device. Nothing is written then.
+    """
     xs = [distributed.local_tensor(x) for x in _checks.tensor_list(xs, "xs")]
     masks = _checks.tensor_list(masks, "masks")
     _checks.same_length(masks, "masks", xs, "xs")
@@ -126,10 +191,22 @@ def masked_sgd_(params, grads, momentum_buffers, masks, *, lr: float, momentum: 
                 maximize: bool = False, grad_scale: torch.Tensor | None = None) -> None:
     """One SGD step (torch.optim.SGD's math) in place, with pruned weights and momentum set to 0.
 
-    `masks` is None or one bool mask (True = kept) or None per parameter. `momentum_buffers`
-    (one per parameter; None or [] when momentum is 0) hold the state; torch.optim starts a
-    buffer as a copy of the gradient, which is what a zero buffer gives with dampening=0, so
-    pass dampening=0 on the step that creates the buffers. `grad_scale` divides the gradients.
+    torch.optim starts a buffer as a copy of the gradient, which is what a zero buffer gives
+    with dampening=0, so pass dampening=0 on the step that creates the buffers.
+
+    Args:
+        params: the parameters (float32/float16/bfloat16, one device), updated in place.
+        grads: one gradient per parameter, of its shape, dtype and device.
+        momentum_buffers: one buffer per parameter, like it (None or [] when momentum is 0).
+        masks: None, or one bool mask (True = kept) or None per parameter.
+        lr, momentum, dampening, weight_decay, nesterov, maximize: torch.optim.SGD's.
+        grad_scale: a one-element float tensor that divides the gradients (GradScaler's), or
+            None.
+
+    Raises:
+        ValueError: a hyper-parameter out of range or not finite; nesterov without momentum
+            or with dampening; lists of other lengths; a tensor of another shape, dtype or
+            device than its parameter; a bad mask or grad_scale. Nothing is written then.
     """
     lr = _checks.real(lr, "lr", 0.0)
     momentum = _checks.real(momentum, "momentum", 0.0)
@@ -154,9 +231,22 @@ def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, steps, *, lr: floa
                  maximize: bool = False, grad_scale: torch.Tensor | None = None) -> None:
     """One Adam step (decoupled=True: AdamW) in place, with pruned weights and both moments 0.
 
-    `steps` is this update's step number for each parameter, counted from 1 as torch.optim
-    counts after incrementing (one number applies to all); it is read, not modified.
-    `masks` is None or one bool mask (True = kept) or None per parameter.
+    Args:
+        params: the parameters (float32/float16/bfloat16, one device), updated in place.
+        grads: one gradient per parameter, of its shape, dtype and device.
+        exp_avgs, exp_avg_sqs: the first and second moments, one per parameter, like it.
+        masks: None, or one bool mask (True = kept) or None per parameter.
+        steps: this update's step number for each parameter, counted from 1 as torch.optim
+            counts after incrementing (one number applies to all); read, not modified.
+        lr, beta1, beta2, eps, weight_decay, maximize: torch.optim.Adam's.
+        decoupled: AdamW's decoupled weight decay.
+        grad_scale: a one-element float tensor that divides the gradients (GradScaler's), or
+            None.
+
+    Raises:
+        ValueError: a hyper-parameter or step out of range or not finite; lists of other
+            lengths; a tensor of another shape, dtype or device than its parameter; a bad mask
+            or grad_scale. Nothing is written then.
     """
     lr = _checks.real(lr, "lr", 0.0)
     beta1 = _checks.real(beta1, "beta1", 0.0, 1.0, high_open=True)

@@ -16,7 +16,6 @@ amount, or round(amount * unpruned)). `L1Unstructured` plugs the same masks into
 takes a `pruning_method=` (torch's global_unstructured, Lightning's ModelPruning).
 """
 
-import math
 import numbers
 from collections.abc import Iterable
 
@@ -40,9 +39,13 @@ from torch.nn.utils.prune import (  # noqa: F401  (the rest of torch's module, a
     remove,
 )
 
-from . import _checks, _ops
+from . import _checks
 from .functional import magnitude_masks
 from .optim import make_masked_
+
+# torch's own class, as it is before anything replaces torch's name with this module's (the
+# drop-in): global_unstructured accepts it whatever the name points at later.
+_TORCH_L1_UNSTRUCTURED = _torch_prune.L1Unstructured
 
 __all__ = [
     "L1Unstructured", "l1_unstructured", "global_unstructured", "mask_optimizer_",
@@ -73,20 +76,23 @@ def _count(amount, unpruned: int, what: str) -> int:
 
 
 def _keep(scores: list, count: int, names) -> list:
-    """Bool masks over `scores` keeping all but the `count` smallest |score| (ranked jointly),
-    from magnitude_masks at a sparsity whose floor(sparsity * N) is exactly `count`."""
-    total = sum(s.numel() for s in scores)
-    if count == total:  # everything: magnitude_masks takes sparsity < 1
-        return [torch.zeros(s.shape, dtype=torch.bool, device=s.device) for s in scores]
-    sparsity = count / total
-    if _ops.pruned_count(sparsity, total) < count:  # k / N rounded down in double
-        sparsity = math.nextafter(sparsity, 1.0)
-    return magnitude_masks([s.detach() for s in scores], sparsity, "global", names=names)
+    """Bool masks over `scores` keeping all but the `count` smallest |score| (ranked jointly)."""
+    return magnitude_masks([s.detach() for s in scores], scope="global", pruned=count,
+                           names=names)
 
 
-class L1Unstructured(_torch_prune.L1Unstructured):
+class L1Unstructured(_TORCH_L1_UNSTRUCTURED):
     """torch's L1Unstructured (same arguments, same count), with the mask from dsd_kernels:
-    exactly the `amount` smallest |t|, ties pruned in position order."""
+    exactly the `amount` smallest |t|, ties pruned in position order.
+
+    Args:
+        amount: an int (a count) or a float in [0, 1] (a fraction of the unpruned entries).
+
+    Raises:
+        TypeError, ValueError: torch's checks of `amount`; when a mask is computed, an amount
+            over the unpruned entries, or a tensor dsd_kernels cannot rank (its dtype, NaN or
+            Inf).
+    """
 
     def compute_mask(self, t, default_mask):
         count = _count(self.amount, t.nelement(), "the tensor")
@@ -116,20 +122,35 @@ def _scores(parameters, importance_scores) -> tuple[list, list, list, list]:
     if not pairs:
         raise ValueError("parameters is empty: nothing to prune")
     scores, masks, labels = [], [], []
-    for pair in pairs:
-        if not (isinstance(pair, tuple) and len(pair) == 2):
-            raise TypeError(f"parameters must hold (module, name) pairs, got {pair!r}")
-        module, name = pair
+    for i, pair in enumerate(pairs):
+        try:  # any pair, as torch unpacks them: a tuple, a list, ...
+            module, name = pair
+        except (TypeError, ValueError):
+            raise TypeError(f"parameters must hold (module, name) pairs, got {pair!r}") from None
+        pairs[i] = module, name
         masks.append(_pruned_state(module, name))
         param = getattr(module, name)
-        score = importance_scores.get(pair, param)
-        if score.shape != param.shape:
-            raise ValueError(f"the importance scores of {type(module).__name__}.{name} have "
-                             f"shape {tuple(score.shape)}, not the parameter's "
-                             f"{tuple(param.shape)}")
+        label = f"{type(module).__name__}.{name}"
+        score = importance_scores.get((module, name), param)
+        if score is not param:
+            _check_scores(score, param, label)
         scores.append(score)
-        labels.append(f"{type(module).__name__}.{name}")
+        labels.append(label)
     return pairs, scores, masks, labels
+
+
+def _check_scores(score, param, label: str) -> None:
+    """Importance scores the kernels can rank in place of `param`."""
+    if not isinstance(score, torch.Tensor):
+        raise TypeError(f"the importance scores of {label} must be a tensor, not "
+                        f"{type(score).__name__}")
+    if score.shape != param.shape:
+        raise ValueError(f"the importance scores of {label} have shape {tuple(score.shape)}, "
+                         f"not the parameter's {tuple(param.shape)}")
+    if score.dtype not in _checks.FLOAT_DTYPES:
+        raise ValueError(f"the importance scores of {label} have dtype {score.dtype}; "
+                         "dsd_kernels ranks float32, float16 or bfloat16 scores exactly "
+                         "(convert them, e.g. scores.float())")
 
 
 def _new_masks(scores, masks, labels, amount) -> list:
@@ -153,11 +174,25 @@ def _new_masks(scores, masks, labels, amount) -> list:
 
 def global_unstructured(parameters, pruning_method=L1Unstructured, importance_scores=None,
                         **kwargs) -> None:
-    """torch's global_unstructured: prune `amount` (a count, or a fraction of the unpruned
-    entries of all `parameters` together) of the smallest |score|, ranked across all tensors
-    without concatenating them. `pruning_method` may be given as torch does; only L1 magnitude
-    (torch's L1Unstructured or this module's) is computed here."""
-    if pruning_method not in (L1Unstructured, _torch_prune.L1Unstructured):
+    """torch's global_unstructured: prune the smallest |score| of all `parameters` together,
+    ranked across the tensors without concatenating them.
+
+    Args:
+        parameters: (module, name) pairs (tuples, lists: any pair).
+        pruning_method: this module's L1Unstructured or torch's own (the default's masks);
+            others are refused.
+        importance_scores: {(module, name): tensor shaped like that parameter}; the
+            parameter itself where absent.
+        amount: (keyword) a count, or a fraction in [0, 1] of the unpruned entries.
+
+    Raises:
+        TypeError: another pruning method, other keywords than `amount`, a bad `amount` type,
+            or `parameters` not (module, name) pairs.
+        ValueError: a bad `amount`, or scores of another shape or dtype than supported, NaN or
+            Inf. The modules are left as they were.
+        AttributeError: a module without the named parameter.
+    """
+    if pruning_method not in (L1Unstructured, _TORCH_L1_UNSTRUCTURED, _torch_prune.L1Unstructured):
         raise TypeError(f"dsd_kernels.prune.global_unstructured computes L1 (magnitude) masks; "
                         f"for {getattr(pruning_method, '__name__', pruning_method)} use "
                         "torch.nn.utils.prune.global_unstructured")
@@ -185,7 +220,24 @@ def _last_method(module: nn.Module, name: str) -> BasePruningMethod:
 
 
 def l1_unstructured(module: nn.Module, name: str, amount, importance_scores=None) -> nn.Module:
-    """torch's l1_unstructured, with the mask from dsd_kernels; returns the module."""
+    """torch's l1_unstructured, with the mask from dsd_kernels: prune the `amount` smallest
+    |score| of module.name.
+
+    Args:
+        module: the module holding the parameter.
+        name: the parameter's name ("weight").
+        amount: a count, or a fraction in [0, 1] of the unpruned entries.
+        importance_scores: a tensor shaped like the parameter, ranked instead of it.
+
+    Returns:
+        The module.
+
+    Raises:
+        TypeError: a bad `amount` type, or `module` not an nn.Module.
+        ValueError: a bad `amount`, or scores of another shape or dtype than supported, NaN or
+            Inf. The module is left as it was.
+        AttributeError: the module has no parameter `name`.
+    """
     _check_amount(amount)
     pairs, scores, masks, labels = _scores(
         [(module, name)],
@@ -206,7 +258,19 @@ def mask_optimizer_(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch
 
     Call it again after pruning more (or after `remove`, which lifts the masks: the freed
     entries regrow from 0 with 0 state). Pruned tensors the optimizer does not train are
-    skipped. Returns the optimizer.
+    skipped.
+
+    Args:
+        optimizer: a torch.optim SGD, Adam or AdamW, or a masked optimizer.
+        model: the pruned model.
+
+    Returns:
+        The optimizer, masked.
+
+    Raises:
+        TypeError: `model` is not an nn.Module, or the optimizer cannot be masked
+            (`make_masked_`).
+        ValueError: as `make_masked_` (unsupported flags or dtypes).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

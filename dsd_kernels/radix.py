@@ -1,12 +1,9 @@
-"""The digit plan of the exact radix select on magnitude keys, and its driver over the
-`magnitude_histogram` op: written once for every path that selects by histograms (the C++
-selection's fallback, csrc/select.cpp, repeats the plan as kDigits in csrc/dsd_cpu.h).
+"""The exact radix select on magnitude keys: its digit plan, its driver over the
+`magnitude_histogram` op, and the bracket's constants and rules. The one source of these for
+Python; csrc/ repeats them (kDigits in dsd_cpu.h, the bracket's in select.cpp), and
+tests/test_constants.py ties the copies.
 
-A key is the fp32 bit pattern of |x| (31 bits), which orders like the magnitudes. A pass counts
-one digit of the keys that still share the digits chosen so far; the digit whose bucket holds
-the wanted rank is appended to the prefix and the rank made relative to it. fp16 and bf16
-magnitudes are exact in fp32 and leave the low bits of their keys zero, so lists without fp32
-need fewer passes.
+See docs/design.md, Radix passes and The bracket.
 """
 
 import torch
@@ -45,15 +42,9 @@ def select(xs, rows, ks: torch.Tensor, reduce_=None) -> tuple[torch.Tensor, torc
     return prefix << DIGITS[count - 1][0], remaining
 
 
-# The bracket that lets a select read its keys about once (the C++ kernels and the Triton
-# kernels; csrc/select.cpp repeats these as kSmallNumel, kSampleBlock, kSamplePerRoot,
-# kMinSample, kMaxSample, kSigmas and kSlackRanks). A group of more than BRACKETED_NUMEL keys
-# samples blocks of SAMPLE_BLOCK consecutive keys, evenly spaced, SAMPLE_PER_ROOT sqrt(n) keys
-# within [MIN_SAMPLE, MAX_SAMPLE] (at most a quarter of the keys); the bracket [lo, hi] is the
-# pair of the sample's order statistics SIGMAS standard deviations of a sample quantile's
-# rank, plus SLACK_RANKS, on either side of where the k-th smallest is expected. One pass
-# counts the keys below lo, at lo and at hi and keeps those strictly inside; a k-th smallest
-# outside the bracket falls back to the digits above.
+# The bracket: see docs/design.md, The bracket. Groups of more than BRACKETED_NUMEL keys
+# sample blocks of SAMPLE_BLOCK keys, SAMPLE_PER_ROOT sqrt(n) keys in [MIN_SAMPLE, MAX_SAMPLE];
+# [lo, hi] lies SIGMAS standard deviations (+ SLACK_RANKS) around the expected rank.
 BRACKETED_NUMEL = 1 << 14
 SAMPLE_BLOCK = 64
 SAMPLE_PER_ROOT = 16.0

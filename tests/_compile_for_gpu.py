@@ -63,7 +63,9 @@ def drive_every_op():
         for xs in (aligned, unaligned):
             threshold.kth_smallest_abs(xs, 7)
             for scope in ("layer", "global"):
-                masks = mask.magnitude_masks(xs, 0.5, scope)
+                numels = [x.numel() for x in xs]
+                ks = [n // 2 for n in numels] if scope == "layer" else [sum(numels) // 2]
+                masks = mask.magnitude_masks(xs, ks, scope)
             mask.apply_masks_(xs, masks)
             grads, states = [torch.randn_like(x) for x in xs], [torch.zeros_like(x) for x in xs]
             for momentum, nesterov, grad_scale in ((0.0, False, None), (0.9, False, None),

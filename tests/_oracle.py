@@ -46,3 +46,10 @@ def masks(xs, sparsity, scope):
     keep = torch.ones(mags.numel(), dtype=torch.bool)
     keep[torch.argsort(mags, stable=True)[:k]] = False
     return [m.reshape(x.shape) for m, x in zip(keep.split([x.numel() for x in xs]), xs)]
+
+
+def counts(xs, sparsity, scope):
+    """The `ks` the dsd.magnitude_masks op takes: floor(sparsity*N) per tensor ("layer") or
+    for all of them ("global")."""
+    numels = [x.numel() for x in xs]
+    return [math.floor(sparsity * n) for n in (numels if scope == "layer" else [sum(numels)])]

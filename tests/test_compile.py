@@ -16,11 +16,13 @@ def _weights():
 
 def test_raw_ops_compile_into_one_graph():
     xs = _weights()
-    masks = torch.compile(lambda ts: torch.ops.dsd.magnitude_masks(ts, 0.5, "global"),
+    ks = [(64 * 9 + 33) // 2]
+    masks = torch.compile(lambda ts: torch.ops.dsd.magnitude_masks(ts, ks, "global"),
                           fullgraph=True)(xs)
     assert all(torch.equal(a, b) for a, b in zip(masks, dk.magnitude_masks(xs, 0.5, "global")))
 
 
+@pytest.mark.slow  # two torch.compile runs with graph breaks
 def test_public_functions_are_graph_breaks_not_one_graph():
     xs = _weights()
     masks = torch.compile(lambda ts: dk.magnitude_masks(ts, 0.3))(xs)
@@ -29,6 +31,7 @@ def test_public_functions_are_graph_breaks_not_one_graph():
         torch.compile(lambda ts: dk.magnitude_masks(ts, 0.3), fullgraph=True)(xs)
 
 
+@pytest.mark.slow  # compiles a model, its backward and the optimizer step
 def test_a_compiled_training_step_matches_eager():
     results = []
     for compiled in (False, True):

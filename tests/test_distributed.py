@@ -158,19 +158,23 @@ def _spawn(check, world, tmp_path, backend="torch"):
              join=True)
 
 
+@pytest.mark.slow  # every test here spawns its ranks as processes
 @pytest.mark.parametrize("world, backend", [(2, "torch"), (3, "torch"), (4, "torch"),
                                             (2, "cpp"), (4, "cpp")])
 def test_sharded_masks_equal_single_process(world, backend, tmp_path):
     _spawn(_check_masks_and_thresholds, world, tmp_path, backend)
 
 
+@pytest.mark.slow
 def test_one_collective_per_pass_for_any_number_of_tensors(tmp_path):
     _spawn(_check_collectives_per_call, 2, tmp_path, "cpp")
 
 
+@pytest.mark.slow
 def test_fsdp2_masks_and_masked_training(tmp_path):
     _spawn(_check_fsdp2_masked_training, 2, tmp_path)
 
 
+@pytest.mark.slow
 def test_sharded_errors_raise_on_every_rank(tmp_path):
     _spawn(_check_errors_raise_on_every_rank, 3, tmp_path)

@@ -79,6 +79,21 @@ def test_bad_sparsity(xs, sparsity, match):
     _raises(match, dk.magnitude_masks, xs, sparsity)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sparsity=0.5, pruned=[1, 1]), "give either sparsity or pruned .*, not both"),
+    (dict(), "give either sparsity or pruned .*, not neither"),
+    (dict(pruned=3), "pruned must be a list of one int per tensor for scope='layer', not int"),
+    (dict(pruned=[1]), "pruned has 1 entries but xs has 2; give one per tensor"),
+    (dict(pruned=[21, 0]), r"pruned\[0\] must be in \[0, 20\] \(the elements of xs\[0\]\)"),
+    (dict(pruned=[0, -1]), r"pruned\[1\] must be in \[0, 7\]"),
+    (dict(pruned=[0, 1.5]), r"pruned\[1\] must be an integer"),
+    (dict(pruned=28, scope="global"), r"pruned must be in \[0, 27\] \(the elements of xs\)"),
+    (dict(pruned=[3], scope="global"), "pruned must be an integer, not list"),
+])
+def test_bad_pruned_counts(xs, kwargs, match):
+    _raises(match, dk.magnitude_masks, xs, **kwargs)
+
+
 def test_bad_scope(xs):
     _raises("scope must be one of 'layer', 'global'", dk.magnitude_masks, xs, 0.5, "model")
 
@@ -247,9 +262,9 @@ def test_optimizer_rejects_sparse_gradients():
 def test_failed_step_counts_no_step():
     """A parameter the step refuses leaves the ones checked before it untouched, step counts
     included: the next good step is every parameter's first."""
-    good = torch.randn(4, 5, requires_grad=True)
-    bad = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    good, bad = torch.randn(4, 5, requires_grad=True), torch.randn(3, requires_grad=True)
     opt = dk.MaskedAdam([good, bad], lr=0.1)
+    bad.data = bad.data.double()  # after construction, which refuses float64
     good.grad, bad.grad = torch.randn_like(good), torch.randn_like(bad)
     before = _snapshot(good)
     _raises(r"param group 0, parameter 1 has dtype torch.float64", opt.step)
@@ -258,9 +273,9 @@ def test_failed_step_counts_no_step():
 
 
 def _two_groups(masked_cls, **kwargs):
-    good = torch.randn(4, 5, requires_grad=True)
-    bad = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    good, bad = torch.randn(4, 5, requires_grad=True), torch.randn(3, requires_grad=True)
     opt = masked_cls([{"params": [good]}, {"params": [bad]}], lr=0.1, **kwargs)
+    bad.data = bad.data.double()  # after construction, which refuses float64
     good.grad, bad.grad = torch.randn_like(good), torch.randn_like(bad)
     return good, bad, opt
 
@@ -284,8 +299,9 @@ def test_a_step_refused_in_a_later_group_changes_nothing(masked_cls, kwargs):
 
 
 def test_dtype_error_names_the_parameter_when_named():
-    model = torch.nn.Linear(3, 2).double()
+    model = torch.nn.Linear(3, 2)
     opt = dk.MaskedAdamW(model.named_parameters(), lr=0.1)
+    model.double()  # after construction, which refuses float64
     model(torch.randn(1, 3, dtype=torch.float64)).sum().backward()
     _raises(r"param group 0, parameter 0 \('weight'\) has dtype torch.float64", opt.step)
 

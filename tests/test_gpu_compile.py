@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.slow  # each architecture's fixture compiles every kernel variant
 
 from dsd_kernels.backends.triton import mask, optim, threshold  # noqa: E402
 

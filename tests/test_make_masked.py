@@ -191,3 +191,60 @@ def test_refused_optimizers_are_left_as_they_were(make, error, message):
         make_masked_(opt)
     assert type(opt) is kind and not hasattr(opt, "_masks")
     assert opt.state_dict() == before
+
+
+def test_unsupported_dtypes_are_refused_at_conversion_with_the_optimizer_unchanged():
+    """A float64 parameter: one ValueError naming it, raised by make_masked_ itself (not by a
+    later step), with the same class, param groups and state as before."""
+    good = torch.nn.Parameter(torch.randn(4))
+    bad = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    opt = torch.optim.SGD([{"params": [good]}, {"params": [good.new_zeros(2), bad]}], lr=0.1,
+                          momentum=0.9)
+    good.grad, bad.grad = torch.randn_like(good), torch.randn_like(bad)
+    opt.step()
+    groups, state = [dict(g) for g in opt.param_groups], dict(opt.state)
+    buffers = {p: s["momentum_buffer"] for p, s in opt.state.items()}
+    with pytest.raises(ValueError, match=r"^param group 1, parameter 1 has dtype torch.float64; "
+                                         "the masked optimizers support float32, float16 and "
+                                         "bfloat16$"):
+        make_masked_(opt)
+    assert type(opt) is torch.optim.SGD and not hasattr(opt, "_masks")
+    assert opt.param_groups == groups and dict(opt.state) == state
+    assert all(opt.state[p]["momentum_buffer"] is b for p, b in buffers.items())
+
+
+@pytest.mark.parametrize("masked_cls", [dk.MaskedSGD, dk.MaskedAdam, dk.MaskedAdamW])
+def test_masked_constructors_refuse_unsupported_dtypes(masked_cls):
+    model = torch.nn.Linear(3, 2).double()
+    with pytest.raises(ValueError, match=r"param group 0, parameter 0 has dtype torch.float64"):
+        masked_cls(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"param group 0, parameter 1 \('bias'\) has dtype "
+                                         "torch.float64"):
+        masked_cls([("weight", torch.zeros(2, requires_grad=True)), ("bias", model.bias)],
+                   lr=0.1)
+    with pytest.raises(ValueError, match=r"param group 1, parameter 0 has dtype torch.int64"):
+        masked_cls([{"params": [torch.zeros(2, requires_grad=True)]},
+                    {"params": torch.zeros(2, dtype=torch.int64)}], lr=0.1)
+
+
+def test_add_param_group_refuses_unsupported_dtypes_unchanged():
+    params = _params()
+    opt = dk.MaskedAdam(params, lr=0.1)
+    groups = list(opt.param_groups)
+    bad = (p for p in [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2).double())])
+    with pytest.raises(ValueError, match=r"param group 1, parameter 1 has dtype torch.float64"):
+        opt.add_param_group({"params": bad})
+    assert opt.param_groups == groups
+    opt.add_param_group({"params": (p for p in [torch.nn.Parameter(torch.zeros(2))])})
+    assert len(opt.param_groups) == 2 and len(opt.param_groups[1]["params"]) == 1
+
+
+def test_dsd_on_a_float64_model_refuses_at_conversion():
+    """The reported case: DSD(model.double(), SGD(...), plan) converted the optimizer, then its
+    first step raised. Now the conversion refuses, and the optimizer stays torch's SGD."""
+    model = nn.Linear(4, 3).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"param group 0, parameter 0 has dtype torch.float64"):
+        DSD(model, opt, Plan.dsd(2, 2, 2))
+    assert type(opt) is torch.optim.SGD and not opt.state
+    assert all(LR_SCALE not in group for group in opt.param_groups)

@@ -4,11 +4,14 @@ import math
 
 import pytest
 import torch
+from _backends import per_backend
 from conftest import DTYPES
 
 import dsd_kernels as dk
 
 import _oracle
+
+pytestmark = per_backend  # every test here runs on each backend
 
 SPARSITIES = [0.0, 0.1, 0.5, 0.9, 0.999]
 LIST_SHAPES = [(33, 17), (1,), (7,), (4, 3, 5, 7), (2, 1031)]
@@ -44,6 +47,20 @@ def test_global_count_and_order(backend, device):
     # All tied: the first five positions in (tensor, flat index) order are pruned.
     assert masks[0].tolist() == [False] * 4
     assert masks[1].tolist() == [False, True, True]
+
+
+def test_explicit_counts_give_the_sparsity_masks_and_may_prune_all(backend, device):
+    xs = [_oracle.make(shape, torch.float32, device, "ties", seed=i)
+          for i, shape in enumerate(LIST_SHAPES)]
+    for scope in ("layer", "global"):
+        ks = _oracle.counts(xs, 0.5, scope)
+        got = dk.magnitude_masks(xs, scope=scope, pruned=ks if scope == "layer" else ks[0])
+        assert all(map(torch.equal, got, dk.magnitude_masks(xs, 0.5, scope)))
+    numels = [x.numel() for x in xs]
+    for scope, pruned in (("layer", numels), ("global", sum(numels))):
+        assert not any(m.any() for m in dk.magnitude_masks(xs, scope=scope, pruned=pruned))
+    one = dk.magnitude_masks(xs[0], pruned=7)
+    assert torch.equal(one, dk.magnitude_masks(xs, pruned=[7] + [0] * 4)[0])
 
 
 def test_tensor_in_mask_out(backend, device):
@@ -92,7 +109,8 @@ def test_apply_masks_non_contiguous(backend, device):
 def test_opcheck(backend, device):
     xs = [_oracle.make((5, 3), torch.float32, device, "ties"),
           _oracle.make((4,), torch.bfloat16, device, "normal")]
-    torch.library.opcheck(torch.ops.dsd.magnitude_masks, (xs, 0.4, "global"))
-    torch.library.opcheck(torch.ops.dsd.magnitude_masks, (xs, 0.4, "layer"))
+    for scope in ("global", "layer"):
+        args = (xs, _oracle.counts(xs, 0.4, scope), scope)
+        torch.library.opcheck(torch.ops.dsd.magnitude_masks, args)
     masks = [x > 0 for x in xs]
     torch.library.opcheck(torch.ops.dsd.apply_masks_, ([x.clone() for x in xs], masks))

@@ -11,9 +11,11 @@ import io
 
 import pytest
 import torch
+from _backends import per_backend
 from conftest import DTYPES, TOLERANCES
 
 import dsd_kernels as dk
+from dsd_kernels import host
 
 SHAPES = [(33, 17), (7,), (4, 3, 5), (1,)]
 STEPS = 100
@@ -33,6 +35,14 @@ OPTIMIZERS = {
     "adamw": (dk.MaskedAdamW, torch.optim.AdamW,
               dict(lr=1e-2, betas=(0.85, 0.99), eps=1e-7, weight_decay=0.1)),
 }
+
+# Every optimizer's cases run with the slow tests; SGD's and AdamW's also in the dev loop.
+FAST = ("sgd", "adamw")
+
+
+def _names(names):
+    return [name if name in FAST else pytest.param(name, marks=pytest.mark.slow)
+            for name in names]
 
 
 def _state_names(opt):
@@ -63,7 +73,8 @@ def _random_masks(params, seed=7, density=0.6):
     return [(torch.rand(p.shape, generator=gen) < density).to(p.device) for p in params]
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", _names(OPTIMIZERS))
+@per_backend
 def test_all_true_masks_match_torch_optim(backend, device, name):
     masked_cls, torch_cls, kwargs = OPTIMIZERS[name]
     ours, theirs = _params(device), _params(device)
@@ -81,7 +92,8 @@ def test_all_true_masks_match_torch_optim(backend, device, name):
             torch.testing.assert_close(opt.state[a][key], ref.state[b][key], **TRAJECTORY)
 
 
-@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("name", _names(["sgd", "adam", "adamw"]))
+@per_backend
 def test_no_masks_param_groups_scheduler_and_missing_grads(backend, device, name):
     """Two param groups with their own lr, a StepLR schedule, and a param without gradient."""
     masked_cls, torch_cls, kwargs = OPTIMIZERS[name]
@@ -103,7 +115,8 @@ def test_no_masks_param_groups_scheduler_and_missing_grads(backend, device, name
         torch.testing.assert_close(a, b, **TRAJECTORY)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", _names(OPTIMIZERS))
+@per_backend
 def test_random_masks_keep_pruned_exactly_zero(backend, device, name):
     masked_cls, torch_cls, kwargs = OPTIMIZERS[name]
     ours, theirs = _params(device), _params(device)
@@ -127,6 +140,7 @@ def test_random_masks_keep_pruned_exactly_zero(backend, device, name):
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
+@per_backend
 def test_dense_sparse_dense_regrows_from_zero(backend, device, name):
     """Through dense, sparse and re-dense phases: pruned weights restart from 0 with 0 state,
     exactly as a torch.optim run that masks gradients in the sparse phase."""
@@ -157,7 +171,8 @@ def test_dense_sparse_dense_regrows_from_zero(backend, device, name):
     assert all((p != 0).float().mean() > 0.99 for p in ours[:1])  # pruned weights regrew
 
 
-@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("name", _names(["sgd", "adam", "adamw"]))
+@per_backend
 def test_state_dict_round_trip_continues_identically(backend, device, name):
     masked_cls, _, kwargs = OPTIMIZERS[name]
     ours = _params(device)
@@ -185,6 +200,7 @@ def test_state_dict_round_trip_continues_identically(backend, device, name):
         assert torch.equal(a, b)
 
 
+@per_backend
 def test_loads_a_torch_optim_state_dict(backend, device):
     theirs = _params(device)
     ref = torch.optim.AdamW(theirs, lr=1e-2)
@@ -204,6 +220,7 @@ def test_loads_a_torch_optim_state_dict(backend, device):
 
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
+@per_backend
 def test_half_precision_matches_torch_backend(backend, device, dtype, name):
     """fp16/bf16 params with fp32 math: every backend agrees with the reference backend."""
     masked_cls, _, kwargs = OPTIMIZERS[name]
@@ -242,6 +259,7 @@ def test_half_precision_one_step_is_fp32_math_rounded_once(torch_backend, device
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
+@per_backend
 def test_grad_scaler(backend, device, name):
     """GradScaler hands grad_scale/found_inf to the step: same result as torch.optim with it;
     an inf gradient skips the step (weights, state and step count unchanged)."""
@@ -272,6 +290,7 @@ def test_grad_scaler(backend, device, name):
             assert torch.equal(after["state"][i][key], value)
 
 
+@per_backend
 def test_set_masks_prunes_params_and_state_at_once(backend, device):
     ours = _params(device)
     opt = dk.MaskedAdam(ours, lr=1e-2)
@@ -287,6 +306,7 @@ def test_set_masks_prunes_params_and_state_at_once(backend, device):
     assert set(opt.masks) == {ours[1]}
 
 
+@per_backend
 def test_functional_sgd_first_step_rule(backend, device):
     """torch.optim starts momentum as a copy of the gradient: a zero buffer with dampening=0."""
     p = torch.randn(50, device=device)
@@ -301,6 +321,7 @@ def test_functional_sgd_first_step_rule(backend, device):
     torch.testing.assert_close(buf, sgd.state[ref]["momentum_buffer"], rtol=1e-6, atol=1e-7)
 
 
+@per_backend
 def test_functional_adam_steps_per_tensor(backend, device):
     """Each tensor uses its own step count for the bias corrections."""
     ps = [torch.randn(20, device=device) for _ in range(2)]
@@ -317,6 +338,7 @@ def test_functional_adam_steps_per_tensor(backend, device):
     assert not torch.equal(one_call[0][0] - ps[0], one_call[0][1] - ps[1])
 
 
+@per_backend
 def test_opcheck(backend, device):
     p = torch.randn(6, 5, device=device)
     g, buf = torch.randn_like(p), torch.randn_like(p)
@@ -330,6 +352,7 @@ def test_opcheck(backend, device):
         0.1, 0.9, 0.99, 1e-8, 1e-2, True, False, None))
 
 
+@per_backend
 def test_masks_take_the_layout_of_channels_last_parameters(backend, device):
     """A mask given in another layout is stored in its parameter's (so no step converts it),
     with the same values; a loaded state_dict's masks likewise."""
@@ -350,7 +373,7 @@ def test_masks_take_the_layout_of_channels_last_parameters(backend, device):
 
 
 def _plan_script(name, device, uncached):
-    """Run a script of every change a step's plan (dsd_kernels.optim._Plan) depends on, with a
+    """Run a script of every change a step's plan (dsd_kernels.optim.plan.Plan) depends on, with a
     step after each. Returns snapshots of every parameter and state value after each step,
     and per step and param group whether the step reused the group's plan. With `uncached`,
     every step plans afresh and counts Adam's steps tensor by tensor, as without a cache."""
@@ -462,16 +485,17 @@ def _plan_script(name, device, uncached):
 @pytest.fixture(params=["cpp", "python"])
 def kinds(request, monkeypatch):
     """The plans' key of tensor kinds read by the C++ library, and by the Python fallback."""
-    from dsd_kernels import optim
-    from dsd_kernels.backends import cpp
+    function = _kinds_in_cpp() if request.param == "cpp" else host.tensor_kinds_in_python
+    monkeypatch.setattr(host, "tensor_kinds", function)
+    return lambda params, grads: function([params, grads])
 
-    if request.param == "cpp":
-        function = cpp.python_module().tensor_kinds  # the C++ backend builds in CI
-    else:
-        function = None
-        monkeypatch.setattr(optim, "loaded_cpp_module", lambda: None)
-    monkeypatch.setattr(optim, "_tensor_kinds", function)
-    return optim._kinds
+
+def _kinds_in_cpp():
+    """host.tensor_kinds as the C++ library installs it (the C++ backend builds in CI)."""
+    if "cpp" not in dk.available_backends():
+        pytest.skip("the C++ backend is not available")
+    assert host.tensor_kinds is not host.tensor_kinds_in_python
+    return host.tensor_kinds
 
 
 def test_kinds_differ_exactly_when_a_plan_would(kinds):
@@ -503,9 +527,7 @@ class _Tagged(torch.Tensor):
 
 
 def test_kinds_refuse_what_is_not_a_tensor():
-    from dsd_kernels.backends import cpp
-
-    tensor_kinds = cpp.python_module().tensor_kinds
+    tensor_kinds = _kinds_in_cpp()
     with pytest.raises(TypeError):
         tensor_kinds([[torch.zeros(2), 3]])
     with pytest.raises(TypeError):
@@ -513,15 +535,16 @@ def test_kinds_refuse_what_is_not_a_tensor():
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
+@per_backend
 def test_reused_plans_match_fresh_ones_through_every_change(backend, device, name, kinds,
                                                             monkeypatch):
     """A step reuses its param group's plan (its checks, buckets and state lists) while
     nothing the plan was built from changed, and plans again after any change: bit for bit
     the same steps as planning afresh every step."""
-    from dsd_kernels import optim
+    from dsd_kernels.optim import masked
 
     cached, reused = _plan_script(name, device, uncached=False)
-    monkeypatch.setattr(optim, "_shared_counts", lambda bucket: None)
+    monkeypatch.setattr(masked, "_shared_counts", lambda bucket: None)
     fresh, _ = _plan_script(name, device, uncached=True)
     assert len(cached) == len(fresh)
     for step, (got, expected) in enumerate(zip(cached, fresh)):

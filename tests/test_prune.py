@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+import dsd_kernels as dk
 from dsd_kernels import prune
 
 
@@ -140,6 +141,7 @@ def test_half_precision_weights():
     assert_same_state(ours, theirs)
 
 
+@pytest.mark.slow  # trains two models side by side
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_mask_optimizer_closes_the_trap(name):
     """100 steps after pruning: with mask_optimizer_ every pruned weight_orig entry and its
@@ -196,6 +198,15 @@ def test_mask_optimizer_after_remove_lets_weights_regrow():
                                            amount=0.5), TypeError, "RandomUnstructured"),
     (lambda net: prune.global_unstructured(_pairs(net), amount=0.5, n=1), TypeError,
      "amount= .and no other keyword"),
+    (lambda net: prune.global_unstructured([(net[0], "weight", 1)], amount=0.5), TypeError,
+     "parameters must hold .module, name. pairs"),
+    (lambda net: prune.l1_unstructured(net[2], "weight", amount=0.5, importance_scores=torch.rand(
+        3, 1, 5, dtype=torch.float64)), ValueError,
+     r"^the importance scores of Conv1d.weight have dtype torch.float64; .* scores.float\(\)"),
+    (lambda net: prune.global_unstructured(
+        _pairs(net), amount=0.5, importance_scores={(net[4], "weight"): torch.randint(
+            0, 9, (4, 48))}), ValueError, r"importance scores of Linear.weight have dtype "
+                                          "torch.int64"),
 ])
 def test_bad_input_leaves_the_module_unmodified(call, error, message):
     net = _net(8)
@@ -218,6 +229,48 @@ def test_non_finite_weights_are_refused_before_touching_the_module():
     assert_unchanged(net, before)
 
 
+def test_meta_modules_are_pruned_as_torch_prunes_them():
+    """A model on the meta device (no values: built for its shapes): pruned to the same module
+    state as torch's l1_unstructured leaves, and the ops give meta results of the right kind."""
+    ours, theirs = nn.Linear(4, 3, device="meta"), nn.Linear(4, 3, device="meta")
+    prune.l1_unstructured(ours, "weight", amount=0.5)
+    torch_prune.l1_unstructured(theirs, "weight", amount=0.5)
+    for name in ("weight", "weight_orig", "weight_mask"):
+        a, b = getattr(ours, name), getattr(theirs, name)
+        assert (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device), name
+    assert _hooks(ours) == _hooks(theirs)
+    xs = [torch.empty(5, device="meta"), torch.empty(2, 3, device="meta", dtype=torch.float16)]
+    threshold = dk.kth_smallest_abs(xs, 4)
+    assert (threshold.shape, threshold.dtype, threshold.device.type) == ((), torch.float32, "meta")
+    assert dk.kth_smallest_abs(xs, [2, 3]).shape == (2,)
+    masks = dk.magnitude_masks(xs, 0.5)
+    assert [(m.shape, m.dtype, m.device.type) for m in masks] == \
+        [((5,), torch.bool, "meta"), ((2, 3), torch.bool, "meta")]
+
+
+def test_global_unstructured_takes_any_pair():
+    """torch unpacks each (module, name) pair: a list works as a tuple does, importance
+    scores still keyed by the tuple."""
+    ours, theirs = _net(4), _net(4)
+    scores = {(ours[2], "weight"): torch.rand(3, 1, 5, generator=torch.Generator().manual_seed(0))}
+    prune.global_unstructured([list(pair) for pair in _pairs(ours)], amount=0.4,
+                              importance_scores=scores)
+    torch_prune.global_unstructured(
+        [list(pair) for pair in _pairs(theirs)], pruning_method=torch_prune.L1Unstructured,
+        amount=0.4, importance_scores={(theirs[2], "weight"): scores[(ours[2], "weight")]})
+    assert_same_state(ours, theirs)
+
+
+def test_torchs_own_class_is_accepted_after_the_drop_in_replaces_it(monkeypatch):
+    torchs = torch_prune.L1Unstructured
+    monkeypatch.setattr(torch_prune, "L1Unstructured", prune.L1Unstructured)  # the drop-in
+    ours, theirs = _net(5), _net(5)
+    prune.global_unstructured(_pairs(ours), pruning_method=torchs, amount=0.3)
+    prune.global_unstructured(_pairs(theirs), pruning_method=prune.L1Unstructured, amount=0.3)
+    assert_same_state(ours, theirs)
+
+
+@pytest.mark.slow  # a Lightning fit
 def test_lightning_model_pruning_with_our_method(tmp_path):
     """Lightning's ModelPruning given our pruning method prunes exactly the amount asked, by
     our tie rule (lr 0 keeps the tied weights as they are until the pruning)."""

@@ -2,11 +2,14 @@
 
 import pytest
 import torch
+from _backends import per_backend
 from conftest import DTYPES
 
 import dsd_kernels as dk
 
 import _oracle
+
+pytestmark = per_backend  # every test here runs on each backend
 
 SHAPES = [(1,), (7,), (3, 5), (33, 17), (4, 3, 5, 7), (1031,), (129, 257)]
 KINDS = ["normal", "ties", "equal", "close"]

@@ -17,6 +17,8 @@ from conftest import DTYPES, TOLERANCES
 import dsd_kernels as dk
 from dsd_kernels.backends import BackendUnavailable, torch_ref
 
+import _oracle
+
 triton_backend = pytest.importorskip("dsd_kernels.backends.triton")
 
 from dsd_kernels.backends.triton import threshold  # noqa: E402
@@ -86,7 +88,8 @@ def _check_threshold_and_masks(xs, ks, sparsities=(0.3, 0.5, 0.77)):
     for sparsity in sparsities:
         for scope in ("layer", "global"):
             got = dk.magnitude_masks(xs, sparsity, scope)
-            expected = torch_ref.magnitude_masks(xs, sparsity, scope)
+            expected = torch_ref.magnitude_masks(xs, _oracle.counts(xs, sparsity, scope),
+                                                  scope)
             for i, (g, e) in enumerate(zip(got, expected)):
                 assert g.dtype == torch.bool and g.is_contiguous() and g.shape == e.shape
                 assert torch.equal(g, e), f"{scope} sparsity={sparsity}: mask {i} differs"
@@ -97,6 +100,7 @@ _BASES = {torch.float32: (0x3F800000, 23), torch.float16: (0x3C00, 10),
           torch.bfloat16: (0x3F80, 7)}
 
 
+@pytest.mark.slow  # seconds per case in the interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_k_inside_a_heavily_tied_bucket(dtype, bracket):
     # 40,000 values that share every bit above the lowest 4 of the mantissa: all land in one
@@ -107,6 +111,7 @@ def test_k_inside_a_heavily_tied_bucket(dtype, bracket):
     _check_threshold_and_masks([x], ks=[1, 2_499, 2_500, 20_001, 39_999, 40_000])
 
 
+@pytest.mark.slow  # seconds per case in the interpreter
 @pytest.mark.parametrize("digit", range(4))
 def test_every_pass_narrows_its_digit(digit, bracket):
     # fp32 patterns equal except in one radix digit: only that pass can tell them apart, so
@@ -131,6 +136,7 @@ def test_lowest_mantissa_bit_decides(dtype):
     _check_threshold_and_masks([x], ks=[1, 2, 3, 4], sparsities=(0.5,))
 
 
+@pytest.mark.slow  # seconds per case in the interpreter
 def test_list_of_very_different_sizes_and_dtypes(bracket):
     # Sizes around the block (2048) and chunk (32768) boundaries, single elements, an empty
     # tensor and 0-dim; integer values make ties across tensors (and across dtype groups,
@@ -184,6 +190,7 @@ def _log_uniform(n, low, high, dtype, seed):
     return _random_signs(x.to(dtype), seed + 1).to(DEVICE)
 
 
+@pytest.mark.slow  # seconds per case in the interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_survivors_compacted_after_the_first_pass(dtype, without_bracket):
     # Magnitudes over 26 binades: the top 7 bits (binade pairs) leave <= 1/4 of them in the
@@ -198,6 +205,7 @@ def test_survivors_compacted_after_the_first_pass(dtype, without_bracket):
     _check_threshold_and_masks([x], ks)
 
 
+@pytest.mark.slow  # seconds per case in the interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_survivors_compacted_after_the_second_pass(dtype, without_bracket):
     # Normal weights: the k-th value's binade pair holds more than 1/4 of them, its top 15
@@ -214,6 +222,7 @@ def test_survivors_compacted_after_the_second_pass(dtype, without_bracket):
     _check_threshold_and_masks([x], ks)
 
 
+@pytest.mark.slow  # seconds per case in the interpreter
 @pytest.mark.parametrize("over", [0, 1])
 def test_survivor_capacity_is_exact_and_overflow_falls_back(over, without_bracket):
     # 4,000 fp32 values have room for 1,000 survivors. A bucket that shares its top 15 bits
@@ -233,6 +242,7 @@ def test_survivor_capacity_is_exact_and_overflow_falls_back(over, without_bracke
     _check_threshold_and_masks([x], ks, sparsities=(0.5,))
 
 
+@pytest.mark.slow  # seconds per case in the interpreter
 def test_survivors_of_many_chunks_from_mixed_dtypes(without_bracket):
     # Global scope over three dtype groups (three launches append to one survivor region)
     # whose bucket after pass 1 (~23.5% of 150,000) fills more than one survivor chunk.
@@ -247,10 +257,11 @@ def test_survivors_of_many_chunks_from_mixed_dtypes(without_bracket):
     got = dk.kth_smallest_abs(xs, k)
     assert _bits(got) == _bits(torch_ref.kth_smallest_abs(xs, k))
     masks = dk.magnitude_masks(xs, 0.5, "global")
-    assert all(torch.equal(g, e) for g, e in zip(masks, torch_ref.magnitude_masks(xs, 0.5,
-                                                                                  "global")))
+    expected = torch_ref.magnitude_masks(xs, _oracle.counts(xs, 0.5, "global"), "global")
+    assert all(torch.equal(g, e) for g, e in zip(masks, expected))
 
 
+@pytest.mark.slow  # seconds per case in the interpreter
 def test_survivors_decided_per_segment(without_bracket):
     # scope="layer": one call, three fates. A spread tensor compacts after pass 1, a normal
     # one after pass 2, a tied one never; a fp16 tensor beside them shares fp32's 4 passes.
@@ -278,6 +289,7 @@ AT_BOUND, INSIDE, MISSED = (threshold._AT_BOUND.value, threshold._INSIDE.value,
                             threshold._MISSED.value)
 
 
+@pytest.mark.slow  # seconds per case in the interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_bracket_reads_the_weights_once_and_keeps_few(dtype):
     # Normal weights: the sample's bracket holds the k-th smallest; the pass keeps the keys
@@ -291,6 +303,7 @@ def test_the_bracket_reads_the_weights_once_and_keeps_few(dtype):
     _check_threshold_and_masks([x], ks, sparsities=(0.01, 0.5))
 
 
+@pytest.mark.slow  # seconds per case in the interpreter
 def test_a_tied_bracket_answers_at_its_bounds():
     # All equal, and two values: lo and hi are tied values, nothing lies between them.
     equal = torch.full((30_000,), -0.5, device=DEVICE)
@@ -301,6 +314,7 @@ def test_a_tied_bracket_answers_at_its_bounds():
         _check_threshold_and_masks([x], ks=[1, 10_000, 10_001, 30_000])
 
 
+@pytest.mark.slow  # seconds per case in the interpreter
 @pytest.mark.parametrize("scale", [0.0, 1e9])
 def test_a_bracket_that_misses_falls_back_to_the_radix_passes(scale, monkeypatch):
     # A zero-width bracket misses the k-th smallest unless it is tied there; an infinitely
@@ -315,6 +329,7 @@ def test_a_bracket_that_misses_falls_back_to_the_radix_passes(scale, monkeypatch
     _check_threshold_and_masks(xs, ks, sparsities=(0.5,))
 
 
+@pytest.mark.slow  # seconds per case in the interpreter
 def test_brackets_decided_per_segment():
     # scope="layer": one bracket per segment of more than radix.BRACKETED_NUMEL keys, each
     # with its own outcome; a small tensor beside them is not bracketed.
@@ -524,6 +539,7 @@ def test_lr_schedule_does_not_recompile(monkeypatch):
     assert compiled() == compiled_after_first
 
 
+@pytest.mark.slow  # seconds per case in the interpreter
 def test_ops_pass_opcheck():
     x = torch.randn(300, device=DEVICE)
     ys = [torch.randn(40, device=DEVICE), torch.randn(3, 5, device=DEVICE).half()]
@@ -533,7 +549,7 @@ def test_ops_pass_opcheck():
     ops = torch.ops.dsd
     cases = [
         (ops.kth_smallest_abs, ([x, *ys], 100)),
-        (ops.magnitude_masks, ([x, *ys], 0.5, "global")),
+        (ops.magnitude_masks, ([x, *ys], _oracle.counts([x, *ys], 0.5, "global"), "global")),
         (ops.apply_masks_, ([x], [mask])),
         (ops.masked_sgd_, ([p], [g], [m], [mask], 0.1, 0.9, 0.0, 0.0, False, False, None)),
         (ops.masked_adam_, ([p], [g], [m], [v], [None], [2.0], 1e-3, 0.9, 0.999, 1e-8, 0.0,
@@ -546,7 +562,7 @@ def test_ops_pass_opcheck():
 def test_ops_inside_torch_compile():
     @torch.compile(backend="aot_eager", fullgraph=True)
     def prune_and_step(ws, grads, buffers):
-        masks = torch.ops.dsd.magnitude_masks(ws, 0.5, "layer")
+        masks = torch.ops.dsd.magnitude_masks(ws, [50, 31], "layer")
         torch.ops.dsd.masked_sgd_(ws, grads, buffers, masks, 0.1, 0.9, 0.0, 0.0, False, False,
                                   None)
         return masks
@@ -556,7 +572,7 @@ def test_ops_inside_torch_compile():
     expected_ws, buffers = _clones(ws), [torch.zeros_like(w) for w in ws]
     expected_buffers = _clones(buffers)
     masks = prune_and_step(ws, grads, buffers)
-    expected_masks = torch_ref.magnitude_masks(expected_ws, 0.5, "layer")
+    expected_masks = torch_ref.magnitude_masks(expected_ws, [50, 31], "layer")
     torch_ref.masked_sgd_(expected_ws, grads, expected_buffers, expected_masks, 0.1, 0.9, 0.0,
                           0.0, False, False, None)
     assert all(torch.equal(a, b) for a, b in zip(masks, expected_masks))

@@ -14,7 +14,11 @@ import torch
 from conftest import TOLERANCES
 
 import dsd_kernels as dk
+from dsd_kernels import host
 from dsd_kernels.backends import torch_ref
+from dsd_kernels.optim import masked
+
+import _oracle
 
 pytest.importorskip("dsd_kernels.backends.triton")
 
@@ -25,15 +29,19 @@ from dsd_kernels.backends.triton import mask, optim, tables, threshold  # noqa: 
 CACHES = (optim._TABLES, threshold._TABLES, mask._TABLES, mask._APPLY_TABLES)
 
 
+def _describe_in_cpp():
+    """host.describe_tensors as the C++ library installs it (the C++ backend builds in CI)."""
+    if "cpp" not in dk.available_backends():
+        pytest.skip("the C++ backend is not available")
+    assert host.describe_tensors is not host.describe_in_python
+    return host.describe_tensors
+
+
 @pytest.fixture(params=["cpp", "python"])
 def describe(request, monkeypatch):
     """Cache keys read by the C++ library, and by the Python fallback."""
-    if request.param == "cpp":
-        function = tables._describe_function()
-        assert function is not tables.describe_in_python  # the C++ backend builds in CI
-    else:
-        function = tables.describe_in_python
-    monkeypatch.setattr(tables, "_describe", function)
+    function = _describe_in_cpp() if request.param == "cpp" else host.describe_in_python
+    monkeypatch.setattr(host, "describe_tensors", function)
     _clear_caches()
     return function
 
@@ -62,7 +70,7 @@ def test_keys_differ_exactly_when_a_tensor_moved_or_changed_geometry(describe):
 
 
 def test_keys_refuse_what_is_not_a_tensor():
-    describe_tensors = tables._describe_function()
+    describe_tensors = _describe_in_cpp()
     with pytest.raises(TypeError):
         describe_tensors([[torch.zeros(2), 3]])
     with pytest.raises(TypeError):
@@ -156,7 +164,7 @@ def test_cached_steps_match_fresh_tables_through_every_change(optimizer, describ
     _clear_caches()
     cached = _scripted_training(optimizer_class, config, fresh_tables=False)
     with monkeypatch.context() as patch:  # Adam's step counts added tensor by tensor
-        patch.setattr(dk.optim, "_shared_counts", lambda bucket: None)
+        patch.setattr(masked, "_shared_counts", lambda bucket: None)
         fresh = _scripted_training(optimizer_class, config, fresh_tables=True)
     dk.use_backend("torch")  # the oracle, within fp32 rounding
     reference = _scripted_training(optimizer_class, config, fresh_tables=False)
@@ -212,7 +220,7 @@ def test_masks_and_thresholds_reuse_tables_of_the_same_tensors(monkeypatch):
     for sparsity in (0.2, 0.5, 0.8):
         for scope in ("layer", "global"):
             masks = dk.magnitude_masks(xs, sparsity, scope)
-            expected = torch_ref.magnitude_masks(xs, sparsity, scope)
+            expected = torch_ref.magnitude_masks(xs, _oracle.counts(xs, sparsity, scope), scope)
             assert all(torch.equal(m, e) for m, e in zip(masks, expected))
         k = int(sparsity * xs[0].numel())
         assert torch.equal(dk.kth_smallest_abs(xs[0], k), torch_ref.kth_smallest_abs([xs[0]], k))
@@ -225,8 +233,8 @@ def test_masks_and_thresholds_reuse_tables_of_the_same_tensors(monkeypatch):
     # New storage for the same weights: built again, right again.
     xs[1] = xs[1].clone()
     masks = dk.magnitude_masks(xs, 0.5, "layer")
-    assert all(torch.equal(m, e) for m, e in zip(masks, torch_ref.magnitude_masks(xs, 0.5,
-                                                                                  "layer")))
+    expected = torch_ref.magnitude_masks(xs, _oracle.counts(xs, 0.5, "layer"), "layer")
+    assert all(torch.equal(m, e) for m, e in zip(masks, expected))
     assert [cache.builds for cache in caches] == [builds[0] + 1, builds[1] + 1, builds[2]]
 
 

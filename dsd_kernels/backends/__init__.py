@@ -59,16 +59,6 @@ def _load(name: str) -> Backend | BackendUnavailable:
     return _loaded[name]
 
 
-def loaded_cpp_module():
-    """The C++ library's Python functions (csrc/describe.cpp) if the C++ backend is loaded
-    already, else None: loads nothing."""
-    if isinstance(_loaded.get("cpp"), Backend):
-        from . import cpp
-
-        return cpp._module
-    return None
-
-
 def available_backends() -> list[str]:
     """Names of the backends that can run here (loads them: may build the C++ extension)."""
     return [name for name in BACKENDS if isinstance(_load(name), Backend)]
@@ -89,12 +79,18 @@ def _auto_plan() -> dict[str, str]:
 
 
 def use_backend(name: str = "auto") -> None:
-    """Select the kernels for every op: "auto", "triton", "cpp" or "torch".
+    """Select the kernels for every op.
 
-    "auto" takes Triton on CUDA and C++ on CPU where they load, else pure torch. Naming a
-    backend puts it on every device it serves (Triton serves CPU tensors only under
-    TRITON_INTERPRET=1) and raises `BackendUnavailable` with the reason if it cannot run;
-    devices it does not serve keep the "auto" choice.
+    Naming a backend puts it on every device it serves (Triton serves CPU tensors only under
+    TRITON_INTERPRET=1); devices it does not serve keep the "auto" choice.
+
+    Args:
+        name: "auto" (Triton on CUDA and C++ on CPU where they load, else pure torch),
+            "triton", "cpp" or "torch".
+
+    Raises:
+        ValueError: `name` is not one of those.
+        BackendUnavailable: the named backend cannot run here; the message says why.
     """
     global _selected_lib, _plan
     if name not in BACKEND_CHOICES:

@@ -3,7 +3,7 @@
 The extension defines every dsd op again in a private namespace, `dsd_cpp` (csrc/ops.cpp),
 with the CPU kernels; `load()` hands those ops to backends/__init__.py, which registers them
 for the CPU dispatch key of `dsd` while this backend is selected. The same library is also a
-Python module (`python_module()`) with the host helpers of other backends (csrc/describe.cpp).
+Python module whose host helpers (csrc/describe.cpp) `load()` installs in dsd_kernels.host.
 
 The sources are csrc/ of a checkout, or dsd_kernels/csrc/ of an installed wheel. The
 just-in-time build runs ninja through `torch.utils.cpp_extension.load` in a per-user cache:
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 
+from .. import host
 from .._ops import OPS
 from . import Backend, BackendUnavailable
 
@@ -90,12 +91,9 @@ def fingerprint(isa: str) -> str:
     return digest.hexdigest()
 
 
-_module = None  # the loaded library as a Python module
-
-
 def load() -> Backend:
-    """Load the kernels (building them if needed) or raise BackendUnavailable saying why."""
-    global _module
+    """Load the kernels (building them if needed) or raise BackendUnavailable saying why;
+    installs the library's host helpers in dsd_kernels.host."""
     isa = vector_isa()
     prebuilt = _prebuilt_library(isa)
     if prebuilt is not None:
@@ -110,20 +108,10 @@ def load() -> Backend:
     # The library loaded above, imported again for its Python functions: the same file, so
     # the loader hands back the same handle and the op registrations run once.
     spec = importlib.util.spec_from_file_location(name, library)
-    _module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(_module)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    host.use_library(module)
     return Backend({op: getattr(torch.ops.dsd_cpp, op) for op in OPS}, ("CPU",))
-
-
-def python_module():
-    """The extension's Python functions (loading the backend if needed); raises
-    BackendUnavailable saying why they cannot be had."""
-    from . import _load
-
-    loaded = _load("cpp")
-    if isinstance(loaded, BackendUnavailable):
-        raise loaded
-    return _module
 
 
 def _prebuilt_library(isa: str) -> Path | None:

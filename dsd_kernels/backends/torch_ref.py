@@ -1,14 +1,14 @@
 """Pure-torch reference kernels: the fallback on every device and the oracle of the tests.
 
 Written for obvious correctness, not speed: each op is a few whole-tensor torch calls.
-Inputs arrive validated by the public API (`dsd_kernels/__init__.py`).
+Inputs arrive validated by the public API (`dsd_kernels/functional.py`).
 """
 
 import math
 
 import torch
 
-from .._ops import magnitude_dtype, pruned_count
+from .._ops import magnitude_dtype
 
 
 def _magnitudes(x: torch.Tensor) -> torch.Tensor:
@@ -53,10 +53,10 @@ def _prune_masks(xs, k):
     return masks
 
 
-def magnitude_masks(xs, sparsity, scope):
+def magnitude_masks(xs, ks, scope):
     if scope == "layer":
-        return [_prune_masks([x], pruned_count(sparsity, x.numel()))[0] for x in xs]
-    return _prune_masks(xs, pruned_count(sparsity, sum(x.numel() for x in xs)))
+        return [_prune_masks([x], k)[0] for x, k in zip(xs, ks)]
+    return _prune_masks(xs, ks[0])
 
 
 def apply_masks_(xs, masks):

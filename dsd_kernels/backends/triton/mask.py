@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import _ops
 from . import tables
 from .tables import blocks_end, column_pointer, lanes
 from .threshold import magnitude_pattern, radix_select
@@ -88,17 +87,13 @@ def _mask_kernel(rows_ptr, masks_ptr, chunk_rows_ptr, chunk_starts_ptr, pruned_p
 _TABLES = tables.Cache()
 
 
-def magnitude_masks(xs, sparsity, scope):
+def magnitude_masks(xs, ks, scope):
     device = xs[0].device
     # Ties are ranked by logical flat index, which is memory order only when contiguous.
     xs_logical = [x.contiguous() for x in xs]
     masks = [torch.empty(x.shape, dtype=torch.bool, device=device) for x in xs]
-    if scope == "layer":
-        prune = [_ops.pruned_count(sparsity, x.numel()) for x in xs]
-        segments = list(range(len(xs)))
-    else:
-        prune = [_ops.pruned_count(sparsity, sum(x.numel() for x in xs))]
-        segments = [0] * len(xs)
+    prune = list(ks)
+    segments = list(range(len(xs))) if scope == "layer" else [0] * len(xs)
     if not any(prune):
         return [mask.fill_(True) for mask in masks]
     thresholds, ties_to_prune = radix_select(xs_logical, [max(k, 1) for k in prune], segments)

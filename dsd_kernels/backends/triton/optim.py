@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import host
 from . import tables
 from .convert import from_fp32, to_fp32
 from .tables import blocks_end, column_pointer, lanes
@@ -136,7 +137,7 @@ class _Tables:
         """Per group, the gradients' address table and whether all the group's addresses are
         aligned; built again only when the gradients moved or changed layout. Gradients in
         another layout than their parameter's are staged (and their tables never kept)."""
-        described = tables.describe([grads])
+        described = host.describe_tensors([grads])
         if described == self._grads[0]:
             return self._grads[1]
         if tuple(map(_STRIDES, grads)) != self.strides:
@@ -154,7 +155,7 @@ def _step(params, grads, states, masks, grad_scale, hyper, **flags):
     moved; tensors in another layout than their parameter's are staged and written back."""
     device = params[0].device
     staging = tables.Staging()
-    key = tables.describe([params, *states, masks])
+    key = host.describe_tensors([params, *states, masks])
     step_tables = _TABLES.get(key)
     if step_tables is None:
         params = [staging.dense(p, written=True) for p in params]

@@ -11,14 +11,13 @@ synchronising with the device. Elements are visited in memory order: each tensor
 dense in memory (`dense_in_memory`); callers stage other tensors through a dense copy.
 
 Building tables costs host time per tensor, so an op keeps them in a `Cache` and builds them
-again only when the tensors they describe change (`describe`). Addresses that change with every call
+again only when the tensors they describe change (`dsd_kernels.host.describe_tensors`).
+Addresses that change with every call
 (gradients, freshly allocated outputs) live in their own small tables (`address_tables`),
 and the scalars of a call (learning rate, bias corrections) are kernel arguments.
 """
 
 import contextlib
-import logging
-from collections.abc import Hashable
 from typing import NamedTuple
 
 import torch
@@ -116,54 +115,6 @@ def address_tables(device, groups: list[Group], addresses: tuple[int, ...],
                for group in groups]
     on_device = upload(device, *host, *extra)
     return on_device[:len(groups)], aligned, on_device[len(groups):]
-
-
-def describe(lists) -> Hashable:
-    """A key equal for two calls exactly when the lists hold tensors (or None) at the same
-    addresses, with the same devices, dtypes, sizes and strides: read in C++ by the C++
-    backend's library (one pass, no Python per tensor), else in Python."""
-    global _describe
-    if _describe is None:
-        _describe = _describe_function()
-    return _describe(lists)
-
-
-class Description:
-    """describe's key as the C++ library gives it: hashed as it was read, compared as bytes."""
-
-    __slots__ = ("_hash", "_bytes")
-
-    def __init__(self, described: tuple[int, bytes]):
-        self._hash, self._bytes = described
-
-    def __hash__(self):
-        return self._hash
-
-    def __eq__(self, other):
-        return type(other) is Description and self._bytes == other._bytes
-
-
-def describe_in_python(lists) -> tuple:
-    """describe's key read in Python, where the C++ library cannot be had."""
-    return tuple(tuple(None if t is None else (t.device, t.dtype, t.data_ptr(), t.shape,
-                                               t.stride()) for t in tensors)
-                 for tensors in lists)
-
-
-def _describe_function():
-    from .. import BackendUnavailable, cpp
-
-    try:
-        describe_tensors = cpp.python_module().describe_tensors
-    except BackendUnavailable as reason:
-        logging.getLogger("dsd_kernels").info(
-            "dsd_kernels: the Triton backend reads its launch tables' keys in Python (%s)",
-            reason)
-        return describe_in_python
-    return lambda lists: Description(describe_tensors(lists))
-
-
-_describe = None  # describe's implementation, chosen on its first call
 
 
 class Cache(dict):

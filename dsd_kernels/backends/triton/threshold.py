@@ -1,51 +1,14 @@
-"""Exact k-th smallest |x| over a list of tensors: a sampled bracket, then radix select on
-fp32 bit patterns.
+"""Exact k-th smallest |x| over a list of tensors: a sampled bracket, then radix passes over
+fp32 bit patterns of |x|, with survivor compaction. Nothing synchronises with the host: prefix,
+rank and each segment's mode stay in device buffers, and the host launches the same kernels
+whatever the outcome.
 
-Non-negative floats order exactly like their bit patterns read as integers, and fp16/bf16
-magnitudes are exact in fp32, so the k-th smallest |x| is the k-th smallest 31-bit pattern of
-|x| (sign cleared, so -0.0 is +0.0). It is found one digit at a time from the top: a pass
-histograms one digit of the patterns that still share the prefix chosen so far (a local
-`tl.histogram` per program, flushed to global memory once per program), then one program per
-segment picks the digit whose cumulative count reaches the wanted rank, appends it to the
-prefix and makes the rank relative to that digit. Prefix and rank stay in device buffers
-between passes: a threshold costs no host synchronisation at all.
-
-Survivor compaction. Once a segment's candidate bucket is small, later passes need not read
-the tensors again. After each pass, the select program knows the bucket's exact size; when
-it is at most the segment's survivor capacity (a quarter of its elements) and at least one
-pass would follow the next one, the segment is marked: in the next pass its histogram
-programs also append the candidates' int32 patterns to the segment's region of a survivor
-buffer (one relaxed atomic slot reservation per block of candidates, then a scattered store;
-the order of survivors is arbitrary, which changes neither the k-th value nor its rank), and
-the passes after that read only those survivors. The decision is made on the device from
-device values: the host launches the same kernels either way, and programs of a segment
-that does not need them return at once. A segment whose bucket stays over capacity keeps
-reading its tensors (the fallback). Reads per threshold, with b1 and b2 the bucket sizes
-after passes 1 and 2 as a share of the segment:
-- fp32 (4 digits): 2 full reads + a write and 2 reads of the b1 survivors when b1 <= 1/4;
-  else 3 full reads + a write and a read of the b2 survivors when b2 <= 1/4 (the common
-  case for trained weights: the top 7 bits only split binade pairs, b2 is ~1% or less);
-  else 4 full reads (data tied in all but the last digit).
-- fp16 (3 digits): 2 full reads + a write and a read of the survivors when b1 <= 1/4,
-  else 3 full reads.
-- bf16 (2 digits): 2 full reads; no pass is left to profit from compaction.
-A list of mixed dtypes takes the passes of its widest dtype. Survivors are int32 patterns,
-4 bytes each: for 16-bit tensors a survivor costs twice an element of the tensor.
-
-The bracket. A segment of more than radix.BRACKETED_NUMEL keys first samples blocks of its
-keys (radix.sample_begins: the C++ kernels' rule), sorts the sample (one torch.sort for all
-segments) and takes as [lo, hi] the sample's order statistics around where the k-th smallest
-is expected (radix.bracket_ranks). One pass over the tensors counts the keys below lo, at lo
-and at hi and appends those strictly inside to the survivors; the decision kernel then knows
-whether the k-th smallest is lo or hi (done), among the survivors (the radix passes read only
-them, from the first digit on), or elsewhere (a miss: the radix passes over the tensors, as
-above). The common case reads the tensors once.
+See docs/design.md, The bracket and Radix passes (survivor compaction, reads per threshold).
 
 A segment is a set of tensors ranked together: one per tensor for scope="layer", one for all
-of them for scope="global" and for `kth_smallest_abs`. The tensors are read where they lie
-(dense ones in memory order: the order does not change a k-th value), never concatenated.
-Tables that depend only on the tensors and their segments are cached (tables.Cache); the
-ranks, which the select kernel updates, are sent with each call.
+of them for scope="global" and for `kth_smallest_abs`. The tensors are read where they lie,
+never concatenated. Tables that depend only on the tensors and their segments are cached
+(tables.Cache); the ranks, which the select kernel updates, are sent with each call.
 """
 
 from typing import NamedTuple

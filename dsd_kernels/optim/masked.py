@@ -1,48 +1,57 @@
-"""Drop-in masked versions of torch.optim.SGD, Adam and AdamW.
-
-Each subclasses its torch.optim class, so the constructor, defaults, param groups, state
-layout and state_dict format are torch's own, and LR schedulers, GradScaler and checkpoints
-work unchanged. `step` runs one fused masked update per device and param group: a pruned
-weight and its optimizer state are exactly 0 after every step, whatever the gradient. Its
-checks and bucketing are kept per param group and reused while nothing they were built from
-has changed (`_Plan`), so a step in a training loop costs little host time per tensor.
-
-    opt = MaskedAdamW(model.parameters(), lr=1e-3)
-    opt.set_masks({model.fc.weight: mask})   # prunes now; the mask holds until cleared
-    opt.clear_masks()                        # pruned weights regrow from 0, with 0 state
-
-An optimizer that already exists (held by a scheduler, a GradScaler, Lightning, Accelerate)
-is converted in place by `make_masked_(opt)`: the same object becomes masked.
+"""The masked optimizers: torch.optim's SGD, Adam and AdamW whose step keeps pruned weights
+and their optimizer state exactly 0 (docs/design.md, The masked optimizers).
 
 A param group may carry `LR_SCALE` ("dsd_lr_scale", default 1): the step uses
 `lr * group[LR_SCALE]`. DSD's re-dense LR factor lives there, so it composes with any LR
 scheduler, which owns `lr` and may set it to absolute values every step.
 """
 
-import types
 from collections.abc import Mapping
-from itertools import chain, compress, repeat
-from operator import attrgetter, is_, is_not, itemgetter
+from itertools import compress
+from operator import attrgetter
 
 import torch
 
-from . import _checks
-from .backends import ensure_selected, loaded_cpp_module
-from .distributed import local_tensor
-from .functional import apply_masks_
+from .. import _checks
+from ..backends import ensure_selected
+from ..distributed import local_tensor
+from ..functional import apply_masks_
+from .plan import PLAIN, Bucket, Plan
 
 _ops = torch.ops.dsd
 
 LR_SCALE = "dsd_lr_scale"  # param-group key: the step's learning rate is lr * group[LR_SCALE]
 
-_GRAD, _DTYPE, _DEVICE, _LAYOUT = map(attrgetter, ("grad", "dtype", "device", "layout"))
-_PLAIN = {torch.Tensor, torch.nn.Parameter}  # types the kernels take as they are
+_GRAD, _DTYPE, _DEVICE = map(attrgetter, ("grad", "dtype", "device"))
 _CPU = torch.device("cpu")
 
 
 def step_lr(group: dict) -> float:
     """The learning rate a masked step uses for a param group: lr x its LR_SCALE."""
     return float(group["lr"]) * float(group.get(LR_SCALE, 1.0))
+
+
+def _parameter(index: int, i: int, names) -> str:
+    """How errors call parameter i of param group `index`."""
+    return f"param group {index}, parameter {i}" + (f" ({names[i]!r})" if names else "")
+
+
+def _dtype_error(what: str, dtype: torch.dtype) -> ValueError:
+    return ValueError(f"{what} has dtype {dtype}; the masked optimizers support float32, "
+                      "float16 and bfloat16")
+
+
+def refuse_unsupported_dtypes(params: list, index: int, names=None) -> None:
+    """A ValueError naming the first of `params` (param group `index`'s tensors, or torch's
+    (name, tensor) pairs) whose dtype the masked step cannot update."""
+    for i, p in enumerate(params):
+        if isinstance(p, tuple) and len(p) == 2:
+            (name, p), names = p, None
+            what = f"{_parameter(index, i, None)} ({name!r})"
+        else:
+            what = _parameter(index, i, names)
+        if isinstance(p, torch.Tensor) and p.dtype not in _checks.FLOAT_DTYPES:
+            raise _dtype_error(what, p.dtype)
 
 
 class _Masked:
@@ -55,13 +64,26 @@ class _Masked:
     # they read them, instead of a separate unscale pass over every gradient.
     _step_supports_amp_scaling = True
     _state_names: tuple[str, ...] = ()  # state tensors zeroed with the weight when pruned
-    _plans: list | tuple = ()  # per param group, its last step's _Plan (None: not reusable)
+    _plans: list | tuple = ()  # per param group, its last step's Plan (None: not reusable)
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group (the constructor's groups pass here too), refusing the
-        flags the masked step does not implement."""
-        _refuse_unsupported({**self.defaults, **param_group},
-                            f"param group {len(self.param_groups)}")
+        flags the masked step does not implement and parameters of other dtypes than
+        float32, float16 and bfloat16, with the optimizer unchanged.
+
+        Raises:
+            ValueError: a flag (amsgrad, capturable, differentiable) is on, or a parameter has
+                an unsupported dtype (the message names its group, position and dtype).
+        """
+        index = len(self.param_groups)
+        _refuse_unsupported({**self.defaults, **param_group}, f"param group {index}")
+        params = param_group.get("params")
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif params is not None and not isinstance(params, set):  # torch refuses those
+            params = param_group["params"] = list(params)  # torch's own first step: read once
+        if isinstance(params, list):
+            refuse_unsupported_dtypes(params, index, param_group.get("param_names"))
         super().add_param_group(param_group)
 
     def _init_group(self, *args, **kwargs):
@@ -184,7 +206,7 @@ class _Masked:
         names = group.get("param_names")
 
         def what(i):
-            return f"param group {index}, parameter {i}" + (f" ({names[i]!r})" if names else "")
+            return _parameter(index, i, names)
 
         for i, p in enumerate(group["params"]):
             if p.grad is None:
@@ -193,14 +215,13 @@ class _Masked:
                 raise ValueError(f"{what(i)} has a sparse gradient; the masked optimizers need "
                                  "dense gradients")
             if p.dtype not in _checks.FLOAT_DTYPES:
-                raise ValueError(f"{what(i)} has dtype {p.dtype}; supported: float32, float16, "
-                                 "bfloat16")
+                raise _dtype_error(what(i), p.dtype)
             mask = self._masks.get(p)
             if mask is not None and mask.device != p.device:
                 raise ValueError(f"the mask of {what(i)} is on {mask.device} but the parameter "
                                  f"moved to {p.device}; call set_masks again after moving it")
 
-    def _plan(self, group: dict, grads: list) -> "_Plan":
+    def _plan(self, group: dict, grads: list) -> "Plan":
         """The plan of a checked group's step: its params with gradients bucketed per (device,
         kind of step), with the state a first step needs created."""
         has_grad = tuple(g is not None for g in grads)
@@ -212,14 +233,14 @@ class _Masked:
             created |= new
             bucket = buckets.get((p.device, key))
             if bucket is None:
-                bucket = buckets[(p.device, key)] = _Bucket(p.device, key, len(names))
+                bucket = buckets[(p.device, key)] = Bucket(p.device, key, len(names))
             bucket.positions.append(i)
             bucket.params.append(p)
             bucket.masks.append(self._masks.get(p))
             bucket.state_dicts.append(state)
             for column, name in zip(bucket.states, names):
                 column.append(state[name])
-        plain = set(map(type, compress(grads, has_grad))) <= _PLAIN
+        plain = set(map(type, compress(grads, has_grad))) <= PLAIN
         for bucket in buckets.values():
             plain &= bucket.to_local()
         # A plan made while creating state would not be made again (SGD's first step is a
@@ -229,126 +250,10 @@ class _Masked:
         if reusable:
             for bucket in buckets.values():
                 self._share_state(bucket)
-        return _Plan(self, group, grads, has_grad, present, list(buckets.values()), reusable)
+        return Plan(self, group, grads, has_grad, present, list(buckets.values()), reusable)
 
-    def _share_state(self, bucket: "_Bucket") -> None:
+    def _share_state(self, bucket: "Bucket") -> None:
         """Lay out the state of a reusable plan's bucket for cheap steps (Adam's step counts)."""
-
-
-class _Bucket:
-    """The tensors of one fused launch, as the kernels see them (an FSDP2 parameter's local
-    shard): a group's params with gradients on one device, for SGD also of one kind of step."""
-
-    def __init__(self, device: torch.device, key, states: int):
-        self.device, self.key = device, key
-        self.positions = []  # where its params are in the group's list of those with gradients
-        self.params, self.masks, self.state_dicts = [], [], []
-        self.states = [[] for _ in range(states)]  # per entry of the optimizer's _read_state
-        self.counts = None  # Adam's step counts as one tensor, when _shared_counts made it
-
-    def to_local(self) -> bool:
-        """Replace DTensors by their local shards; whether every tensor was plain already."""
-        plain = True
-        for tensors in (self.params, *self.states):
-            if not set(map(type, tensors)) <= _PLAIN:
-                local = list(map(local_tensor, tensors))
-                plain &= all(map(is_, local, tensors))
-                tensors[:] = local
-        return plain
-
-
-class _Plan:
-    """A param group's checked and bucketed step, reused by the next step while everything
-    it was built from is unchanged (`matches`): a training loop then pays a few passes in C
-    over the group's tensors per step instead of the checks and bucketing in Python.
-
-    A plan holds what it was built from, so none of it is freed and its id reused, and
-    compares it by identity: the group and its params, the masks dict (set_masks, clear_masks
-    and load_state_dict assign a new one, never change one), each param's state dict and
-    every state tensor the step reads. The kinds of the params and gradients (`_kinds`:
-    which params have a gradient, Python types, layouts, devices and dtypes; `p.data = ...`
-    changes those of the same object) are compared as a key. Gradients are taken anew on
-    every step; lr, betas, weight decay and the other hyper-parameters are read by every
-    launch and are no part of a plan.
-    """
-
-    def __init__(self, optimizer, group, grads, has_grad, present, buckets, reusable):
-        self.has_grad, self.buckets, self.reusable = has_grad, buckets, reusable
-        if reusable:  # what `matches` compares
-            self.group, self.params = group, list(group["params"])
-            self.masks = optimizer._masks
-            self.kinds = _kinds(self.params, grads)
-            self.present, self.present_dicts = present, [optimizer.state[p] for p in present]
-            self._remember_state(optimizer.state)
-            self.state_names = optimizer._read_state(group)
-            self.state = _state_tensors(self.present_dicts, self.state_names)
-
-    def matches(self, optimizer, group: dict, grads: list) -> bool:
-        """Would a plan built now for this group and these gradients be this one?"""
-        params, state = group["params"], optimizer.state
-        if (group is not self.group or optimizer._masks is not self.masks
-                or len(params) != len(self.params) or not all(map(is_, params, self.params))
-                or _kinds(params, grads) != self.kinds
-                or optimizer._read_state(group) != self.state_names):
-            return False
-        # The state as the plan last saw it (the same keys and dicts in the same order) holds
-        # the dicts the plan read, known without a lookup per param (each hashes a tensor in
-        # Python); after any other change (another group's new entries) they are looked up.
-        if (state is not self.state_mapping or len(state) != len(self.state_keys)
-                or not all(map(is_, state, self.state_keys))
-                or not all(map(is_, state.values(), self.state_values))):
-            if not all(map(is_, map(state.get, self.present), self.present_dicts)):
-                return False
-            self._remember_state(state)
-        tensors = _state_tensors(self.present_dicts, self.state_names)
-        return tensors is not None and all(map(is_, tensors, self.state))
-
-    def _remember_state(self, state: Mapping) -> None:
-        self.state_mapping = state
-        self.state_keys, self.state_values = list(state), list(state.values())
-
-    def launches(self, grads: list):
-        """(bucket, its gradients as the kernels see them) for this step's gradients."""
-        grads = list(compress(grads, self.has_grad))
-        if not self.reusable:
-            grads = list(map(local_tensor, grads))
-        if len(self.buckets) == 1:
-            return [(self.buckets[0], grads)]
-        return [(b, [grads[i] for i in b.positions]) for b in self.buckets]
-
-
-def _state_tensors(dicts: list, names: tuple[str, ...]) -> list | None:
-    """The entries `names` of every state dict, in one list; None if one is missing."""
-    if not names:
-        return []
-    try:
-        values = list(map(itemgetter(*names), dicts))
-    except KeyError:
-        return None
-    return list(chain.from_iterable(values)) if len(names) > 1 else values
-
-
-def _kinds(params: list, grads: list):
-    """A key equal for two steps exactly when the same params have gradients and the params
-    and gradients have the same Python types, layouts, devices and dtypes: read in one pass
-    by the C++ library where it is loaded (`tensor_kinds`), else in Python."""
-    global _tensor_kinds
-    if _tensor_kinds is None:
-        module = loaded_cpp_module()
-        if module is None:
-            return _kinds_in_python(params, grads)
-        _tensor_kinds = module.tensor_kinds
-    return _tensor_kinds([params, grads])
-
-
-def _kinds_in_python(params: list, grads: list) -> tuple:
-    has_grad = tuple(map(is_not, grads, repeat(None)))
-    present = list(compress(grads, has_grad))
-    return (has_grad, *(tuple(map(kind, tensors)) for tensors in (params, present)
-                        for kind in (type, _LAYOUT, _DEVICE, _DTYPE)))
-
-
-_tensor_kinds = None  # the C++ library's tensor_kinds, once it is found loaded
 
 
 def _in_layout_of(mask: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -375,7 +280,23 @@ def _scale_on(grad_scale, device):
 
 
 class MaskedSGD(_Masked, torch.optim.SGD):
-    """torch.optim.SGD whose step keeps masked-out weights and momentum exactly 0."""
+    """torch.optim.SGD whose step keeps masked-out weights and momentum exactly 0.
+
+    Constructor, defaults, param groups, state and state_dict are torch.optim.SGD's (plus a
+    "masks" entry); `set_masks` prunes and fixes the masks, `clear_masks` lifts them.
+
+    Args:
+        params: parameters or param groups, as torch.optim.SGD takes them.
+        lr, momentum, dampening, weight_decay, nesterov, maximize: torch.optim.SGD's.
+        foreach, fused: accepted for drop-in use and ignored: the masked step is always one
+            fused pass.
+        differentiable: must be False.
+
+    Raises:
+        ValueError: a parameter of another dtype than float32, float16 and bfloat16 (named by
+            group and position); differentiable turned on; or torch.optim.SGD's own checks
+            of the hyper-parameters.
+    """
 
     _state_names = ("momentum_buffer",)
 
@@ -444,7 +365,7 @@ class _MaskedAdamStep(_Masked):
             bool(group["maximize"]), _scale_on(grad_scale, bucket.device))
 
 
-def _shared_counts(bucket: _Bucket) -> torch.Tensor | None:
+def _shared_counts(bucket: Bucket) -> torch.Tensor | None:
     """A bucket's Adam step counts moved into one tensor, each state["step"] now a 0-d view
     of it, so that a step counts them with one add (a foreach add over CPU scalars is one
     kernel per tensor) and reads them with one copy. Returns it; None, leaving the counts as
@@ -461,7 +382,23 @@ def _shared_counts(bucket: _Bucket) -> torch.Tensor | None:
 
 
 class MaskedAdam(_MaskedAdamStep, torch.optim.Adam):
-    """torch.optim.Adam whose step keeps masked-out weights and both moments exactly 0."""
+    """torch.optim.Adam whose step keeps masked-out weights and both moments exactly 0.
+
+    Constructor, defaults, param groups, state and state_dict are torch.optim.Adam's (plus a
+    "masks" entry); `set_masks` prunes and fixes the masks, `clear_masks` lifts them.
+
+    Args:
+        params: parameters or param groups, as torch.optim.Adam takes them.
+        lr, betas, eps, weight_decay, maximize, decoupled_weight_decay: torch.optim.Adam's.
+        amsgrad, capturable, differentiable: must be False.
+        foreach, fused: accepted for drop-in use and ignored: the masked step is always one
+            fused pass.
+
+    Raises:
+        ValueError: a parameter of another dtype than float32, float16 and bfloat16 (named by
+            group and position); amsgrad, capturable or differentiable turned on; or
+            torch.optim.Adam's own checks of the hyper-parameters.
+    """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
@@ -473,7 +410,23 @@ class MaskedAdam(_MaskedAdamStep, torch.optim.Adam):
 
 
 class MaskedAdamW(_MaskedAdamStep, torch.optim.AdamW):
-    """torch.optim.AdamW whose step keeps masked-out weights and both moments exactly 0."""
+    """torch.optim.AdamW whose step keeps masked-out weights and both moments exactly 0.
+
+    Constructor, defaults, param groups, state and state_dict are torch.optim.AdamW's (plus a
+    "masks" entry); `set_masks` prunes and fixes the masks, `clear_masks` lifts them.
+
+    Args:
+        params: parameters or param groups, as torch.optim.AdamW takes them.
+        lr, betas, eps, weight_decay, maximize: torch.optim.AdamW's.
+        amsgrad, capturable, differentiable: must be False.
+        foreach, fused: accepted for drop-in use and ignored: the masked step is always one
+            fused pass.
+
+    Raises:
+        ValueError: a parameter of another dtype than float32, float16 and bfloat16 (named by
+            group and position); amsgrad, capturable or differentiable turned on; or
+            torch.optim.AdamW's own checks of the hyper-parameters.
+    """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
@@ -481,70 +434,3 @@ class MaskedAdamW(_MaskedAdamStep, torch.optim.AdamW):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          capturable=capturable, differentiable=differentiable)
         self._masks = {}
-
-
-_MASKED_VERSION = {torch.optim.SGD: MaskedSGD, torch.optim.Adam: MaskedAdam,
-                   torch.optim.AdamW: MaskedAdamW}
-def make_masked_(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Turn a torch.optim SGD, Adam or AdamW into its masked class in place; returns it.
-
-    The object stays the same, with the same param groups and state, so whatever holds it (an
-    LR scheduler, a GradScaler, Lightning's or Accelerate's wrapper, the user's own variable)
-    now drives the masked step; a step wrapper an LR scheduler put on the object is pointed at
-    the masked step. A masked optimizer is returned as it is. Anything else, or a group using
-    amsgrad, capturable or differentiable, is refused with nothing modified.
-    """
-    if isinstance(optimizer, _Masked):
-        return optimizer
-    masked_class = _MASKED_VERSION.get(type(optimizer))
-    if masked_class is None:
-        kind = type(optimizer)
-        raise TypeError(
-            f"cannot mask {kind.__module__}.{kind.__qualname__}: only torch.optim SGD, Adam and "
-            "AdamW (converted in place) and dsd_kernels' MaskedSGD/MaskedAdam/MaskedAdamW keep "
-            "the optimizer state of pruned weights at zero; other optimizers would regrow them")
-    _refuse_unsupported(optimizer.defaults, "the optimizer's defaults")
-    for i, group in enumerate(optimizer.param_groups):
-        _refuse_unsupported(group, f"param group {i}")
-    old_step = type(optimizer).step  # hooked by torch.optim; __wrapped__ is torch's own step
-    old_steps = [old_step, getattr(old_step, "__wrapped__", old_step)]
-    redirect = _step_references(optimizer, old_steps)
-    optimizer.__class__ = masked_class
-    optimizer._masks = {}
-    optimizer._patch_step_function()  # torch's step hooks and profiling, as at construction
-    redirect(masked_class.step)
-    return optimizer
-
-
-def _step_references(optimizer, old_steps):
-    """Find where a step wrapper on the instance (an LR scheduler's) holds the old class's
-    step; returns a function that points those references at a new step function."""
-    wrapper = optimizer.__dict__.get("step")
-    if wrapper is None:
-        return lambda new_step: None
-
-    def refers_to_old(value):
-        if isinstance(value, types.MethodType) and value.__self__ is optimizer:
-            value = value.__func__
-        return any(value is old for old in old_steps)
-
-    if refers_to_old(wrapper):  # a bound method stored on the instance
-        return lambda new_step: setattr(optimizer, "step", types.MethodType(new_step, optimizer))
-    cells = [cell for cell in getattr(wrapper, "__closure__", None) or ()
-             if refers_to_old(_contents(cell))]
-    rewrap = refers_to_old(getattr(wrapper, "__wrapped__", None))
-
-    def redirect(new_step):
-        for cell in cells:
-            bound = isinstance(cell.cell_contents, types.MethodType)
-            cell.cell_contents = types.MethodType(new_step, optimizer) if bound else new_step
-        if rewrap:
-            wrapper.__wrapped__ = new_step
-    return redirect
-
-
-def _contents(cell):
-    try:
-        return cell.cell_contents
-    except ValueError:  # a closure variable not yet assigned
-        return None
