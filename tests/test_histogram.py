@@ -4,13 +4,13 @@ radix select driven over it (dsd_kernels.radix) against a sort."""
 import numpy as np
 import pytest
 import torch
-from _backends import per_backend
 from conftest import DTYPES
 
 import dsd_kernels  # noqa: F401  (defines the ops)
 from dsd_kernels import radix
 
 import _oracle
+from _backends import per_backend
 
 pytestmark = per_backend  # every test here runs on each backend
 

@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-from _backends import per_backend
 from conftest import DTYPES
 
 import dsd_kernels as dk
 
 import _oracle
+from _backends import per_backend
 
 pytestmark = per_backend  # every test here runs on each backend
 

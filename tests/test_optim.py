@@ -11,11 +11,12 @@ import io
 
 import pytest
 import torch
-from _backends import per_backend
 from conftest import DTYPES, TOLERANCES
 
 import dsd_kernels as dk
 from dsd_kernels import host
+
+from _backends import per_backend
 
 SHAPES = [(33, 17), (7,), (4, 3, 5), (1,)]
 STEPS = 100
