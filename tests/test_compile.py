@@ -1,4 +1,4 @@
-"""What torch.compile does with dsd_kernels (as the README states it): the raw ops trace
+"""What torch.compile does with dsd_kernels (docs/kernels.md, torch.compile): the raw ops trace
 into one graph; the public functions and the optimizers' step validate on the host (NaN
 checks, step counts) and so run as graph breaks inside a compiled function, with the same
 results as eager."""

@@ -232,7 +232,7 @@ def test_plan_validation(make, message):
 
 
 def test_user_epoch_loop_with_a_dataloader():
-    """The README's recipe: a few calls added to an ordinary loop."""
+    """The recipe of docs/training.md, Your own loop: a few calls added to an ordinary loop."""
     torch.manual_seed(3)
     x = torch.randn(256, 10)
     y = (x[:, :5].sum(1) > 0).long()
