@@ -2,7 +2,10 @@
 
 import json
 
-from dsd.train import TIMING_KEYS
+import pytest
+
+from dsd.config import RunConfig
+from dsd.train import TIMING_KEYS, recipe, train
 
 
 def metrics_rows(run_dir) -> list[dict]:
@@ -14,3 +17,20 @@ def untimed_rows(run_dir) -> list[dict]:
     """metrics.jsonl without the keys that time the machine: equal for equal runs."""
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS}
             for row in metrics_rows(run_dir)]
+
+
+def interrupted_run(run_dir, monkeypatch, stop_at, config: dict):
+    """`config` trained in run_dir and interrupted as a kill would at `stop_at` (arm name,
+    epoch index), leaving the last checkpoint before that epoch."""
+    train_epoch = recipe.train_epoch
+
+    def interrupted(arm, epoch, *args, **kwargs):
+        if (arm.name, epoch) == stop_at:
+            raise KeyboardInterrupt
+        return train_epoch(arm, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(recipe, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(RunConfig.from_mapping(config), run_dir, quiet=True)
+    monkeypatch.undo()
+    return run_dir

@@ -7,30 +7,17 @@ import pytest
 import torch
 
 from dsd.config import RunConfig
-from dsd.train import RunError, dry_run, recipe, train
+from dsd.train import RunError, dry_run, train
 from dsd.train.init_file import read_init
+
+from _runs import interrupted_run
 
 RUN = {"task": "digits", "phases": [1, 1, 1], "mlp_hidden": [8], "backend": "torch",
        "baseline": True}
 
 
-def _run(run_dir, monkeypatch=None, stop_at=None):
-    """Train RUN in run_dir; with `stop_at` (arm, epoch index), interrupt it there as a kill
-    would, leaving the last checkpoint before that epoch."""
-    if stop_at is not None:
-        train_epoch = recipe.train_epoch
-
-        def interrupted(arm, epoch, *args, **kwargs):
-            if (arm.name, epoch) == stop_at:
-                raise KeyboardInterrupt
-            return train_epoch(arm, epoch, *args, **kwargs)
-
-        monkeypatch.setattr(recipe, "train_epoch", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            train(RunConfig.from_mapping(RUN), run_dir, quiet=True)
-        monkeypatch.undo()
-    else:
-        train(RunConfig.from_mapping(RUN), run_dir, quiet=True)
+def _run(run_dir):
+    train(RunConfig.from_mapping(RUN), run_dir, quiet=True)
     return run_dir
 
 
@@ -65,7 +52,7 @@ def test_the_branch_checkpoint_gives_the_weights_after_the_first_dense_phase(fin
 
 
 def test_a_checkpoint_in_the_dsd_arm_gives_its_weights_and_phase(tmp_path, monkeypatch):
-    run = _run(tmp_path / "run", monkeypatch, stop_at=("dsd", 2))
+    run = interrupted_run(tmp_path / "run", monkeypatch, ("dsd", 2), RUN)
     last = run / "checkpoints" / "last.pt"
     init = read_init(str(last))
     assert _equal(init.state, torch.load(last, weights_only=True)["model"])
@@ -75,7 +62,7 @@ def test_a_checkpoint_in_the_dsd_arm_gives_its_weights_and_phase(tmp_path, monke
 
 def test_a_checkpoint_in_the_baseline_arm_is_refused_saying_what_to_pass(tmp_path,
                                                                          monkeypatch):
-    run = _run(tmp_path / "run", monkeypatch, stop_at=("baseline", 2))
+    run = interrupted_run(tmp_path / "run", monkeypatch, ("baseline", 2), RUN)
     last = run / "checkpoints" / "last.pt"
     with pytest.raises(RunError) as refused:
         read_init(str(last))

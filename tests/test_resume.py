@@ -5,24 +5,10 @@ import pytest
 from dsd.config import RunConfig
 from dsd.train import RunError, recipe, train
 
+from _runs import interrupted_run
+
 RUN = {"task": "digits", "phases": [1, 1, 1], "mlp_hidden": [8], "backend": "torch",
        "baseline": True}
-
-
-def _interrupted(run_dir, monkeypatch, stop_at, config=RUN):
-    """`config` in run_dir, interrupted at `stop_at` (arm, epoch index) as a kill would."""
-    train_epoch = recipe.train_epoch
-
-    def interrupted(arm, epoch, *args, **kwargs):
-        if (arm.name, epoch) == stop_at:
-            raise KeyboardInterrupt
-        return train_epoch(arm, epoch, *args, **kwargs)
-
-    monkeypatch.setattr(recipe, "train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(RunConfig.from_mapping(config), run_dir, quiet=True)
-    monkeypatch.undo()
-    return run_dir
 
 
 def _files(run_dir):
@@ -38,7 +24,7 @@ def _trains_nothing(monkeypatch):
 
 def test_a_missing_branch_checkpoint_is_refused_before_the_dsd_arm_trains(tmp_path,
                                                                            monkeypatch):
-    run = _interrupted(tmp_path / "run", monkeypatch, stop_at=("dsd", 2))
+    run = interrupted_run(tmp_path / "run", monkeypatch, ("dsd", 2), RUN)
     (run / "checkpoints" / "branch.pt").unlink()
     before = _files(run)
     _trains_nothing(monkeypatch)
@@ -50,7 +36,7 @@ def test_a_missing_branch_checkpoint_is_refused_before_the_dsd_arm_trains(tmp_pa
 
 def test_a_damaged_branch_checkpoint_is_refused_before_the_dsd_arm_trains(tmp_path,
                                                                            monkeypatch):
-    run = _interrupted(tmp_path / "run", monkeypatch, stop_at=("dsd", 2))
+    run = interrupted_run(tmp_path / "run", monkeypatch, ("dsd", 2), RUN)
     (run / "checkpoints" / "branch.pt").write_bytes(b"half a checkpoint")
     _trains_nothing(monkeypatch)
     with pytest.raises(RunError, match="^cannot resume: .*branch.pt is not a complete torch "
@@ -60,7 +46,7 @@ def test_a_damaged_branch_checkpoint_is_refused_before_the_dsd_arm_trains(tmp_pa
 
 def test_before_the_branch_the_branch_checkpoint_is_not_needed_yet(tmp_path, monkeypatch):
     config = {**RUN, "phases": [2, 1, 1]}  # the baseline branches off after epoch 2
-    run = _interrupted(tmp_path / "run", monkeypatch, stop_at=("dsd", 1), config=config)
+    run = interrupted_run(tmp_path / "run", monkeypatch, ("dsd", 1), config)
     assert (run / "checkpoints" / "last.pt").exists()
     assert not (run / "checkpoints" / "branch.pt").exists()
     summary = train(RunConfig.from_mapping(config), run, quiet=True)
@@ -68,7 +54,7 @@ def test_before_the_branch_the_branch_checkpoint_is_not_needed_yet(tmp_path, mon
 
 
 def test_a_missing_dsd_model_is_refused_before_the_baseline_arm_trains(tmp_path, monkeypatch):
-    run = _interrupted(tmp_path / "run", monkeypatch, stop_at=("baseline", 2))
+    run = interrupted_run(tmp_path / "run", monkeypatch, ("baseline", 2), RUN)
     (run / "model.pt").unlink()
     before = _files(run)
     _trains_nothing(monkeypatch)
