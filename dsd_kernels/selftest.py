@@ -322,15 +322,16 @@ def _check_optimizers(kernels, reference, xs, case, nonfinite):
     device = xs[0].device
     steps = [float(s) for s in (1, 2, 10, 1000, 3)[:len(params)]]
 
-    def run(kernel, state_count, call):
-        """The step on copies on the device and on CPU; both results, as host tensors."""
+    def run(op, state_count, call):
+        """The backend's step on copies on the device, the reference's on CPU; both results,
+        as host tensors."""
         results = []
-        for target in (device, torch.device("cpu")):
+        for fn, target in ((kernels[op], device), (reference[op], torch.device("cpu"))):
             ps = [p.clone().to(target) for p in params]
             gs = [g.clone().to(target) for g in grads]
             ss = [[s.clone().to(target) for s in state] for state in states[:state_count]]
             ms = [None if m is None else m.to(target) for m in masks]
-            call(kernel if target == device else reference[kernel], ps, gs, ss, ms, target)
+            call(fn, ps, gs, ss, ms, target)
             results.append(_cpu(ps + [s for state in ss for s in state]))
         return results
 
@@ -351,7 +352,7 @@ def _check_optimizers(kernels, reference, xs, case, nonfinite):
                 fn(ps, gs, ss[0] if ss else [], ms, hyper["lr"], hyper["momentum"],
                    hyper["dampening"], hyper["weight_decay"], hyper["nesterov"],
                    hyper["maximize"], scale)
-            compare(run(kernels["masked_sgd_"], state_count, call))
+            compare(run("masked_sgd_", state_count, call))
         yield "masked_sgd_", f"{name}: {case}", sgd
 
     for name, hyper in ADAM_VARIANTS.items():
@@ -363,7 +364,7 @@ def _check_optimizers(kernels, reference, xs, case, nonfinite):
                 fn(ps, gs, ss[0], ss[1], ms, steps, hyper["lr"], hyper["beta1"],
                    hyper["beta2"], hyper["eps"], hyper["weight_decay"], hyper["decoupled"],
                    hyper["maximize"], scale)
-            compare(run(kernels["masked_adam_"], 2, call))
+            compare(run("masked_adam_", 2, call))
         yield "masked_adam_", f"{name}: {case}", adam
 
 
