@@ -452,7 +452,13 @@ def run(devices=None, backends=None) -> list[dict]:
     return rows
 
 
+# The C++ backend serves CPU tensors only: not loaded (which may build it) for other devices.
+ONLY_ON = {"cpp": ("cpu",)}
+
+
 def _run_backend(name, devices, named) -> list[dict]:
+    if not set(devices) & set(ONLY_ON.get(name, devices)):
+        return []
     loaded = _load(name)
     if not isinstance(loaded, Backend):
         return [dict(backend=name, device="-", op="load", dtype="-", case="-", ok=False,

@@ -143,6 +143,11 @@ def test_a_named_backend_that_does_not_load_fails(monkeypatch, capsys):
     assert "FAIL cpp on -: load [-] -: no compiler here" in capsys.readouterr().out
 
 
+def test_cpp_is_not_loaded_for_cuda_alone(monkeypatch):
+    monkeypatch.setattr(selftest, "_load", lambda name: pytest.fail(f"{name} loaded"))
+    assert selftest.run(["cuda"], ["cpp"]) == []
+
+
 def test_json_report(tmp_path, capsys):
     path = tmp_path / "out" / "selftest.json"
     assert selftest.main(["--device", "cpu", "--backend", "torch", "--json", str(path)]) == 0
