@@ -78,7 +78,7 @@ def _signs(x: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def _ties(dtype):
-    """1,023 values of five magnitudes (both zeros among them): every k lands in a tie."""
+    """1,023 values of four magnitudes (both zeros among them): every k lands in a tie."""
     values = torch.tensor([0.0, -0.0, 0.25, -0.5, 0.5, 1.0, -1.0])
     return [values[torch.randint(0, 7, (1023,), generator=_generator(1))].to(dtype)]
 
@@ -272,8 +272,7 @@ def _same_bits_int(got, want):
 
 def _masks_for(xs, seed):
     gen = _generator(seed)
-    masks = [torch.rand(x.shape, generator=gen) < 0.6 for x in xs]
-    return masks
+    return [torch.rand(x.shape, generator=gen) < 0.6 for x in xs]
 
 
 def _check_apply(kernels, xs, case):
