@@ -8,6 +8,10 @@ dispatcher, not our code, decides which kernel runs.
 A backend module (`cpp`, `triton`) exposes `load() -> Backend` and raises
 `BackendUnavailable` with the reason when it cannot run here. Nothing is loaded at import:
 the first call of a public op selects `DSD_BACKEND` (default "auto").
+
+Under "auto", the Triton kernels are guarded: the first exception one raises on a device (it
+fails to compile or to launch there) is logged once, and from then on that device is served
+by the pure-torch kernels (docs/kernels.md, Safe "auto"). A named backend is never guarded.
 """
 
 import importlib
@@ -44,6 +48,11 @@ _loaded: dict[str, Backend | BackendUnavailable] = {}
 _selected_lib: torch.library.Library | None = None
 _plan: dict[str, str] | None = None  # dispatch key -> backend name, for keys not on torch
 _reported: set[str] = set()  # backends whose absence "auto" has already logged
+# What "auto" picks per dispatch key where it loads (CUDA only where a GPU is visible).
+AUTO_CHOICES = {"CPU": "cpp", "CUDA": "triton"}
+GUARDED = ("triton",)  # backends whose kernels "auto" guards
+_failed: dict[str, str] = {}  # dispatch key -> why its guarded kernels failed; torch serves it
+_proven: set[tuple[str, str]] = set()  # (op, key): an in-place guarded kernel has succeeded
 
 
 def _load(name: str) -> Backend | BackendUnavailable:
@@ -66,8 +75,9 @@ def available_backends() -> list[str]:
 
 def _auto_plan() -> dict[str, str]:
     plan = {}
-    candidates = [("CPU", "cpp")] + ([("CUDA", "triton")] if torch.cuda.is_available() else [])
-    for key, name in candidates:
+    for key, name in AUTO_CHOICES.items():
+        if (key == "CUDA" and not torch.cuda.is_available()) or key in _failed:
+            continue
         backend = _load(name)
         if isinstance(backend, Backend):
             plan[key] = name
@@ -101,8 +111,10 @@ def use_backend(name: str = "auto") -> None:
         if isinstance(chosen, BackendUnavailable):
             raise BackendUnavailable(f"backend {name!r} is not available: {chosen}")
         plan = _auto_plan()
+        guarded = {key for key, backend_name in plan.items() if backend_name in GUARDED}
         if chosen is not None:
             plan.update({key: name for key in chosen.dispatch_keys})
+            guarded -= set(chosen.dispatch_keys)
     if _selected_lib is not None:
         _selected_lib._destroy()
         _selected_lib = None
@@ -110,17 +122,83 @@ def use_backend(name: str = "auto") -> None:
         lib = torch.library.Library(NAMESPACE, "IMPL")
         for key, backend_name in plan.items():
             for op, kernel in _load(backend_name).kernels.items():
-                lib.impl(op, kernel, key)
+                lib.impl(op, _guarded(op, key, kernel) if key in guarded else kernel, key)
         _selected_lib = lib
     _plan = plan
+
+
+_DEVICES = {"CPU": "cpu", "CUDA": "cuda"}
+
+
+def _written_arguments(op: str) -> list[int]:
+    """Positions of the op's arguments it writes in place (Tensor(a!)[] in its schema)."""
+    schema = getattr(torch.ops.dsd, op).default._schema
+    return [i for i, argument in enumerate(schema.arguments)
+            if argument.alias_info is not None and argument.alias_info.is_write]
+
+
+def _guarded(op: str, key: str, kernel: Callable) -> Callable:
+    """`kernel` serving `key` under "auto": on its first failure, the pure-torch kernel
+    answers and serves the device from then on.
+
+    An op that writes only fresh outputs can always be answered again. One that writes its
+    inputs in place (apply_masks_, the optimizer steps) may have launched and written part of
+    them before a later launch failed, and cannot tell: answering again would apply the step
+    twice. So its first call on the device runs on a snapshot of what it writes, restored
+    before the reference answers; that is where a device on which Triton cannot compile or
+    launch fails. A later failure (a new specialization that fails to compile) switches the
+    device to torch too, and raises: that call's tensors may be partly updated.
+    """
+    reference = torch_ref.KERNELS[op]
+    written = _written_arguments(op)
+
+    def run(*args):
+        if key in _failed:
+            return reference(*args)
+        first = written and (op, key) not in _proven
+        snapshot = [[t.clone() for t in args[i]] for i in written] if first else None
+        try:
+            result = kernel(*args)
+        except Exception as error:
+            _fail(op, key, error)
+            if written and not first:
+                raise RuntimeError(
+                    f"dsd_kernels: the Triton {op} kernel failed on {_DEVICES[key]} after its "
+                    f"first use ({_first_line(error)}); the tensors of this call may be partly "
+                    f"updated. Later calls use the pure-torch kernels.") from error
+            for i, saved in zip(written, snapshot or []):
+                for t, s in zip(args[i], saved):
+                    t.copy_(s)
+            return reference(*args)
+        if first:
+            _proven.add((op, key))
+        return result
+
+    return run
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _fail(op: str, key: str, error: BaseException) -> None:
+    """Serve `key` with the pure-torch kernels from now on, saying why once."""
+    if key in _failed:
+        return
+    reason = _first_line(error)
+    _failed[key] = reason
+    if _plan is not None:
+        _plan.pop(key, None)
+    logger.warning("dsd_kernels: the Triton %s kernel failed on %s (%s); %s tensors use the "
+                   "pure-torch backend from now on", op, _DEVICES[key], reason, _DEVICES[key])
 
 
 def selected_backends() -> dict[str, str]:
     """The backend serving each device type, e.g. {"cpu": "cpp", "cuda": "triton"}."""
     ensure_selected()
-    devices = {"CPU": "cpu", "CUDA": "cuda"}
-    selected = {device: "torch" for device in devices.values()}
-    selected.update({devices[key]: name for key, name in _plan.items()})
+    selected = {device: "torch" for device in _DEVICES.values()}
+    selected.update({_DEVICES[key]: name for key, name in _plan.items()})
     return selected
 
 

@@ -121,7 +121,13 @@ def _parser() -> argparse.ArgumentParser:
     study_parser.add_argument("--work", type=Path, default=Path("runs/study"),
                               help="directory for the runs (an interrupted study resumes)")
 
-    commands.add_parser("info", help="show the version, device and dsd_kernels backends")
+    info_parser = commands.add_parser(
+        "info", help="show the version, device and dsd_kernels backends",
+        description="Show the versions, the device and the dsd_kernels backends.")
+    info_parser.add_argument("--check", action="store_true",
+                             help="then run the kernels' self-test (python -m "
+                                  "dsd_kernels.selftest) on every backend and device here; "
+                                  "exit status 1 if a check fails")
     return parser
 
 
@@ -187,8 +193,20 @@ def _study(args) -> int:
     return 0
 
 
-def _info() -> int:
+def _info(check: bool) -> int:
     import dsd_kernels
+
+    _print_info(dsd_kernels)
+    if not check:
+        return 0
+    from dsd_kernels import selftest
+
+    rows = selftest.run()
+    print(selftest.table(rows), end="")
+    return 0 if rows and all(row["ok"] for row in rows) else 1
+
+
+def _print_info(dsd_kernels) -> None:
 
     print(f"dsd {__version__}, torch {torch.__version__}, Python {platform.python_version()}")
     if torch.cuda.is_available():
@@ -202,10 +220,9 @@ def _info() -> int:
         selected = dsd_kernels.selected_backends()
     except (ValueError, dsd_kernels.BackendUnavailable) as reason:
         print(f"selected ({source}): none, ops would fail: {reason}")
-        return 0
+        return
     print(f"selected ({source}): "
           + ", ".join(f"{device} -> {name}" for device, name in selected.items()))
-    return 0
 
 
 def _attach_negative_values(argv: list[str]) -> list[str]:
@@ -243,7 +260,7 @@ def main(argv=None) -> int:
             return _train(args)
         if args.command == "study":
             return _study(args)
-        return _info()
+        return _info(args.check)
     except ValueError as error:  # RunError, config and plan errors: the message says it all
         _report(rank, f"dsd: error: {error}\n")
         return 2
