@@ -156,7 +156,9 @@ def _guarded(op: str, key: str, kernel: Callable) -> Callable:
         if key in _failed:
             return reference(*args)
         first = written and (op, key) not in _proven
-        snapshot = [[t.clone() for t in args[i]] for i in written] if first else None
+        # Kept in host memory: a step's tensors may be most of the device's memory.
+        snapshot = ([[t.to("cpu", copy=True) for t in args[i]] for i in written] if first
+                    else None)
         try:
             result = kernel(*args)
         except Exception as error:
