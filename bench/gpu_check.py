@@ -96,16 +96,16 @@ def plan(device: str, out: Path, work: Path) -> list[Step]:
     sized = ("--sizes", sizes, "--min-time", min_time)
     return [
         Step("environment", [py, "bench/_timing.py", "--device", device,
-                             "--out", str(work / "environment.json")], 20),
-        Step("cpp-build", [py, "-c", "import dsd_kernels; dsd_kernels.use_backend('cpp')"], 80),
+                             "--out", str(work / "environment.json")], 15),
+        Step("cpp-build", [py, "-c", "import dsd_kernels; dsd_kernels.use_backend('cpp')"], 75),
         Step("selftest", [py, "-m", "dsd_kernels.selftest", "--device", device,
                           "--json", str(out / "selftest.json")], 60, ("self-test",) + OPS),
         pytest("tests-ops", DEVICE_TESTS, 90, OPS, keyword=device),
-        pytest("tests-triton", TRITON_TESTS, 90, OPS + ("stream safety",)),
-        bench("threshold", 35, ("threshold",), *sized),
-        bench("mask", 35, ("masks", "apply masks"), *sized),
-        bench("optim", 35, ("SGD step", "AdamW step"), *sized),
-        bench("step_overhead", 35, ("AdamW step",), "--min-time", min_time),
+        pytest("tests-triton", TRITON_TESTS, 80, OPS + ("stream safety",)),
+        bench("threshold", 40, ("threshold",), *sized),
+        bench("mask", 40, ("masks", "apply masks"), *sized),
+        bench("optim", 40, ("SGD step", "AdamW step"), *sized),
+        bench("step_overhead", 40, ("AdamW step",), "--min-time", min_time),
     ]
 
 
@@ -191,6 +191,7 @@ class Run:
         env = dict(_environ(self.device, self.work, cpp_failed), **step.env)
         start = time.monotonic()
         with open(self.log_path, "a") as log:
+            offset = log.tell()
             log.write(f"\n===== {step.name} (budget {step.budget_s:g} s): "
                       f"{record['command']}\n")
             log.flush()
@@ -219,6 +220,11 @@ class Run:
         record.update(status=status, returncode=returncode,
                       seconds=round(time.monotonic() - start, 1))
         del record["pid"]
+        if status != "passed":  # the reason, at a glance
+            with open(self.log_path, errors="replace") as log:
+                log.seek(offset)
+                record["output_tail"] = [line for line in log.read().splitlines()
+                                         if line.strip()][-8:]
         if step.junit is not None:
             self.summary["tests"][step.name] = _tests(step.junit)
         if step.name == "environment" and status == "passed":
