@@ -68,7 +68,7 @@ def test_dry_run_prints_every_step_and_runs_nothing(tmp_path, capsys):
 def test_only_and_budget_overrides(tmp_path, capsys):
     gpu_check.main(["--dry-run", "--only", "selftest,bench-mask", "--budget", "selftest=7"])
     printed = capsys.readouterr().out
-    assert "2 steps, budgets 42 s in all" in printed
+    assert "2 steps, budgets 47 s in all" in printed
     for bad in (["--only", "nope"], ["--budget", "selftest=x"], ["--budget", "nope=3"]):
         with pytest.raises(SystemExit) as exit_:
             gpu_check.main(["--dry-run", *bad])
