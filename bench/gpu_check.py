@@ -150,14 +150,17 @@ def _tests(junit: Path) -> dict:
 class Run:
     """The steps of one run and the summary they fill in."""
 
-    def __init__(self, device: str, out: Path, work: Path):
+    def __init__(self, device: str, out: Path, work: Path, rerun: bool):
         self.device, self.out, self.work = device, out, work
         self.summary_path = out / "summary.json"
         self.log_path = out / "log.txt"
         self.summary = {"device": device, "environment": None, "steps": [], "tests": {},
                         "goals": [], "first_calls": []}
-        if self.summary_path.exists():  # a rerun of some steps keeps the others' records
+        if rerun and self.summary_path.exists():  # keeps the other steps' records
             self.summary.update(json.loads(self.summary_path.read_text()))
+        elif not rerun:  # nothing of an earlier run may pass for this one's
+            for name in ("summary.json", "log.txt", "selftest.json") + BENCH_FILES:
+                (out / name).unlink(missing_ok=True)
 
     def save(self) -> None:
         rows = {}
@@ -236,13 +239,14 @@ class Run:
         return status
 
 
-def run_steps(steps: list[Step], device: str, out: Path, work: Path) -> Run:
+def run_steps(steps: list[Step], device: str, out: Path, work: Path, rerun=False) -> Run:
     """Run the steps in order (all of them, whatever each one's outcome, unless the
     environment cannot be recorded: then nothing measured could say where it came from, or
-    the run is interrupted)."""
+    the run is interrupted). A rerun adds to the output folder's records; else the run
+    starts them afresh."""
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    run = Run(device, out, work)
+    run = Run(device, out, work, rerun)
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         for step in steps:
@@ -342,7 +346,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         dry_run(steps, device, out, work)
         return 0
-    run = run_steps(steps, device, out, work)
+    run = run_steps(steps, device, out, work, rerun=bool(args.only))
     report(run)
     passed = all(s.get("status") == "passed" for s in run.summary["steps"])
     return 0 if passed else 1
