@@ -64,7 +64,7 @@ class Step:
     budget_s: float
     covers: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
-    fresh_dirs: tuple[Path, ...] = ()  # emptied before the step runs
+    fresh: tuple[Path, ...] = ()  # files and folders removed before the step runs
     missing: tuple[str, ...] = ()  # files the step would take that this checkout lacks
     junit: Path | None = None
 
@@ -83,15 +83,16 @@ def plan(device: str, out: Path, work: Path) -> list[Step]:
         # Interpreted Triton cases take seconds each: the rehearsal runs the fast ones.
         command += ["-m", "not slow"] if rehearsal else []
         command += ["-k", keyword] if keyword else []
-        return Step(name, command + list(present), budget_s, covers,
+        return Step(name, command + list(present), budget_s, covers, fresh=(junit,),
                     missing=tuple(sorted(set(files) - set(present))), junit=junit)
 
     def bench(op, budget_s, covers, *options):
         cache = work / f"triton-{op}"  # empty: the first calls compile, as on a first use
+        rows = out / f"{op}.json"
         return Step(f"bench-{op.replace('_', '-')}",
                     [py, f"bench/bench_{op}.py", "--device", device, *options,
-                     "--out", str(out / f"{op}.json")], budget_s, covers,
-                    env={"TRITON_CACHE_DIR": str(cache)}, fresh_dirs=(cache,))
+                     "--out", str(rows)], budget_s, covers,
+                    env={"TRITON_CACHE_DIR": str(cache)}, fresh=(cache, rows))
 
     sized = ("--sizes", sizes, "--min-time", min_time)
     return [
@@ -99,7 +100,8 @@ def plan(device: str, out: Path, work: Path) -> list[Step]:
                              "--out", str(work / "environment.json")], 15),
         Step("cpp-build", [py, "-c", "import dsd_kernels; dsd_kernels.use_backend('cpp')"], 75),
         Step("selftest", [py, "-m", "dsd_kernels.selftest", "--device", device,
-                          "--json", str(out / "selftest.json")], 60, ("self-test",) + OPS),
+                          "--json", str(out / "selftest.json")], 60, ("self-test",) + OPS,
+             fresh=(out / "selftest.json",)),
         pytest("tests-ops", DEVICE_TESTS, 90, OPS, keyword=device),
         pytest("tests-triton", TRITON_TESTS, 80, OPS + ("stream safety",)),
         bench("threshold", 40, ("threshold",), *sized),
@@ -130,6 +132,17 @@ def _environ(device: str, work: Path, cpp_failed: bool) -> dict[str, str]:
     return env
 
 
+def _selftest(path: Path) -> dict:
+    """The self-test's verdict and its failing checks, from its JSON table."""
+    if not path.exists():
+        return {"error": "no JSON table (the self-test stopped before writing it)"}
+    table = json.loads(path.read_text())
+    rows = table.get("rows", [])
+    failed = [" ".join(str(r.get(k, "")) for k in ("backend", "device", "op", "dtype", "case"))
+              + f": {r.get('detail', '')}" for r in rows if not r.get("ok")]
+    return {"ok": table.get("ok"), "checks": len(rows), "failed": failed[:50]}
+
+
 def _tests(junit: Path) -> dict:
     """Counts and failures from pytest's JUnit XML."""
     if not junit.exists():
@@ -154,8 +167,8 @@ class Run:
         self.device, self.out, self.work = device, out, work
         self.summary_path = out / "summary.json"
         self.log_path = out / "log.txt"
-        self.summary = {"device": device, "environment": None, "steps": [], "tests": {},
-                        "goals": [], "first_calls": []}
+        self.summary = {"device": device, "environment": None, "steps": [], "selftest": None,
+                        "tests": {}, "goals": [], "first_calls": []}
         if rerun and self.summary_path.exists():  # keeps the other steps' records
             self.summary.update(json.loads(self.summary_path.read_text()))
         elif not rerun:  # nothing of an earlier run may pass for this one's
@@ -187,10 +200,11 @@ class Run:
         record.update(command=shlex.join(step.command), budget_s=step.budget_s,
                       status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                       missing=list(step.missing), without_cpp=cpp_failed)
-        for folder in step.fresh_dirs:
-            shutil.rmtree(folder, ignore_errors=True)
-        if step.junit is not None:
-            step.junit.unlink(missing_ok=True)  # an earlier run's
+        for path in step.fresh:  # an earlier run's
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
         env = dict(_environ(self.device, self.work, cpp_failed), **step.env)
         start = time.monotonic()
         with open(self.log_path, "a") as log:
@@ -230,6 +244,8 @@ class Run:
                                          if line.strip()][-8:]
         if step.junit is not None:
             self.summary["tests"][step.name] = _tests(step.junit)
+        if step.name == "selftest":
+            self.summary["selftest"] = _selftest(self.out / "selftest.json")
         if step.name == "environment" and status == "passed":
             self.summary["environment"] = json.loads(
                 (self.work / "environment.json").read_text())
@@ -281,6 +297,11 @@ def report(run: Run) -> None:
     print_table([{"step": s["name"], "status": s.get("status"), "seconds": s.get("seconds"),
                   "budget": s.get("budget_s")} for s in summary["steps"]],
                 ["step", "status", "seconds", "budget"])
+    if summary["selftest"]:
+        print("\nselftest: " + ", ".join(f"{k} {v}" for k, v in summary["selftest"].items()
+                                         if k != "failed"))
+        for failure in summary["selftest"].get("failed", [])[:20]:
+            print(f"  FAILED {failure}")
     for name, tests in summary["tests"].items():
         print(f"\n{name}: " + ", ".join(f"{k} {v}" for k, v in tests.items() if k != "failed"))
         for failure in tests.get("failed", [])[:20]:
