@@ -188,10 +188,11 @@ class Run:
         write_rows(self.summary_path, self.summary)
 
     def record(self, name: str) -> dict:
-        steps = self.summary["steps"]
-        self.summary["steps"] = steps = [s for s in steps if s["name"] != name]
-        steps.append({"name": name})
-        return steps[-1]
+        """A new record for the step, in place of an earlier run's."""
+        steps, record = self.summary["steps"], {"name": name}
+        index = next((i for i, s in enumerate(steps) if s["name"] == name), len(steps))
+        steps[index:index + 1] = [record]
+        return record
 
     def run_step(self, step: Step) -> str:
         cpp_failed = any(s["name"] == "cpp-build" and s.get("status") != "passed"

@@ -116,8 +116,9 @@ def test_a_step_over_its_budget_is_stopped_and_the_next_runs(tmp_path):
     assert saved["steps"] == run.summary["steps"]
     assert "the next step ran" in (tmp_path / "out/log.txt").read_text()
     # A rerun of one step keeps the others' records; a whole run starts afresh.
-    rerun = gpu_check.run_steps(steps[1:], "cpu", tmp_path / "out", tmp_path / "work", rerun=True)
+    rerun = gpu_check.run_steps(steps[:1], "cpu", tmp_path / "out", tmp_path / "work", rerun=True)
     assert [s["name"] for s in rerun.summary["steps"]] == ["sleeper", "after"]
+    assert rerun.summary["steps"][1] == run.summary["steps"][1]
     fresh = gpu_check.run_steps(steps[1:], "cpu", tmp_path / "out", tmp_path / "work")
     assert [s["name"] for s in fresh.summary["steps"]] == ["after"]
 
