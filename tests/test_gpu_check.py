@@ -51,7 +51,7 @@ def test_cuda_steps_select_cuda_cases_and_goal_sizes(tmp_path):
     for name in ("bench-threshold", "bench-mask", "bench-optim"):
         command = steps[name].command
         assert command[command.index("--device") + 1] == "cuda"
-        assert "1e8" in command[command.index("--sizes") + 1].split(",")
+        assert command[command.index("--sizes") + 1].split(",")[0] == "1e8"  # goals first
     assert steps["selftest"].command[2:] == [
         "dsd_kernels.selftest", "--device", "cuda", "--json", str(tmp_path / "out/selftest.json")]
 
@@ -68,7 +68,7 @@ def test_dry_run_prints_every_step_and_runs_nothing(tmp_path, capsys):
 def test_only_and_budget_overrides(tmp_path, capsys):
     gpu_check.main(["--dry-run", "--only", "selftest,bench-mask", "--budget", "selftest=7"])
     printed = capsys.readouterr().out
-    assert "2 steps, budgets 47 s in all" in printed
+    assert "2 steps, budgets 52 s in all" in printed
     for bad in (["--only", "nope"], ["--budget", "selftest=x"], ["--budget", "nope=3"]):
         with pytest.raises(SystemExit) as exit_:
             gpu_check.main(["--dry-run", *bad])
