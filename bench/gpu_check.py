@@ -23,8 +23,10 @@ enforced), 1 otherwise, 2 for bad arguments. docs/gpu.md describes the steps and
 """
 
 import argparse
+import collections
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -56,6 +58,7 @@ GOAL_NUMEL = {"cuda": 100_000_000, "cpu": 100_000}  # the goals' single-tensor c
 # The goals' case first: a step stopped at its time limit has measured it.
 SIZES = {"cuda": "1e8,resnet50", "cpu": "1e5,1e4"}
 MIN_TIME = {"cuda": 0.2, "cpu": 0.05}
+PYTEST_LINE = re.compile(r"^(\S+::.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)(?:\s|$)")
 
 
 @dataclass
@@ -144,10 +147,20 @@ def _selftest(path: Path) -> dict:
     return {"ok": table.get("ok"), "checks": len(rows), "failed": failed[:50]}
 
 
-def _tests(junit: Path) -> dict:
-    """Counts and failures from pytest's JUnit XML."""
+def _tests(junit: Path, output: str) -> dict:
+    """Counts and failures from pytest's JUnit XML; from its -v lines if it was stopped
+    before writing the XML."""
     if not junit.exists():
-        return {"error": "no JUnit XML (pytest stopped before the end)"}
+        outcomes = collections.Counter()
+        failures = []
+        for line in output.splitlines():
+            found = PYTEST_LINE.match(line)
+            if found:
+                outcomes[found[2]] += 1
+                if found[2] in ("FAILED", "ERROR"):
+                    failures.append(f"{found[1]} ({found[2].lower()})")
+        return {"stopped": "no JUnit XML: counts from the log", "tests": sum(outcomes.values()),
+                "outcomes": dict(outcomes), "failed": failures}
     suite = ElementTree.parse(junit).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     failures = []
@@ -155,8 +168,9 @@ def _tests(junit: Path) -> dict:
         for kind in ("failure", "error"):
             found = case.find(kind)
             if found is not None:
+                message = (found.get("message") or "").partition("\n")[0][:300]
                 failures.append(f"{case.get('classname')}::{case.get('name')} ({kind}): "
-                                f"{(found.get('message') or '').splitlines()[0][:300]}")
+                                f"{message}")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     return dict(counts, seconds=float(suite.get("time", 0)), failed=failures)
 
@@ -180,10 +194,7 @@ class Run:
         rows = {}
         for name in BENCH_FILES:
             path = self.out / name
-            try:
-                rows[name] = json.loads(path.read_text()) if path.exists() else []
-            except json.JSONDecodeError:  # a file from outside this run, cut short
-                rows[name] = []
+            rows[name] = json.loads(path.read_text()) if path.exists() else []
         self.summary["goals"] = judge(rows, GOAL_NUMEL[self.device])
         self.summary["first_calls"] = first_calls(rows)
         write_rows(self.summary_path, self.summary)
@@ -221,31 +232,29 @@ class Run:
                                     start_new_session=True)
             record["pid"] = proc.pid
             self.save()
+            interrupted = None
             try:
                 returncode = proc.wait(timeout=step.budget_s)
                 status = "passed" if returncode == 0 else "failed"
             except (subprocess.TimeoutExpired, Interrupted, KeyboardInterrupt) as stop:
                 os.killpg(proc.pid, signal.SIGKILL)
                 returncode = proc.wait()
-                status = "timed out" if isinstance(stop, subprocess.TimeoutExpired) \
-                    else "interrupted"
+                if isinstance(stop, subprocess.TimeoutExpired):
+                    status = "timed out"
+                else:
+                    status, interrupted = "interrupted", stop
                 log.write(f"\n===== {step.name}: {status} after "
                           f"{time.monotonic() - start:.1f} s\n")
-                if status == "interrupted":
-                    record.update(status=status, returncode=returncode,
-                                  seconds=round(time.monotonic() - start, 1))
-                    self.save()
-                    raise
         record.update(status=status, returncode=returncode,
                       seconds=round(time.monotonic() - start, 1))
         del record["pid"]
+        with open(self.log_path, errors="replace") as log:
+            log.seek(offset)
+            output = log.read()
         if status != "passed":  # the reason, at a glance
-            with open(self.log_path, errors="replace") as log:
-                log.seek(offset)
-                record["output_tail"] = [line for line in log.read().splitlines()
-                                         if line.strip()][-8:]
+            record["output_tail"] = [line for line in output.splitlines() if line.strip()][-8:]
         if step.junit is not None:
-            self.summary["tests"][step.name] = _tests(step.junit)
+            self.summary["tests"][step.name] = _tests(step.junit, output)
         if step.name == "selftest":
             self.summary["selftest"] = _selftest(self.out / "selftest.json")
         if step.name == "environment" and status == "passed":
@@ -254,6 +263,8 @@ class Run:
         self.save()
         print(f"{step.name:<22} {status:<11} {record['seconds']:>6.1f} s "
               f"(budget {step.budget_s:g} s)", flush=True)
+        if interrupted is not None:
+            raise interrupted
         return status
 
 

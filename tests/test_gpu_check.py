@@ -156,3 +156,21 @@ def test_what_was_written_before_an_interruption_survives(tmp_path, stop):
     assert (out / "mask.json").read_text() == "[]"
     expected = "running" if stop == signal.SIGKILL else "interrupted"
     assert steps["sleeper"]["status"] == expected
+
+
+def test_test_counts_from_junit_or_from_the_log_of_a_stopped_run(tmp_path):
+    junit = tmp_path / "tests.xml"
+    junit.write_text('<testsuites><testsuite tests="2" failures="1" errors="0" skipped="0" '
+                     'time="1.5"><testcase classname="tests.test_mask" name="test_a"/>'
+                     '<testcase classname="tests.test_mask" name="test_b">'
+                     '<failure message="assert 1 == 2&#10;more">trace</failure></testcase>'
+                     '</testsuite></testsuites>')
+    counts = gpu_check._tests(junit, "")
+    assert counts["tests"] == 2 and counts["failures"] == 1
+    assert counts["failed"] == ["tests.test_mask::test_b (failure): assert 1 == 2"]
+    log = ("tests/test_mask.py::test_a[radix only-cuda] PASSED    [ 10%]\n"
+           "tests/test_mask.py::test_b[cuda] FAILED    [ 20%]\n"
+           "tests/test_mask.py::test_c[cuda] ")  # stopped mid-case
+    counts = gpu_check._tests(tmp_path / "none.xml", log)
+    assert counts["outcomes"] == {"PASSED": 1, "FAILED": 1}
+    assert counts["failed"] == ["tests/test_mask.py::test_b[cuda] (failed)"]
