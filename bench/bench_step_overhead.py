@@ -28,7 +28,10 @@ CPU tensor, which on a GPU is one launch: timed alone in the row after it. Every
 call by call in turn with torch's fused step, and x_torch is the ratio of the two medians, so
 that another job slowing this machine's CPU slows both sides alike. With --device
 cuda the same rows are timed on CUDA tensors (real driver, launches still stubbed), and then
-both real steps on the GPU.
+both real steps on the GPU: their device time per step, their first call (compile included),
+and their host time: the step call alone, the GPU idle when it starts (synchronised between
+calls, outside the timing), dsd's and torch's taken in turn. Rows are written after each
+tensor list.
 """
 
 import argparse
@@ -48,7 +51,13 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 import dsd_kernels as dk  # noqa: E402
 
 from _cases import gpt2_small_shapes, resnet50_shapes  # noqa: E402
-from _timing import environment, median_seconds, print_table, write_rows  # noqa: E402
+from _timing import (  # noqa: E402
+    environment,
+    first_call_seconds,
+    median_seconds,
+    print_table,
+    write_rows,
+)
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from dsd_kernels.backends.triton import mask, optim, tables  # noqa: E402
@@ -120,20 +129,24 @@ def _per_call(fn, counters):
     return counted, growth
 
 
-def _paired_seconds(fn, reference, min_time: float) -> tuple[float, float]:
+def _paired_seconds(fn, reference, min_time: float,
+                    between=lambda: None) -> tuple[float, float]:
     """Median seconds per call of fn and of reference, called in turn: on a machine where
     other work slows the CPU now and then, both see the same slowdowns, so their ratio holds
-    where separate medians would not."""
+    where separate medians would not. `between` runs before each call, untimed."""
     fn()
     reference()
     times, reference_times, start = [], [], time.perf_counter()
     while len(times) < 5 or time.perf_counter() - start < min_time:
+        between()
         t0 = time.perf_counter()
         fn()
         t1 = time.perf_counter()
+        between()
+        t2 = time.perf_counter()
         reference()
         times.append(t1 - t0)
-        reference_times.append(time.perf_counter() - t1)
+        reference_times.append(time.perf_counter() - t2)
     return statistics.median(times), statistics.median(reference_times)
 
 
@@ -210,8 +223,9 @@ def _host_rows(case, shapes, device, min_time, env):
 
 
 def _device_rows(case, shapes, min_time, env):
-    """Both real steps on the GPU (median device time per step)."""
-    rows = []
+    """Both real steps on the GPU: device time per step (median), first call, and host time
+    per step (the call alone, taken in turn with torch's)."""
+    rows, steps = [], []
     dk.use_backend("triton")
     for impl, make in [("dsd MaskedAdamW (real step)", lambda ps: dk.MaskedAdamW(ps, **ADAMW)),
                        ("torch AdamW fused (real step)",
@@ -223,14 +237,26 @@ def _device_rows(case, shapes, min_time, env):
         if isinstance(opt, dk.MaskedAdamW):
             opt.set_masks({p: torch.rand(p.shape, device="cuda") > 0.5
                            for p in params if p.dim() > 1})
+        first = first_call_seconds(opt.step, "cuda")
         seconds = median_seconds(opt.step, "cuda", min_time=min_time)
         rows.append(dict(env, op="step_overhead", case=case, tensors=len(shapes),
-                         numel=sum(p.numel() for p in params), impl=impl, seconds=seconds))
-        print(f"  {case:>24}  {impl:<44} {seconds * 1e3:.3f} ms", flush=True)
-        params = opt = None  # freed before the next case allocates
-    dk.use_backend("auto")
+                         numel=sum(p.numel() for p in params), impl=impl,
+                         first_call_seconds=first, seconds=seconds))
+        print(f"  {case:>24}  {impl:<44} {seconds * 1e3:.3f} ms "
+              f"(first call {first * 1e3:.1f} ms)", flush=True)
+        steps.append(opt.step)
     for r in rows:
         r["x_torch"] = r["seconds"] / rows[-1]["seconds"]
+    dsd_host, torch_host = _paired_seconds(*steps, min_time, between=torch.cuda.synchronize)
+    for impl, seconds in [("dsd MaskedAdamW (real step, host time)", dsd_host),
+                          ("torch AdamW fused (real step, host time)", torch_host)]:
+        rows.append(dict(env, op="step_overhead", case=case, tensors=len(shapes),
+                         numel=rows[0]["numel"], impl=impl, seconds=seconds,
+                         x_torch=seconds / torch_host, torch_fused_seconds=torch_host))
+        print(f"  {case:>24}  {impl:<44} {seconds * 1e3:.3f} ms "
+              f"({seconds / torch_host:.2f}x torch's)", flush=True)
+    steps = None  # frees both optimizers' tensors before the next case allocates
+    dk.use_backend("auto")
     return rows
 
 
@@ -249,15 +275,16 @@ def main():
         driver.set_active(CompileOnlyDriver(90))
     env = environment(args.device)
     print(f"step overhead: {env['device_name']}, {env['cpu_threads']} threads")
+    path = Path(args.out or Path(__file__).parent / "results" /
+                f"{args.device}_step_overhead.json")
     rows = []
     for case, shapes in [("resnet50", resnet50_shapes()), ("gpt2-small", gpt2_small_shapes())]:
         case = f"{case} ({len(shapes)} tensors)"
         rows += _host_rows(case, shapes, args.device, args.min_time, env)
+        write_rows(path, rows)
         if args.device == "cuda":
             rows += _device_rows(case, shapes, args.min_time, env)
-    path = Path(args.out or Path(__file__).parent / "results" /
-                f"{args.device}_step_overhead.json")
-    write_rows(path, rows)
+            write_rows(path, rows)
     print_table([{"case": r["case"], "impl": r["impl"], "ms": f"{r['seconds'] * 1e3:.3f}",
                   "x_torch": r["x_torch"], "builds/step": r.get("builds_per_step"),
                   "uploads/step": r.get("uploads_per_step")} for r in rows], COLUMNS)
