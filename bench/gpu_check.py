@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from _goals import first_calls, judge
-
 from _timing import print_table, write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
