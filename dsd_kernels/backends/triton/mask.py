@@ -116,7 +116,7 @@ def magnitude_masks(xs, ks, scope):
                     group.rows, masks_table, chunk_rows, chunk_starts, pruned, thresholds,
                     ties_to_prune, tie_counts, ties_before, DTYPE=group.dtype, WRITE=write,
                     ALIGNED=aligned and group.aligned, FULL=full, CHUNK=CHUNK, BLOCK=BLOCK,
-                    num_warps=NUM_WARPS)
+                    num_warps=NUM_WARPS, enable_fp_fusion=False)
 
     with tables.on_device(device):
         launch(False, tie_counts)
@@ -182,5 +182,5 @@ def apply_masks_(xs, masks):
                 _apply_masks_kernel[(chunk_rows.numel(),)](
                     group.rows, masks_table, chunk_rows, chunk_starts, DTYPE=group.dtype,
                     ALIGNED=aligned and group.aligned, FULL=full, CHUNK=CHUNK, BLOCK=BLOCK,
-                    num_warps=NUM_WARPS)
+                    num_warps=NUM_WARPS, enable_fp_fusion=False)
     staging.finish()
