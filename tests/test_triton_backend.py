@@ -505,6 +505,42 @@ def test_masked_optimizer_keeps_pruned_weights_and_state_zero():
             assert (t[~mask] == 0).all() and (t[mask] != 0).any()
 
 
+def test_tables_are_cached_per_stream(monkeypatch):
+    """A table is read only on the stream that uploaded it: a call on another stream builds
+    and uploads its own, and each stream keeps hitting its own entries. Streams are stand-ins
+    here; tests/test_triton_streams.py races real ones on a GPU."""
+    from dsd_kernels.backends.triton import mask, optim, tables
+    stream = ["A"]
+    monkeypatch.setattr(tables, "current_stream", lambda device: stream[0])
+    caches = (threshold._TABLES, mask._TABLES, mask._APPLY_TABLES, optim._TABLES)
+    generator = torch.Generator().manual_seed(13)
+    xs = [torch.randn(300, generator=generator).to(DEVICE),
+          torch.randn(7, 9, generator=generator).half().to(DEVICE)]
+    grads = [torch.randn_like(x) for x in xs]
+    buffers = [torch.zeros_like(x) for x in xs]
+    kept = [x.abs() > 0.5 for x in xs]  # the same masks every call: new ones move
+
+    def call_every_op():
+        expected = torch_ref.kth_smallest_abs(xs, 100)
+        assert _bits(dk.kth_smallest_abs(xs, 100)) == _bits(expected)
+        masks = dk.magnitude_masks(xs, 0.5, "layer")
+        expected = torch_ref.magnitude_masks(xs, _oracle.counts(xs, 0.5, "layer"), "layer")
+        assert all(torch.equal(m, e) for m, e in zip(masks, expected))
+        dk.apply_masks_(xs, kept)
+        dk.masked_sgd_(xs, grads, buffers, kept, lr=0.1, momentum=0.9)
+        return [cache.builds for cache in caches]
+
+    first = call_every_op()
+    assert call_every_op() == first  # cached on A
+    stream[0] = "B"
+    on_b = call_every_op()
+    assert all(b > a for a, b in zip(first, on_b)), (first, on_b)
+    stream[0] = "A"
+    assert call_every_op() == on_b  # A's tables are still A's
+    stream[0] = "B"
+    assert call_every_op() == on_b
+
+
 def _launch_spy(monkeypatch, kernel):
     """Record each launch's constexpr arguments and its runtime arguments."""
     constexprs = {name for name, parameter in inspect.signature(kernel.fn).parameters.items()

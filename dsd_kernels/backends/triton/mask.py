@@ -98,8 +98,8 @@ def magnitude_masks(xs, ks, scope):
         return [mask.fill_(True) for mask in masks]
     thresholds, ties_to_prune = radix_select(xs_logical, [max(k, 1) for k in prune], segments)
 
-    key = (device, tuple(map(torch.Tensor.data_ptr, xs_logical)), tuple(x.numel() for x in xs),
-           tuple(x.dtype for x in xs), scope)
+    key = (device, tables.current_stream(device), tuple(map(torch.Tensor.data_ptr, xs_logical)),
+           tuple(x.numel() for x in xs), tuple(x.dtype for x in xs), scope)
     found = _TABLES.get(key)
     if found is None:
         found = _TABLES.add(key, _mask_tables(device, xs_logical, segments, scope))
@@ -167,8 +167,8 @@ def apply_masks_(xs, masks):
     staging = tables.Staging()
     targets = [staging.dense(x, written=True) for x in xs]
     masks = [staging.like(mask, x, written=False) for mask, x in zip(masks, targets)]
-    key = (device, tuple(map(torch.Tensor.data_ptr, targets)), tuple(x.numel() for x in targets),
-           tuple(x.dtype for x in targets))
+    key = (device, tables.current_stream(device), tuple(map(torch.Tensor.data_ptr, targets)),
+           tuple(x.numel() for x in targets), tuple(x.dtype for x in targets))
     groups = _APPLY_TABLES.get(key)
     if groups is None:
         groups, _ = tables.grouped(

@@ -156,7 +156,7 @@ def _step(params, grads, states, masks, grad_scale, hyper, **flags):
     moved; tensors in another layout than their parameter's are staged and written back."""
     device = params[0].device
     staging = tables.Staging()
-    key = host.describe_tensors([params, *states, masks])
+    key = (tables.current_stream(device), host.describe_tensors([params, *states, masks]))
     step_tables = _TABLES.get(key)
     if step_tables is None:
         params = [staging.dense(p, written=True) for p in params]

@@ -461,8 +461,8 @@ def _histograms(found, prefix, histograms, modes, survivors, survivor_counts, sh
 
 
 def _cached_tables(device, xs, segments, count):
-    key = (device, tuple(map(torch.Tensor.data_ptr, xs)), tuple(x.numel() for x in xs),
-           tuple(x.dtype for x in xs), tuple(segments), count)
+    key = (device, tables.current_stream(device), tuple(map(torch.Tensor.data_ptr, xs)),
+           tuple(x.numel() for x in xs), tuple(x.dtype for x in xs), tuple(segments), count)
     found = _TABLES.get(key)
     return found if found is not None else _TABLES.add(
         key, _select_tables(device, xs, segments, count))
