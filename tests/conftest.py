@@ -19,6 +19,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import dsd_kernels as dk  # noqa: E402
+from dsd_kernels.backends import BACKENDS, BackendUnavailable  # noqa: E402
+
 
 class _ShuffledPrograms:
     """Triton's interpreter walks a launch's grid in order, telling its builder the grid
@@ -65,8 +68,6 @@ def shuffled_programs(monkeypatch):
     if os.environ.get("TRITON_INTERPRET") == "1":
         shuffle_programs(monkeypatch.setattr, seed=0)
 
-import dsd_kernels as dk  # noqa: E402
-from dsd_kernels.backends import BACKENDS, BackendUnavailable  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
