@@ -5,7 +5,8 @@ GPU compiler rejects, or a layout that loses the 128-bit accesses, would pass th
 script stands in a driver that reports a CUDA target (argv[1], e.g. 90 for an H100), turns
 every launch into a compile-only warm-up, drives the Triton backend's ops over CPU tensors
 (the kernels never run, so their results are garbage and unused), and prints one JSON line per
-compiled variant: kernel, constexprs, shared memory and the PTX's global memory instructions.
+compiled variant: kernel, constexprs, shared memory, the PTX's global memory instructions
+and its count of fused multiply-adds.
 Run it without TRITON_INTERPRET.
 """
 
@@ -48,6 +49,7 @@ def compile_only(variants):
             "constexprs": constexprs,
             "shared": kernel.metadata.shared,
             "memory": collections.Counter(re.findall(r"\b((?:ld|st)\.global\.[\w.]+)", ptx)),
+            "fused": len(re.findall(r"\bfma\.", ptx)),
         }
 
     JITFunction.run = warm_up

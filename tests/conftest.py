@@ -2,9 +2,15 @@
 
 Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter. TRITON_INTERPRET
 must be set before any kernel module is imported, hence at the top of this file.
+
+The interpreter runs a launch's programs one after another in program order, which would hide
+a program that reads what another program of the same launch writes. DSD_TRITON_SHUFFLE=SEED
+runs every interpreted launch's programs in a random order drawn from SEED instead; the
+`shuffled_programs` fixture does it for one test. On a GPU the hardware picks the order.
 """
 
 import os
+import random
 
 import torch
 
@@ -15,6 +21,53 @@ import pytest  # noqa: E402
 
 import dsd_kernels as dk  # noqa: E402
 from dsd_kernels.backends import BACKENDS, BackendUnavailable  # noqa: E402
+
+
+class _ShuffledPrograms:
+    """Triton's interpreter walks a launch's grid in order, telling its builder the grid
+    (set_grid_dim) and then each program's index (set_grid_idx); this maps the n-th index of
+    the walk to the n-th of a random permutation of the grid."""
+
+    def __init__(self, builder, seed: int):
+        self._set_dim, self._set_idx = builder.set_grid_dim, builder.set_grid_idx
+        self._random = random.Random(seed)
+
+    def set_grid_dim(self, nx, ny, nz):
+        self._dims = (nx, ny, nz)
+        self._order = self._random.sample(range(nx * ny * nz), nx * ny * nz)
+        self._set_dim(nx, ny, nz)
+
+    def set_grid_idx(self, x, y, z):
+        _, ny, nz = self._dims
+        program = self._order[(x * ny + y) * nz + z]
+        self._set_idx(program // (ny * nz), program // nz % ny, program % nz)
+
+
+def shuffle_programs(setattr, seed: int) -> None:
+    """Run every interpreted launch's programs in a random order drawn from `seed`; `setattr`
+    patches the interpreter (builtins.setattr, or a monkeypatch's)."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    shuffled = _ShuffledPrograms(builder, seed)
+    setattr(builder, "set_grid_dim", shuffled.set_grid_dim)
+    setattr(builder, "set_grid_idx", shuffled.set_grid_idx)
+
+
+_SHUFFLE_SEED = os.environ.get("DSD_TRITON_SHUFFLE")
+if _SHUFFLE_SEED and os.environ.get("TRITON_INTERPRET") == "1":
+    if not _SHUFFLE_SEED.isdigit():
+        raise ValueError(f"DSD_TRITON_SHUFFLE must be a seed (an integer), not {_SHUFFLE_SEED!r}")
+    shuffle_programs(setattr, int(_SHUFFLE_SEED))
+
+
+@pytest.fixture
+def shuffled_programs(monkeypatch):
+    """The test's interpreted launches run their programs in a random order (a no-op on a
+    GPU, whose programs run in whatever order the hardware picks)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        shuffle_programs(monkeypatch.setattr, seed=0)
+
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DTYPES, TOLERANCES
+from conftest import DTYPES, TOLERANCES, shuffle_programs
 
 import dsd_kernels as dk
 from dsd_kernels.backends import BackendUnavailable, torch_ref
@@ -20,6 +20,9 @@ from dsd_kernels.backends import BackendUnavailable, torch_ref
 import _oracle
 
 triton_backend = pytest.importorskip("dsd_kernels.backends.triton")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from dsd_kernels.backends.triton import threshold  # noqa: E402
 
@@ -503,6 +506,113 @@ def test_masked_optimizer_keeps_pruned_weights_and_state_zero():
     for w, mask in zip(weights, masks):
         for t in (w, opt.state[w]["exp_avg"], opt.state[w]["exp_avg_sq"]):
             assert (t[~mask] == 0).all() and (t[mask] != 0).any()
+
+
+def test_tables_are_cached_per_stream(monkeypatch):
+    """A table is read only on the stream that uploaded it: a call on another stream builds
+    and uploads its own, and each stream keeps hitting its own entries. Streams are stand-ins
+    here; tests/test_triton_streams.py races real ones on a GPU."""
+    from dsd_kernels.backends.triton import mask, optim, tables
+    stream = ["A"]
+    monkeypatch.setattr(tables, "current_stream", lambda device: stream[0])
+    caches = (threshold._TABLES, mask._TABLES, mask._APPLY_TABLES, optim._TABLES)
+    generator = torch.Generator().manual_seed(13)
+    xs = [torch.randn(300, generator=generator).to(DEVICE),
+          torch.randn(7, 9, generator=generator).half().to(DEVICE)]
+    grads = [torch.randn_like(x) for x in xs]
+    buffers = [torch.zeros_like(x) for x in xs]
+    kept = [x.abs() > 0.5 for x in xs]  # the same masks every call: new ones move
+
+    def call_every_op():
+        expected = torch_ref.kth_smallest_abs(xs, 100)
+        assert _bits(dk.kth_smallest_abs(xs, 100)) == _bits(expected)
+        masks = dk.magnitude_masks(xs, 0.5, "layer")
+        expected = torch_ref.magnitude_masks(xs, _oracle.counts(xs, 0.5, "layer"), "layer")
+        assert all(torch.equal(m, e) for m, e in zip(masks, expected))
+        dk.apply_masks_(xs, kept)
+        dk.masked_sgd_(xs, grads, buffers, kept, lr=0.1, momentum=0.9)
+        return [cache.builds for cache in caches]
+
+    first = call_every_op()
+    assert call_every_op() == first  # cached on A
+    stream[0] = "B"
+    on_b = call_every_op()
+    assert all(b > a for a, b in zip(first, on_b)), (first, on_b)
+    stream[0] = "A"
+    assert call_every_op() == on_b  # A's tables are still A's
+    stream[0] = "B"
+    assert call_every_op() == on_b
+
+
+@triton.jit
+def _program_order_kernel(counter_ptr, order_ptr):
+    """Each program takes the next slot and writes its linear index there."""
+    slot = tl.atomic_add(counter_ptr, 1)
+    program = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2)
+    tl.store(order_ptr + slot, program + tl.program_id(2))
+
+
+def _program_order(grid=(8, 4, 2)):
+    counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    order = torch.full((grid[0] * grid[1] * grid[2],), -1, dtype=torch.int32, device=DEVICE)
+    _program_order_kernel[grid](counter, order)
+    return order.tolist()
+
+
+@pytest.mark.skipif(DEVICE == "cuda" or "DSD_TRITON_SHUFFLE" in os.environ,
+                    reason="the interpreter's own program order")
+def test_shuffled_programs_run_in_a_seeded_random_order(monkeypatch):
+    assert _program_order() == list(range(64))  # what hides a dependency between programs
+    shuffle_programs(monkeypatch.setattr, seed=3)
+    first, second = _program_order(), _program_order()
+    assert sorted(first) == sorted(second) == list(range(64))
+    assert first != list(range(64)) and second != first  # each launch its own order
+    monkeypatch.undo()
+    shuffle_programs(monkeypatch.setattr, seed=3)
+    assert _program_order() == first
+
+
+# Fast cases of every kernel family, each launch's programs in a random order: a program that
+# reads what another of its launch writes would see a different answer (conftest.py). Sizes
+# give every launch several programs: full and tail chunks of each module's CHUNK.
+_MANY_CHUNKS = 2 * max(threshold.CHUNK, 16_384) + 100
+
+
+def _shuffled_weights():
+    generator = torch.Generator().manual_seed(14)
+    ties = torch.randint(-40, 40, (_MANY_CHUNKS,), generator=generator) / 8  # ties across chunks
+    return [ties.to(DEVICE), torch.randn(20_000, generator=generator).half().to(DEVICE),
+            torch.randn(7, 9, generator=generator).bfloat16().to(DEVICE)]
+
+
+def test_thresholds_and_masks_in_any_program_order(shuffled_programs, bracket):
+    xs = _shuffled_weights()
+    _check_threshold_and_masks(xs, ks=[1, 30_001], sparsities=(0.5,))
+
+
+def test_histogram_in_any_program_order(shuffled_programs):
+    xs = _shuffled_weights()
+    prefixes = torch.tensor([0, 0x3F], dtype=torch.int64, device=DEVICE)
+    args = (xs, [0, 1, 1], prefixes, 24, 8)
+    assert torch.equal(torch.ops.dsd.magnitude_histogram(*args),
+                       torch_ref.magnitude_histogram(*args))
+
+
+def test_apply_and_optimizers_in_any_program_order(shuffled_programs):
+    params = _shuffled_weights()
+    masks = [x.abs() > 0.5 for x in params]
+    grads = [torch.randn_like(p) for p in params]
+    outputs = {}
+    for backend in ("torch", "triton"):
+        dk.use_backend(backend)
+        ps, ms = _clones(params), [torch.zeros_like(p) for p in params]
+        vs = [g.square() for g in grads]
+        dk.apply_masks_(ps, masks)
+        dk.masked_sgd_(ps, grads, ms, masks, lr=0.1, momentum=0.9)
+        dk.masked_adam_(ps, grads, ms, vs, masks, [3] * 3, lr=1e-2, beta1=0.9, beta2=0.999,
+                        eps=1e-8)
+        outputs[backend] = ps + ms + vs
+    _assert_close(outputs["triton"], outputs["torch"], masks * 3)
 
 
 def _launch_spy(monkeypatch, kernel):

@@ -98,8 +98,8 @@ def magnitude_masks(xs, ks, scope):
         return [mask.fill_(True) for mask in masks]
     thresholds, ties_to_prune = radix_select(xs_logical, [max(k, 1) for k in prune], segments)
 
-    key = (device, tuple(map(torch.Tensor.data_ptr, xs_logical)), tuple(x.numel() for x in xs),
-           tuple(x.dtype for x in xs), scope)
+    key = (device, tables.current_stream(device), tuple(map(torch.Tensor.data_ptr, xs_logical)),
+           tuple(x.numel() for x in xs), tuple(x.dtype for x in xs), scope)
     found = _TABLES.get(key)
     if found is None:
         found = _TABLES.add(key, _mask_tables(device, xs_logical, segments, scope))
@@ -116,7 +116,7 @@ def magnitude_masks(xs, ks, scope):
                     group.rows, masks_table, chunk_rows, chunk_starts, pruned, thresholds,
                     ties_to_prune, tie_counts, ties_before, DTYPE=group.dtype, WRITE=write,
                     ALIGNED=aligned and group.aligned, FULL=full, CHUNK=CHUNK, BLOCK=BLOCK,
-                    num_warps=NUM_WARPS)
+                    num_warps=NUM_WARPS, enable_fp_fusion=False)
 
     with tables.on_device(device):
         launch(False, tie_counts)
@@ -167,8 +167,8 @@ def apply_masks_(xs, masks):
     staging = tables.Staging()
     targets = [staging.dense(x, written=True) for x in xs]
     masks = [staging.like(mask, x, written=False) for mask, x in zip(masks, targets)]
-    key = (device, tuple(map(torch.Tensor.data_ptr, targets)), tuple(x.numel() for x in targets),
-           tuple(x.dtype for x in targets))
+    key = (device, tables.current_stream(device), tuple(map(torch.Tensor.data_ptr, targets)),
+           tuple(x.numel() for x in targets), tuple(x.dtype for x in targets))
     groups = _APPLY_TABLES.get(key)
     if groups is None:
         groups, _ = tables.grouped(
@@ -182,5 +182,5 @@ def apply_masks_(xs, masks):
                 _apply_masks_kernel[(chunk_rows.numel(),)](
                     group.rows, masks_table, chunk_rows, chunk_starts, DTYPE=group.dtype,
                     ALIGNED=aligned and group.aligned, FULL=full, CHUNK=CHUNK, BLOCK=BLOCK,
-                    num_warps=NUM_WARPS)
+                    num_warps=NUM_WARPS, enable_fp_fusion=False)
     staging.finish()

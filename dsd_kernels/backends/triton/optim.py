@@ -5,7 +5,8 @@ and state written once; a pruned position is written as +0.0 in all of them. The
 kind and its structural flags are constexprs; every hyper-parameter (lr, betas, eps, weight
 decay, momentum, dampening) and Adam's bias corrections (computed on the host in double, as
 torch_ref does) are runtime arguments, so an LR schedule never recompiles. Math is fp32 in the
-order torch_ref uses, rounded once on store. Adam counts steps per tensor: tensors at
+order torch_ref uses, each multiply and add rounded (compiled without fused multiply-adds), and
+the result rounded once on store. Adam counts steps per tensor: tensors at
 different counts (rare) are updated by one call per count.
 
 One launch per dtype covers a whole list (see tables.py): a program updates CHUNK elements of
@@ -155,7 +156,7 @@ def _step(params, grads, states, masks, grad_scale, hyper, **flags):
     moved; tensors in another layout than their parameter's are staged and written back."""
     device = params[0].device
     staging = tables.Staging()
-    key = host.describe_tensors([params, *states, masks])
+    key = (tables.current_stream(device), host.describe_tensors([params, *states, masks]))
     step_tables = _TABLES.get(key)
     if step_tables is None:
         params = [staging.dense(p, written=True) for p in params]
@@ -174,7 +175,8 @@ def _step(params, grads, states, masks, grad_scale, hyper, **flags):
                     group.rows, grads_table, chunk_rows, chunk_starts,
                     group.rows if grad_scale is None else grad_scale, **hyper, DTYPE=group.dtype,
                     HAS_GRAD_SCALE=grad_scale is not None, ALIGNED=aligned, FULL=full,
-                    CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS, **flags)
+                    CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS, **flags,
+                    enable_fp_fusion=False)  # docs/design.md, "No fused multiply-adds"
     staging.finish()
 
 

@@ -11,7 +11,8 @@ synchronising with the device. Elements are visited in memory order: each tensor
 dense in memory (`dense_in_memory`); callers stage other tensors through a dense copy.
 
 Building tables costs host time per tensor, so an op keeps them in a `Cache` and builds them
-again only when the tensors they describe change (`dsd_kernels.host.describe_tensors`).
+again only when the tensors they describe change (`dsd_kernels.host.describe_tensors`), or
+when the call is on another CUDA stream (`current_stream`).
 Addresses that change with every call
 (gradients, freshly allocated outputs) live in their own small tables (`address_tables`),
 and the scalars of a call (learning rate, bias corrections) are kernel arguments.
@@ -117,11 +118,17 @@ def address_tables(device, groups: list[Group], addresses: tuple[int, ...],
     return on_device[:len(groups)], aligned, on_device[len(groups):]
 
 
+def current_stream(device: torch.device):
+    """The stream a call's copies and launches go to: part of every cache key, so that tables
+    are only read on the stream that uploaded them (docs/design.md, "Triton launch tables")."""
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
 class Cache(dict):
     """An op's tables of its recent calls, each under the key of everything it was built from.
 
-    A key holds every input of the build (device, addresses, element counts, dtypes; a key
-    taken before staging also the sizes and strides that decide a copy), so a table found
+    A key holds every input of the build (device, stream, addresses, element counts, dtypes; a
+    key taken before staging also the sizes and strides that decide a copy), so a table found
     under a call's key is exactly the table the call would build: none can be stale. Tables
     hold addresses, never the tensors: a tensor freed and another of the same geometry
     allocated at its address reuse the same, still correct, table. The oldest entry goes

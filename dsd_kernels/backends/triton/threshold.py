@@ -410,10 +410,12 @@ def _radix_select(xs, ranks, segments):
                 _survivor_histogram_kernel[(survivor_chunk_segments.numel(),)](
                     survivor_chunk_segments, survivor_chunk_starts, prefix, histograms, modes,
                     survivors, survivor_counts, found.bases, SHIFT=shift, WIDTH=width,
-                    BINS=BINS, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                    BINS=BINS, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                    enable_fp_fusion=False)
             _threshold_select_kernel[(len(ranks),)](histograms, prefix, rank, modes,
                                                     found.capacities, WIDTH=width, BINS=BINS,
-                                                    COMPACT_NEXT=1 <= p + 1 <= passes - 2)
+                                                    COMPACT_NEXT=1 <= p + 1 <= passes - 2,
+                                                    enable_fp_fusion=False)
     pattern = torch.where(modes == _DONE.value, answers, prefix << DIGITS[passes - 1][0])
     return pattern, rank, modes, survivor_counts, outcomes
 
@@ -426,7 +428,8 @@ def _bracket(found, lo, hi, rank, modes, answers, outcomes, survivors, survivor_
     for group, blocks in zip(found.groups, samples.blocks):
         if blocks.numel():
             _sample_kernel[(blocks.shape[0],)](group.rows, blocks, keys, DTYPE=group.dtype,
-                                               SAMPLE_BLOCK=radix.SAMPLE_BLOCK)
+                                               SAMPLE_BLOCK=radix.SAMPLE_BLOCK,
+                                               enable_fp_fusion=False)
     # One sort for every segment: each region stays in place, sorted within.
     ordered = ((samples.segments << 31) | keys.long()).sort().values & 0x7FFFFFFF
     bounds = torch.stack([torch.where(lo >= 0, ordered[lo.clamp(min=0)], 0),
@@ -439,9 +442,10 @@ def _bracket(found, lo, hi, rank, modes, answers, outcomes, survivors, survivor_
                 group.rows, chunk_rows, chunk_starts, bounds, counts, modes, survivors,
                 survivor_counts, found.bases, found.capacities, DTYPE=group.dtype,
                 ALIGNED=group.aligned, FULL=full, CHUNK=CHUNK, BLOCK=BLOCK,
-                num_warps=NUM_WARPS)
+                num_warps=NUM_WARPS, enable_fp_fusion=False)
     _bracket_decision_kernel[(rank.numel(),)](counts, bounds, rank, modes, answers, outcomes,
-                                              survivor_counts, found.capacities)
+                                              survivor_counts, found.capacities,
+                                              enable_fp_fusion=False)
 
 
 def _histograms(found, prefix, histograms, modes, survivors, survivor_counts, shift, width,
@@ -453,12 +457,12 @@ def _histograms(found, prefix, histograms, modes, survivors, survivor_counts, sh
                 group.rows, chunk_rows, chunk_starts, prefix, histograms, modes, survivors,
                 survivor_counts, found.bases, found.capacities, DTYPE=group.dtype, SHIFT=shift,
                 WIDTH=width, BINS=BINS, APPEND=append, ALIGNED=group.aligned, FULL=full,
-                CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
 def _cached_tables(device, xs, segments, count):
-    key = (device, tuple(map(torch.Tensor.data_ptr, xs)), tuple(x.numel() for x in xs),
-           tuple(x.dtype for x in xs), tuple(segments), count)
+    key = (device, tables.current_stream(device), tuple(map(torch.Tensor.data_ptr, xs)),
+           tuple(x.numel() for x in xs), tuple(x.dtype for x in xs), tuple(segments), count)
     found = _TABLES.get(key)
     return found if found is not None else _TABLES.add(
         key, _select_tables(device, xs, segments, count))
