@@ -51,7 +51,7 @@ DEVICE_TESTS = ("tests/test_threshold.py", "tests/test_mask.py", "tests/test_his
                 "tests/test_optim.py")
 # The suites that run wholly on CUDA when a GPU is present (the stream test on CUDA only).
 TRITON_TESTS = ("tests/test_triton_backend.py", "tests/test_triton_cache.py",
-                "tests/test_triton_streams.py")
+                "tests/test_triton_convert.py", "tests/test_triton_streams.py")
 BENCH_FILES = ("threshold.json", "mask.json", "optim.json", "step_overhead.json")
 GOAL_NUMEL = {"cuda": 100_000_000, "cpu": 100_000}  # the goals' single-tensor case
 # The goals' case first: a step stopped at its time limit has measured it.
