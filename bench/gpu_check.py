@@ -224,8 +224,8 @@ class Run:
             log.write(f"\n===== {step.name} (budget {step.budget_s:g} s): "
                       f"{record['command']}\n")
             log.flush()
-            # A session of its own, so a timeout stops the step's children too (ninja, the
-            # compilers, pytest's).
+            # Its own process group (start_new_session), so a timeout stops the step's children
+            # too (ninja, the compilers, pytest's).
             proc = subprocess.Popen(step.command, cwd=ROOT, env=env, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
