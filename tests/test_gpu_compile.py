@@ -60,7 +60,7 @@ def test_full_chunks_load_vectors(compiled):
     for v in full_aligned(variants):
         scalar = {op for op in v["memory"] if op in ("ld.global.b8", "ld.global.b16")}
         assert not scalar, (v["kernel"], v["constexprs"], v["memory"])
-        if v["kernel"] != "_apply_masks_kernel":  # it reads only the mask
+        if v["kernel"] != "_fill_pruned_kernel":  # it reads only the mask
             assert "ld.global.v4.b32" in v["memory"], (v["kernel"], v["constexprs"])
 
 
