@@ -1,4 +1,5 @@
-// Magnitude masks with the exact tie rule, and in-place mask application.
+// Magnitude masks with the exact tie rule, and in-place mask application: pruned entries
+// set to +0.0 (apply_masks_) or to a value per tensor (fill_pruned_).
 //
 // A mask prunes the k smallest |x| of its segment: every |x| below the k-th smallest
 // magnitude t, plus the first k - count(|x| < t) entries equal to t in position order (lower
@@ -109,24 +110,47 @@ std::vector<at::Tensor> magnitude_masks(at::TensorList xs, at::IntArrayRef ks,
   return masks;
 }
 
-// Clears the bits of pruned entries: the result is +0.0 whatever x was, NaN included. A
-// branch-free integer loop, which the compiler vectorizes for every element width.
+// Writes `value`'s bits at pruned entries: (x & keep) | (value & ~keep), whatever x was, NaN
+// included. A branch-free integer loop, which the compiler vectorizes for every element width.
 template <typename bits_t>
-void zero_pruned(bits_t* x, const bool* keep, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) x[j] &= static_cast<bits_t>(-static_cast<bits_t>(keep[j]));
+void fill_pruned(bits_t* x, const bool* keep, bits_t value, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const bits_t kept = static_cast<bits_t>(-static_cast<bits_t>(keep[j]));
+    x[j] = static_cast<bits_t>((x[j] & kept) | (value & ~kept));
+  }
 }
 
-void apply_masks_(at::TensorList xs, at::TensorList masks) {
-  TORCH_CHECK(xs.size() == masks.size(), "dsd_cpp.apply_masks_: ", xs.size(), " tensors but ",
-              masks.size(), " masks");
+// The bits of `value` rounded to `dtype` as torch's fill rounds it (through fp32).
+uint32_t value_bits(double value, at::ScalarType dtype) {
+  uint32_t bits = 0;
+  dispatch_float_dtype(dtype, [&](auto zero) {
+    using scalar_t = decltype(zero);
+    const scalar_t rounded = at::Scalar(value).to<scalar_t>();
+    if constexpr (sizeof(scalar_t) == 4) {
+      std::memcpy(&bits, &rounded, 4);
+    } else {
+      uint16_t half_bits;
+      std::memcpy(&half_bits, &rounded, 2);
+      bits = half_bits;
+    }
+  });
+  return bits;
+}
+
+void fill_pruned_(at::TensorList xs, at::TensorList masks, at::ArrayRef<double> values) {
+  TORCH_CHECK(xs.size() == masks.size() && xs.size() == values.size(), "dsd_cpp.fill_pruned_: ",
+              xs.size(), " tensors, ", masks.size(), " masks and ", values.size(), " values");
   std::vector<at::Tensor> targets, keeps;
   std::vector<int64_t> numels;
+  std::vector<uint32_t> bits;
   for (size_t i = 0; i < xs.size(); ++i) {
     TORCH_CHECK(masks[i].scalar_type() == at::kBool && masks[i].sizes() == xs[i].sizes(),
-                "dsd_cpp.apply_masks_: masks[", i, "] must be a bool tensor shaped like xs[", i, "]");
+                "dsd_cpp.fill_pruned_: masks[", i, "] must be a bool tensor shaped like xs[", i,
+                "]");
     targets.push_back(dense_layout(xs[i]));
     keeps.push_back(in_layout(masks[i], targets.back()));
     numels.push_back(xs[i].numel());
+    bits.push_back(value_bits(values[i], xs[i].scalar_type()));
   }
   const std::vector<Span> spans = split_spans(numels, kChunk);
   parallel_dynamic(static_cast<int64_t>(spans.size()), [&](int64_t s) {
@@ -135,12 +159,20 @@ void apply_masks_(at::TensorList xs, at::TensorList masks) {
     const bool* keep = keeps[span.tensor].data_ptr<bool>() + span.begin;
     const int64_t n = span.end - span.begin;
     if (x.element_size() == 4) {
-      zero_pruned(static_cast<uint32_t*>(x.data_ptr()) + span.begin, keep, n);
+      fill_pruned(static_cast<uint32_t*>(x.data_ptr()) + span.begin, keep, bits[span.tensor], n);
     } else {
-      zero_pruned(static_cast<uint16_t*>(x.data_ptr()) + span.begin, keep, n);
+      fill_pruned(static_cast<uint16_t*>(x.data_ptr()) + span.begin, keep,
+                  static_cast<uint16_t>(bits[span.tensor]), n);
     }
   });
   for (size_t i = 0; i < xs.size(); ++i) write_back(targets[i], xs[i]);
+}
+
+// fill_pruned_ with +0.0 everywhere.
+void apply_masks_(at::TensorList xs, at::TensorList masks) {
+  TORCH_CHECK(xs.size() == masks.size(), "dsd_cpp.apply_masks_: ", xs.size(), " tensors but ",
+              masks.size(), " masks");
+  fill_pruned_(xs, masks, std::vector<double>(xs.size(), 0.0));
 }
 
 }  // namespace
@@ -148,6 +180,7 @@ void apply_masks_(at::TensorList xs, at::TensorList masks) {
 TORCH_LIBRARY_IMPL(dsd_cpp, CPU, m) {
   m.impl("magnitude_masks", TORCH_FN(magnitude_masks));
   m.impl("apply_masks_", TORCH_FN(apply_masks_));
+  m.impl("fill_pruned_", TORCH_FN(fill_pruned_));
 }
 
 }  // namespace dsd_cpp

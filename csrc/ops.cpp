@@ -11,6 +11,7 @@ TORCH_LIBRARY(dsd_cpp, m) {
       "-> Tensor");
   m.def("magnitude_masks(Tensor[] xs, int[] ks, str scope) -> Tensor[]");
   m.def("apply_masks_(Tensor(a!)[] xs, Tensor[] masks) -> ()");
+  m.def("fill_pruned_(Tensor(a!)[] xs, Tensor[] masks, float[] values) -> ()");
   m.def(
       "masked_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor?[] masks, float lr, float momentum, float dampening, float weight_decay, "

@@ -20,6 +20,7 @@ from .functional import (
                        SCOPES,
                        apply_masks_,
                        check_sparsity,
+                       fill_pruned_,
                        kth_smallest_abs,
                        magnitude_masks,
                        masked_adam_,
@@ -29,7 +30,8 @@ from .functional import (
 from .optim import MaskedAdam, MaskedAdamW, MaskedSGD
 
 __all__ = [
-    "kth_smallest_abs", "magnitude_masks", "apply_masks_", "masked_sgd_", "masked_adam_",
+    "kth_smallest_abs", "magnitude_masks", "apply_masks_", "fill_pruned_", "masked_sgd_",
+    "masked_adam_",
     "pruned_count", "check_sparsity", "SCOPES", "local_tensor",
     "available_backends", "use_backend", "selected_backends", "backend_from_env",
     "BACKENDS", "BACKEND_CHOICES", "BackendUnavailable",

@@ -190,6 +190,21 @@ def real(value, what: str, low: float | None = None, high: float | None = None,
     return value
 
 
+def fill_value(value, dtype: torch.dtype, what: str, tensor: str) -> float:
+    """A real number to write into a tensor of `dtype`: any, Inf and NaN included, except a
+    finite one beyond the dtype's largest magnitude (which torch's fill refuses too)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise ValueError(f"{what} must be a real number, not {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(f"{what} must be a real number or a one-element real tensor")
+        value = value.item()
+    value = float(value)
+    if math.isfinite(value) and abs(value) > torch.finfo(dtype).max:
+        raise ValueError(f"{what} = {value} overflows {dtype}, the dtype of {tensor}")
+    return value
+
+
 def sparsity(value) -> float:
     """A sparsity to prune to: a real number in [0, 1) (NaN fails every comparison)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:

@@ -32,6 +32,8 @@ SCHEMAS = {
     # [0, the segment's numel].
     "magnitude_masks": "(Tensor[] xs, int[] ks, str scope) -> Tensor[]",
     "apply_masks_": "(Tensor(a!)[] xs, Tensor[] masks) -> ()",
+    # values[i] (rounded to xs[i]'s dtype as torch's fill rounds it) at the pruned entries.
+    "fill_pruned_": "(Tensor(a!)[] xs, Tensor[] masks, float[] values) -> ()",
     "masked_sgd_": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] masks, "
         "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
@@ -80,6 +82,11 @@ def _magnitude_masks_fake(xs, ks, scope):
 
 @torch.library.register_fake(f"{NAMESPACE}::apply_masks_")
 def _apply_masks_fake(xs, masks):
+    return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::fill_pruned_")
+def _fill_pruned_fake(xs, masks, values):
     return None
 
 

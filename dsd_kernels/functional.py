@@ -16,8 +16,8 @@ from . import _checks, _ops, distributed  # noqa: F401  (_ops defines the ops)
 from ._checks import SCOPES
 from .backends import ensure_selected as _ensure_selected
 
-__all__ = ["kth_smallest_abs", "magnitude_masks", "apply_masks_", "masked_sgd_", "masked_adam_",
-           "pruned_count", "check_sparsity", "SCOPES"]
+__all__ = ["kth_smallest_abs", "magnitude_masks", "apply_masks_", "fill_pruned_", "masked_sgd_",
+           "masked_adam_", "pruned_count", "check_sparsity", "SCOPES"]
 
 
 def check_sparsity(value) -> float:
@@ -152,6 +152,45 @@ def apply_masks_(xs, masks) -> None:
             device; a mask that is not bool or not shaped like its tensor or on another
             device. Nothing is written then.
     """
+    xs, masks = _masked_tensors(xs, masks)
+    _ensure_selected()
+    with torch.no_grad():
+        _ops_.apply_masks_(xs, masks)
+
+
+def fill_pruned_(xs, masks, values) -> None:
+    """In place: x[~mask] = value for each tensor, its bool mask and its value; kept entries
+    are untouched. The value is rounded to the tensor's dtype as `torch.Tensor.fill_` rounds
+    it; `fill_pruned_(xs, masks, 0.0)` is `apply_masks_(xs, masks)`.
+
+    Args:
+        xs: a float32/float16/bfloat16 tensor or a list of them on one device (for a DTensor,
+            its local shard is written).
+        masks: one bool mask (True = kept) per tensor, shaped like it, on its device.
+        values: one real number per tensor, or one for all; -0.0, Inf and NaN are written as
+            given.
+
+    Raises:
+        ValueError: as apply_masks_; values of another length than xs, not real numbers, or
+            finite but beyond the range of their tensor's dtype. Nothing is written then.
+    """
+    xs, masks = _masked_tensors(xs, masks)
+    if isinstance(values, (numbers.Real, torch.Tensor)):
+        values = [values] * len(xs)
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"values must be a number or a list of numbers, not "
+                         f"{type(values).__name__}")
+    _checks.same_length(values, "values", xs, "xs")
+    values = [_checks.fill_value(v, x.dtype, f"values[{i}]", f"xs[{i}]")
+              for i, (v, x) in enumerate(zip(values, xs))]
+    _ensure_selected()
+    with torch.no_grad():
+        _ops_.fill_pruned_(xs, masks, values)
+
+
+def _masked_tensors(xs, masks):
+    """Validate a list of tensors and one mask per tensor; returns them as lists (a DTensor
+    as its local shard)."""
     xs = [distributed.local_tensor(x) for x in _checks.tensor_list(xs, "xs")]
     masks = _checks.tensor_list(masks, "masks")
     _checks.same_length(masks, "masks", xs, "xs")
@@ -159,9 +198,7 @@ def apply_masks_(xs, masks) -> None:
     _checks.float_tensors(xs, label)
     for i, (x, mask) in enumerate(zip(xs, masks)):
         _checks.mask_for(mask, x, f"masks[{i}]", label(i))
-    _ensure_selected()
-    with torch.no_grad():
-        _ops_.apply_masks_(xs, masks)
+    return xs, masks
 
 
 def _optimizer_lists(params, grads, states: dict, masks):

@@ -253,7 +253,7 @@ def l1_unstructured(module: nn.Module, name: str, amount, importance_scores=None
 
 def mask_optimizer_(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
     """Hand the current prune masks of `model` to `optimizer`, made masked in place (a
-    torch.optim SGD/Adam/AdamW is converted, see `dsd_kernels.optim.make_masked_`): from now on
+    torch.optim optimizer is converted, see `dsd_kernels.optim.make_masked_`): from now on
     each pruned `name_orig` entry and its optimizer state stay exactly 0 whatever the gradient.
 
     Call it again after pruning more (or after `remove`, which lifts the masks: the freed
@@ -261,7 +261,7 @@ def mask_optimizer_(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch
     skipped.
 
     Args:
-        optimizer: a torch.optim SGD, Adam or AdamW, or a masked optimizer.
+        optimizer: a torch.optim optimizer `make_masked_` takes, or a masked optimizer.
         model: the pruned model.
 
     Returns:

@@ -7,11 +7,11 @@ on CPU tensors only under TRITON_INTERPRET=1), each op runs on small adversarial
 (heavy ties, signed zeros, denormals, odd sizes, an empty tensor, each dtype, a list of mixed
 dtypes, a list large enough for the bracket, and the same list with the bracket forced to miss)
 and is compared with the answer computed on CPU: a sort of the magnitudes for thresholds and
-masks, `torch.where` for applied masks, the pure-torch reference for histograms and optimizer
-steps. Thresholds, masks and applied masks must match bit for bit; optimizer steps within the
-tests' tolerances, with pruned entries exactly +0.0. Each backend's kernels are called
-directly, not through the selected backend. Exit status: 0 all passed, 1 a check failed,
-2 bad arguments.
+masks, `torch.where` for applied masks, `masked_fill` for filled pruned entries, the pure-torch
+reference for histograms and optimizer steps. Thresholds, masks, applied masks and fills must
+match bit for bit; optimizer steps within the tests' tolerances, with pruned entries exactly
++0.0. Each backend's kernels are called directly, not through the selected backend. Exit
+status: 0 all passed, 1 a check failed, 2 bad arguments.
 """
 
 import argparse
@@ -63,6 +63,9 @@ ADAM_VARIANTS = {
                   maximize=False, scaled=False),
 }
 GRAD_SCALE = 64.0
+# fill_pruned_'s values, one per tensor in turn: a signed zero, an inexact value, one that
+# rounds to fp16 through fp32 (as torch's fill) otherwise than directly, and a negative NaN.
+FILL_VALUES = (-0.0, 1e-2, 1 + 2**-11 + 2**-40, -float("nan"))
 
 
 class _Mismatch(Exception):
@@ -291,6 +294,15 @@ def _check_apply(kernels, xs, case):
         for i, (t, x, m) in enumerate(zip(targets, host, masks)):
             _same_bits(t, torch.where(m, x, torch.zeros((), dtype=x.dtype)), f"tensor {i}")
     yield "apply_masks_", case, apply
+
+    values = [FILL_VALUES[i % len(FILL_VALUES)] for i in range(len(host))]
+
+    def fill():
+        targets = [x.to(device) for x in host]
+        kernels["fill_pruned_"](targets, [m.to(device) for m in masks], values)
+        for i, (t, x, m, v) in enumerate(zip(targets, host, masks, values)):
+            _same_bits(t, x.masked_fill(~m, v), f"tensor {i} (value {v!r})")
+    yield "fill_pruned_", case, fill
 
 
 def _optimizer_inputs(xs, nonfinite):

@@ -69,6 +69,7 @@ def drive_every_op():
                 ks = [n // 2 for n in numels] if scope == "layer" else [sum(numels) // 2]
                 masks = mask.magnitude_masks(xs, ks, scope)
             mask.apply_masks_(xs, masks)
+            mask.fill_pruned_(xs, masks, [-0.0, 1e-2][:len(xs)])
             grads, states = [torch.randn_like(x) for x in xs], [torch.zeros_like(x) for x in xs]
             for momentum, nesterov, grad_scale in ((0.0, False, None), (0.9, False, None),
                                                    (0.9, True, torch.tensor(2.0))):

@@ -28,7 +28,7 @@ def lr_factor(step: int) -> float:
 
 
 class Net(L.LightningModule):
-    """`optimizer`: sgd (momentum), sgd0 (no momentum), adam, adamw or rmsprop; `scheduler`:
+    """`optimizer`: sgd (momentum), sgd0 (no momentum), adam, adamw or lbfgs; `scheduler`:
     "epoch" (StepLR, each epoch) or "step" (LambdaLR, each optimizer step)."""
 
     def __init__(self, optimizer: str = "sgd", scheduler: str = "epoch"):
@@ -48,7 +48,7 @@ class Net(L.LightningModule):
             "sgd0": lambda: torch.optim.SGD(params, lr=0.5),
             "adam": lambda: torch.optim.Adam(params, lr=0.01),
             "adamw": lambda: torch.optim.AdamW(params, lr=0.01),
-            "rmsprop": lambda: torch.optim.RMSprop(params, lr=0.01),
+            "lbfgs": lambda: torch.optim.LBFGS(params, lr=0.01),
         }[self.kind]()
         if self.scheduler == "epoch":
             scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer_made, 1, gamma=0.8)

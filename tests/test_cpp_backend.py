@@ -341,6 +341,26 @@ def test_apply_masks_zeroes_nan_and_keeps_layout(cpp_backend, threads, dtype):
     assert torch.equal(cases[2][1][:, 600:], outside)
 
 
+def test_fill_pruned_mixed_dtypes_keep_layout(cpp_backend, threads):
+    gen = torch.Generator().manual_seed(6)
+    cases = [case for dtype in DTYPES for case in _strided_cases(dtype, gen)]
+    xs = [x for x, _ in cases]
+    for x in xs:
+        x[..., :2] = float("nan")
+    masks = [torch.rand(x.shape, generator=gen) < 0.5 for x in xs]
+    values = [(-1) ** i * (1 + 2**-11 + 2**-40) * 10.0 ** (i - 6) for i in range(len(xs))]
+    values[:3] = [-0.0, float("-nan"), float("inf")]
+    want = [x.clone().masked_fill_(~m, v) for x, m, v in zip(xs, masks, values)]
+    outside = [base[:, 600:].clone() for _, base in cases if base is not None]
+    strides = [x.stride() for x in xs]
+    dk.fill_pruned_(xs, masks, values)
+    for x, w, stride in zip(xs, want, strides):
+        assert x.stride() == stride
+        assert torch.equal(_bits(x), _bits(w))
+    bases = [base for _, base in cases if base is not None]
+    assert all(torch.equal(b[:, 600:], o) for b, o in zip(bases, outside))
+
+
 def _optimizer_case(dtype, seed, n_states):
     gen = torch.Generator().manual_seed(seed)
     cases = _strided_cases(dtype, gen)

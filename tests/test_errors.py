@@ -113,7 +113,7 @@ def test_bad_tensor_lists(bad, match):
     _raises(match, dk.magnitude_masks, bad, 0.5)
 
 
-@pytest.mark.parametrize("masks, match", [
+BAD_MASKS = [
     (lambda xs: [torch.ones(4, 5, dtype=torch.bool)], "masks has 1 entries but xs has 2"),
     (lambda xs: [torch.ones(4, 5, dtype=torch.bool), torch.ones(6, dtype=torch.bool)],
      r"masks\[1\] has shape \(6\) but xs\[1\] has shape \(7\)"),
@@ -122,12 +122,47 @@ def test_bad_tensor_lists(bad, match):
     (lambda xs: [torch.ones(4, 5, dtype=torch.bool), torch.ones(7, dtype=torch.bool,
                                                                 device="meta")],
      r"masks\[1\] is on meta but xs\[1\] is on cpu"),
-])
+]
+
+
+@pytest.mark.parametrize("masks, match", BAD_MASKS)
 def test_apply_masks_bad_masks(xs, masks, match):
     xs[1][0] = float("nan")  # NaN weights are fine to mask; bad masks are not
     before = _snapshot(*xs)
     _raises(match, dk.apply_masks_, xs, masks(xs))
     assert _unchanged(xs, before)
+
+
+@pytest.mark.parametrize("masks, match", BAD_MASKS)
+def test_fill_pruned_bad_masks(xs, masks, match):
+    before = _snapshot(*xs)
+    _raises(match, dk.fill_pruned_, xs, masks(xs), [1.0, 2.0])
+    assert _unchanged(xs, before)
+
+
+@pytest.mark.parametrize("values, match", [
+    ([1.0], "values has 1 entries but xs has 2"),
+    ("1.0", "values must be a number or a list of numbers, not str"),
+    ([1.0, True], r"values\[1\] must be a real number, not bool"),
+    ([None, 1.0], r"values\[0\] must be a real number, not NoneType"),
+    ([torch.ones(2), 1.0], r"values\[0\] must be a real number or a one-element real tensor"),
+    ([1.0, 1e39], r"values\[1\] = 1e\+39 overflows torch.float32, the dtype of xs\[1\]"),
+])
+def test_fill_pruned_bad_values(xs, values, match):
+    masks = [x > 0 for x in xs]
+    before = _snapshot(*xs)
+    _raises(match, dk.fill_pruned_, xs, masks, values)
+    assert _unchanged(xs, before)
+
+
+def test_fill_pruned_value_beyond_half_range():
+    x = torch.randn(6).half()
+    kept, before = x > 0, _snapshot(x)
+    _raises(r"values\[0\] = 65520.0 overflows torch.float16, the dtype of xs\[0\]",
+            dk.fill_pruned_, x, kept, 65520.0)
+    assert _unchanged([x], before)
+    dk.fill_pruned_(x, kept, [torch.tensor(65504.0)])  # the largest fp16, as a tensor
+    assert (x[~kept] == 65504).all()
 
 
 def _sgd_args():

@@ -177,7 +177,7 @@ class _MySGD(torch.optim.SGD):
 
 
 @pytest.mark.parametrize("make, error, message", [
-    (lambda ps: torch.optim.RMSprop(ps), TypeError, "cannot mask torch.optim.rmsprop.RMSprop"),
+    (lambda ps: torch.optim.LBFGS(ps), TypeError, "cannot mask torch.optim.lbfgs.LBFGS"),
     (lambda ps: _MySGD(ps, lr=0.1), TypeError, "cannot mask .*_MySGD"),
     (lambda ps: torch.optim.Adam(ps, amsgrad=True), ValueError, "amsgrad=True"),
     (lambda ps: torch.optim.AdamW([{"params": ps[:1]}, {"params": ps[1:], "amsgrad": True}]),

@@ -1,4 +1,5 @@
-"""magnitude_masks and apply_masks_ on every backend and device against a stable-sort oracle."""
+"""magnitude_masks, apply_masks_ and fill_pruned_ on every backend and device against a
+stable-sort oracle and torch's masked_fill_."""
 
 import math
 
@@ -106,6 +107,64 @@ def test_apply_masks_non_contiguous(backend, device):
     assert torch.equal(x, want)
 
 
+# 1 + 2**-11 + 2**-40 rounds to fp16's 1 + 2**-10 directly but to 1.0 through fp32, as
+# torch's fill rounds; 1e-2 and 1/3 are inexact in every dtype; 65504 is fp16's largest; a
+# vectorized cast would write other NaN bits than fill's.
+FILL_VALUES = [0.0, -0.0, 1e-2, -1 / 3, 1 + 2**-11 + 2**-40, -65504.0, float("inf"),
+               float("nan"), -float("nan")]
+
+
+def _bits(t):
+    return t.float().view(torch.int32) if t.dtype == torch.float32 else \
+        t.view(torch.int16).int()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fill_pruned_writes_values_as_torch_fill_rounds_them(backend, device, dtype):
+    shapes = [(33, 17), (5,), (1,), (2, 1031)] + [(3,)] * (len(FILL_VALUES) - 4)
+    xs = [_oracle.make(shape, dtype, device, "normal", seed=i) for i, shape in enumerate(shapes)]
+    xs[0][0, :3] = torch.tensor([float("nan"), float("inf"), -5.0])
+    masks = [(torch.rand(x.shape, generator=torch.Generator().manual_seed(i)) < 0.5).to(device)
+             for i, x in enumerate(xs)]
+    masks[0][0, :2] = torch.tensor([True, False])  # a kept NaN stays, a pruned Inf goes
+    want = [x.clone().masked_fill_(~m, v) for x, m, v in zip(xs, masks, FILL_VALUES)]
+    dk.fill_pruned_(xs, masks, FILL_VALUES)
+    for i, (x, w) in enumerate(zip(xs, want)):
+        assert torch.equal(_bits(x), _bits(w)), f"value {FILL_VALUES[i]}"
+
+
+def test_fill_pruned_one_value_for_all_and_zero_is_apply_masks(backend, device):
+    xs = [_oracle.make(shape, torch.float32, device, "normal", seed=i)
+          for i, shape in enumerate(LIST_SHAPES)]
+    masks = [x > 0 for x in xs]
+    filled, applied = [x.clone() for x in xs], [x.clone() for x in xs]
+    dk.fill_pruned_(filled, masks, 0.0)
+    dk.apply_masks_(applied, masks)
+    assert all(torch.equal(_bits(f), _bits(a)) for f, a in zip(filled, applied))
+    dk.fill_pruned_(filled, masks, 2.5)
+    assert all(torch.equal(f, torch.where(m, x, 2.5)) for f, m, x in zip(filled, masks, xs))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
+def test_fill_pruned_non_contiguous(backend, device, layout):
+    base = _oracle.make((4, 6, 5, 3), torch.float32, device, "normal")
+    x = {"transposed": lambda: base.transpose(0, 3),
+         "channels_last": lambda: base.to(memory_format=torch.channels_last),
+         "sliced": lambda: base[:, ::2, 1:]}[layout]()
+    outside = base.clone()
+    mask = (torch.arange(x.numel(), device=device).reshape(x.shape) % 3) == 0
+    want = torch.where(mask, x, -0.0)
+    strides = x.stride()
+    dk.fill_pruned_([x, base.new_ones(4)], [mask, torch.ones(4, dtype=torch.bool,
+                                                             device=device)], [-0.0, 7.0])
+    assert x.stride() == strides
+    assert torch.equal(_bits(x), _bits(want))
+    if layout == "sliced":  # entries outside the view are not written
+        untouched = torch.ones_like(base, dtype=torch.bool)
+        untouched[:, ::2, 1:] = False
+        assert torch.equal(base[untouched], outside[untouched])
+
+
 def test_opcheck(backend, device):
     xs = [_oracle.make((5, 3), torch.float32, device, "ties"),
           _oracle.make((4,), torch.bfloat16, device, "normal")]
@@ -114,3 +173,5 @@ def test_opcheck(backend, device):
         torch.library.opcheck(torch.ops.dsd.magnitude_masks, args)
     masks = [x > 0 for x in xs]
     torch.library.opcheck(torch.ops.dsd.apply_masks_, ([x.clone() for x in xs], masks))
+    torch.library.opcheck(torch.ops.dsd.fill_pruned_,
+                          ([x.clone() for x in xs], masks, [0.5, -0.0]))

@@ -185,10 +185,31 @@ def test_conversion_in_place_keeps_groups_and_state():
             assert torch.equal(original.state[p][name], state[p][name])
 
 
+def test_an_element_wise_optimizer_takes_the_general_masked_step():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4)
+    optimizer = torch.optim.Rprop(model.parameters(), lr=0.01)
+    dsd = DSD(model, optimizer, Plan.dsd(1, 1, 1, sparsity=0.5, redense_lr_factor=0.1))
+    assert isinstance(optimizer, torch.optim.Rprop) and type(optimizer).__name__ == "MaskedRprop"
+    pruned = None
+    for epoch in range(dsd.plan.total):
+        dsd.epoch_start(epoch)
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(torch.randn(5, 6)).sum().backward()
+            optimizer.step()
+        if dsd.phase.kind == "sparse":
+            pruned = model.weight.detach() == 0
+            assert int(pruned.sum()) == 12
+            step_size = optimizer.state[model.weight]["step_size"]
+            assert (step_size[pruned] == torch.tensor(0.01)).all()
+    assert pruned is not None and (model.weight.detach()[pruned] != 0).any()  # regrown
+
+
 def test_unsupported_optimizers_are_rejected():
     model = nn.Linear(3, 2)
-    with pytest.raises(TypeError, match="RMSprop"):
-        DSD(model, torch.optim.RMSprop(model.parameters()), Plan.dsd(1, 1, 1))
+    with pytest.raises(TypeError, match="LBFGS"):
+        DSD(model, torch.optim.LBFGS(model.parameters()), Plan.dsd(1, 1, 1))
     with pytest.raises(TypeError, match="optimizer must be a torch.optim optimizer"):
         DSD(model, None, Plan.dsd(1, 1, 1))
     with pytest.raises(ValueError, match="amsgrad"):

@@ -27,7 +27,7 @@ class Failing:
                 self.calls += 1
                 if self.after is not None and self.calls <= self.after:
                     return torch_ref.KERNELS[op](*args)
-                if op in ("apply_masks_", "masked_sgd_", "masked_adam_"):
+                if op in ("apply_masks_", "fill_pruned_", "masked_sgd_", "masked_adam_"):
                     args[0][0].add_(1.0)  # a launch that ran before the one that failed
                 raise RuntimeError("PTX assembly failed\nptxas fatal: details")
             return kernel
@@ -88,6 +88,21 @@ def test_a_first_in_place_call_is_answered_from_its_snapshot(failing_triton, cap
     for got, want in zip(params + buffers, want_p + want_b):
         assert torch.equal(got, want)  # the fake's partial write was undone, the step taken once
     assert _messages(caplog) == [MESSAGE.format(op="masked_sgd_")]
+
+
+def test_a_first_fill_pruned_call_is_answered_from_its_snapshot(failing_triton, caplog):
+    failing = failing_triton(Failing())
+    gen = torch.Generator().manual_seed(2)
+    xs = [torch.randn(50, generator=gen), torch.randn(7, generator=gen).half()]
+    masks = [torch.rand(x.shape, generator=gen) < 0.5 for x in xs]
+    want = [x.clone().masked_fill_(~m, v) for x, m, v in zip(xs, masks, (0.25, -0.0))]
+    with caplog.at_level("WARNING", logger="dsd_kernels"):
+        dk.fill_pruned_(xs, masks, [0.25, -0.0])
+    assert failing.calls == 1
+    for got, w in zip(xs, want):  # the fake's partial write was undone
+        assert torch.equal(got.view(torch.int16 if got.dtype == torch.half else torch.int32),
+                           w.view(torch.int16 if w.dtype == torch.half else torch.int32))
+    assert _messages(caplog) == [MESSAGE.format(op="fill_pruned_")]
 
 
 def test_a_later_in_place_failure_raises_and_switches_the_device(failing_triton, caplog):

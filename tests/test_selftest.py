@@ -99,8 +99,8 @@ def _one_count_more(good, *args):
     return hist
 
 
-def _first_tensor_skipped(good, xs, masks):
-    good(xs[1:], masks[1:])
+def _first_tensor_skipped(good, xs, masks, *values):
+    good(xs[1:], masks[1:], *(v[1:] for v in values))
 
 
 def _perturbed_adam_state(good, params, grads, exp_avgs, *rest):
@@ -115,6 +115,7 @@ BREAKS = {
     "kth_smallest_abs_per_tensor": _one_ulp_more,
     "magnitude_histogram": _one_count_more,
     "apply_masks_": _first_tensor_skipped,
+    "fill_pruned_": _first_tensor_skipped,
     "masked_adam_": _perturbed_adam_state,
 }
 

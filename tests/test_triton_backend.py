@@ -376,6 +376,26 @@ def test_apply_masks_zeroes_pruned_entries_even_nan(dtype, layout):
     assert _bits(x[0, 0, 0, 0]) == 0 and _bits(x[1, 1, 1, 1]) == 0  # +0.0, not NaN or -0.0
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_fill_pruned_mixed_dtypes_and_layouts_write_fills_bits(layout):
+    # One launch per dtype group: each tensor must get its own value, in its own dtype.
+    generator = torch.Generator().manual_seed(8)
+    made = {"contiguous": lambda t: t, "channels_last": lambda t: t.to(
+        memory_format=torch.channels_last), "sliced": lambda t: t[:, 1:, ::2]}[layout]
+    xs = [made(torch.randn(5, 6, 7, 9, generator=generator).to(dtype).to(DEVICE))
+          for dtype in (torch.bfloat16, torch.float32, torch.float16, torch.float32)]
+    xs[0][0, 0, 0, 0] = float("nan")
+    masks = [(torch.rand(x.shape, generator=generator) > 0.5).to(DEVICE) for x in xs]
+    values = [1 + 2**-11 + 2**-40, -0.0, 1e-2, float("-nan")]
+    expected = [x.clone().masked_fill_(~m, v) for x, m, v in zip(xs, masks, values)]
+    strides = [x.stride() for x in xs]
+    dk.fill_pruned_(xs, masks, values)
+    for x, want, stride in zip(xs, expected, strides):
+        assert x.stride() == stride
+        bits = {4: torch.int32, 2: torch.int16}[x.element_size()]
+        assert torch.equal(x.contiguous().view(bits), want.contiguous().view(bits))
+
+
 def _params(dtypes, seed):
     """Mixed shapes and layouts: channels_last conv weights, a transposed matrix, a bias."""
     generator = torch.Generator().manual_seed(seed)
@@ -515,7 +535,7 @@ def test_tables_are_cached_per_stream(monkeypatch):
     from dsd_kernels.backends.triton import mask, optim, tables
     stream = ["A"]
     monkeypatch.setattr(tables, "current_stream", lambda device: stream[0])
-    caches = (threshold._TABLES, mask._TABLES, mask._APPLY_TABLES, optim._TABLES)
+    caches = (threshold._TABLES, mask._TABLES, mask._FILL_TABLES, optim._TABLES)
     generator = torch.Generator().manual_seed(13)
     xs = [torch.randn(300, generator=generator).to(DEVICE),
           torch.randn(7, 9, generator=generator).half().to(DEVICE)]
@@ -661,6 +681,7 @@ def test_ops_pass_opcheck():
         (ops.kth_smallest_abs, ([x, *ys], 100)),
         (ops.magnitude_masks, ([x, *ys], _oracle.counts([x, *ys], 0.5, "global"), "global")),
         (ops.apply_masks_, ([x], [mask])),
+        (ops.fill_pruned_, ([x, *ys], [mask, *(y > 0 for y in ys)], [0.5, -0.0, 2.0])),
         (ops.masked_sgd_, ([p], [g], [m], [mask], 0.1, 0.9, 0.0, 0.0, False, False, None)),
         (ops.masked_adam_, ([p], [g], [m], [v], [None], [2.0], 1e-3, 0.9, 0.999, 1e-8, 0.0,
                             True, False, torch.tensor(2.0, device=DEVICE))),

@@ -26,7 +26,7 @@ from test_triton_backend import DEVICE, triton_selected  # noqa: E402, F401  (au
 
 from dsd_kernels.backends.triton import mask, optim, tables, threshold  # noqa: E402
 
-CACHES = (optim._TABLES, threshold._TABLES, mask._TABLES, mask._APPLY_TABLES)
+CACHES = (optim._TABLES, threshold._TABLES, mask._TABLES, mask._FILL_TABLES)
 
 
 def _describe_in_cpp():
@@ -215,7 +215,7 @@ def test_masks_and_thresholds_reuse_tables_of_the_same_tensors(monkeypatch):
     generator = torch.Generator().manual_seed(3)
     xs = [torch.randn(shape, generator=generator).to(DEVICE) for shape in [(40, 30), (500,)]]
     xs.append(torch.randn(6, 7, generator=generator).half().to(DEVICE))
-    caches = (threshold._TABLES, mask._TABLES, mask._APPLY_TABLES)
+    caches = (threshold._TABLES, mask._TABLES, mask._FILL_TABLES)
     builds = None
     for sparsity in (0.2, 0.5, 0.8):
         for scope in ("layer", "global"):

@@ -59,9 +59,13 @@ def magnitude_masks(xs, ks, scope):
     return _prune_masks(xs, ks[0])
 
 
+def fill_pruned_(xs, masks, values):
+    for x, mask, value in zip(xs, masks, values):
+        x.masked_fill_(~mask, value)
+
+
 def apply_masks_(xs, masks):
-    for x, mask in zip(xs, masks):
-        x.masked_fill_(~mask, 0)
+    fill_pruned_(xs, masks, [0.0] * len(xs))
 
 
 def _unscaled_grad(grad, grad_scale, maximize):
@@ -120,6 +124,7 @@ KERNELS = {
     "magnitude_histogram": magnitude_histogram,
     "magnitude_masks": magnitude_masks,
     "apply_masks_": apply_masks_,
+    "fill_pruned_": fill_pruned_,
     "masked_sgd_": masked_sgd_,
     "masked_adam_": masked_adam_,
 }

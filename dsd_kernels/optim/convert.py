@@ -1,10 +1,12 @@
-"""make_masked_: a torch.optim SGD, Adam or AdamW made masked in place, so whatever already
-holds the optimizer drives the masked step."""
+"""make_masked_: a torch.optim optimizer made masked in place, so whatever already holds the
+optimizer drives the masked step: SGD, Adam and AdamW become the fused masked classes, the
+element-wise others get the general masked step (general.py)."""
 
 import types
 
 import torch
 
+from . import general
 from .masked import (
     MaskedAdam,
     MaskedAdamW,
@@ -19,7 +21,7 @@ _MASKED_VERSION = {torch.optim.SGD: MaskedSGD, torch.optim.Adam: MaskedAdam,
 
 
 def make_masked_(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Turn a torch.optim SGD, Adam or AdamW into its masked class in place; returns it.
+    """Turn a torch.optim optimizer into its masked class in place; returns it.
 
     The object stays the same, with the same param groups and state, so whatever holds it (an
     LR scheduler, a GradScaler, Lightning's or Accelerate's wrapper, the user's own variable)
@@ -27,10 +29,12 @@ def make_masked_(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     the masked step. A masked optimizer is returned as it is.
 
     Args:
-        optimizer: a torch.optim.SGD, Adam or AdamW (exactly those classes), or a masked one.
+        optimizer: a torch.optim SGD, Adam, AdamW, Adadelta, Adagrad, Adamax, ASGD, NAdam,
+            RAdam, RMSprop or Rprop (exactly those classes), or a masked one.
 
     Returns:
-        The same object, now a MaskedSGD, MaskedAdam or MaskedAdamW.
+        The same object, now a MaskedSGD, MaskedAdam or MaskedAdamW, or for the others a
+        masked subclass of its class with the general masked step.
 
     Raises:
         TypeError: any other optimizer class (a subclass included).
@@ -40,13 +44,17 @@ def make_masked_(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """
     if isinstance(optimizer, _Masked):
         return optimizer
-    masked_class = _MASKED_VERSION.get(type(optimizer))
+    kind = type(optimizer)
+    masked_class = _MASKED_VERSION.get(kind)
+    if masked_class is None and kind in general.FRESH_STATE:
+        masked_class = general.masked_class(kind)
     if masked_class is None:
-        kind = type(optimizer)
         raise TypeError(
-            f"cannot mask {kind.__module__}.{kind.__qualname__}: only torch.optim SGD, Adam and "
-            "AdamW (converted in place) and dsd_kernels' MaskedSGD/MaskedAdam/MaskedAdamW keep "
-            "the optimizer state of pruned weights at zero; other optimizers would regrow them")
+            f"cannot mask {kind.__module__}.{kind.__qualname__}: only torch.optim's SGD, Adam, "
+            f"AdamW and {', '.join(c.__name__ for c in general.FRESH_STATE)} (converted in "
+            "place, not subclasses) and dsd_kernels' masked classes have a masked step that "
+            "keeps pruned weights and their optimizer state fresh; other optimizers would "
+            "regrow them")
     _refuse_unsupported(optimizer.defaults, "the optimizer's defaults")
     for i, group in enumerate(optimizer.param_groups):
         _refuse_unsupported(group, f"param group {i}")

@@ -123,9 +123,13 @@ class _Masked:
         # Kept in the parameter's memory layout (channels_last, ...), so no step converts it.
         self._masks = {p: _in_layout_of(mask, local_tensor(p)) for p, mask in masks.items()}
         self._plans = ()  # they would not match the new dict, but would hold the old masks
+        self._prune(list(self._masks))
+
+    def _prune(self, params: list) -> None:
+        """Set the masked `params` and their `_state_names` state to 0 at pruned positions."""
         targets, target_masks = [], []
-        for p, mask in self._masks.items():
-            state = self.state.get(p, {})
+        for p in params:
+            state, mask = self.state.get(p, {}), self._masks[p]
             for t in [p] + [state[name] for name in self._state_names if name in state]:
                 targets.append(t)
                 target_masks.append(mask)

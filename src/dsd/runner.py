@@ -98,13 +98,13 @@ class DSD:
         model: the module trained; give the unwrapped module under DDP. Its prunable
             parameters (`dsd.prunable_parameters` with the plan's include/exclude) are chosen
             here, once.
-        optimizer: a torch.optim SGD, Adam or AdamW (or a dsd_kernels masked one) holding
+        optimizer: a torch.optim optimizer `make_masked_` takes (or a masked one) holding
             every prunable parameter.
         plan: the `Plan` to carry out.
 
     Raises:
-        TypeError: If `plan` is not a `Plan`, or `optimizer` is not a torch.optim SGD, Adam,
-            AdamW or masked optimizer.
+        TypeError: If `plan` is not a `Plan`, or `optimizer` is not one `make_masked_` takes
+            (torch.optim SGD, Adam, AdamW and the element-wise others) or a masked one.
         ValueError: If the plan's patterns match no parameter or select a frozen one, nothing
             is left to prune, a prunable parameter is not in the optimizer, or a parameter or
             param group is one the masked step does not support (e.g. ``amsgrad=True``).

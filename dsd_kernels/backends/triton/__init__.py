@@ -28,6 +28,7 @@ def load() -> Backend:
         "magnitude_histogram": threshold.magnitude_histogram,
         "magnitude_masks": mask.magnitude_masks,
         "apply_masks_": mask.apply_masks_,
+        "fill_pruned_": mask.fill_pruned_,
         "masked_sgd_": optim.masked_sgd_,
         "masked_adam_": optim.masked_adam_,
     }

@@ -1,4 +1,5 @@
-"""Magnitude masks with the exact tie rule, and in-place mask application.
+"""Magnitude masks with the exact tie rule, and in-place mask application: pruned entries
+set to +0.0 (apply_masks_) or to a value per tensor (fill_pruned_).
 
 A segment (one tensor for scope="layer", all of them for "global") prunes its k smallest |x|:
 every entry below the threshold t (its k-th smallest |x|, from `threshold.radix_select`) and
@@ -26,7 +27,7 @@ BLOCK = 2048  # elements per step of a program
 CHUNK = 16 * BLOCK  # elements per program; the unit the tie ranks are scanned over
 NUM_WARPS = 8
 
-# Columns of the per-tensor row table of the mask kernel (int64); the apply kernel's rows are
+# Columns of the per-tensor row table of the mask kernel (int64); the fill kernel's rows are
 # the first two. The masks' addresses are in a table of their own.
 _ADDRESS = tl.constexpr(0)
 _NUMEL = tl.constexpr(1)
@@ -139,48 +140,59 @@ def _mask_tables(device, xs, segments, scope):
     return groups, segment_first_chunk, int(chunks.sum())
 
 
-_APPLY_COLUMNS = tl.constexpr(2)  # address, element count
-_APPLY_TABLES = tables.Cache()
+_FILL_COLUMNS = tl.constexpr(2)  # address, element count
+_FILL_TABLES = tables.Cache()
 
 
 @triton.jit
-def _apply_masks_kernel(rows_ptr, masks_ptr, chunk_rows_ptr, chunk_starts_ptr,
+def _fill_pruned_kernel(rows_ptr, masks_ptr, values_ptr, chunk_rows_ptr, chunk_starts_ptr,
                         DTYPE: tl.constexpr, ALIGNED: tl.constexpr, FULL: tl.constexpr,
                         CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """x = +0.0 where the mask is False: reads only the mask, writes only pruned entries."""
+    """x = the tensor's value where the mask is False: reads only the mask and the value
+    (already rounded to DTYPE on the host), writes only pruned entries."""
     chunk = tl.program_id(0)
     tensor = tl.load(chunk_rows_ptr + chunk).to(tl.int64)
-    row = rows_ptr + tensor * _APPLY_COLUMNS
+    row = rows_ptr + tensor * _FILL_COLUMNS
     start = tl.multiple_of(tl.load(chunk_starts_ptr + chunk), CHUNK)  # chunks start aligned
     x_ptr, mask_ptr = _pointers(row, masks_ptr + tensor, start, DTYPE, ALIGNED,
                                 4)  # scalar stores: no vectors
+    value = tl.broadcast_to(tl.load(values_ptr + tensor), [BLOCK])  # no arithmetic: -0.0 stays
     remaining = tl.load(row + _NUMEL) - start
     for offset in range(0, blocks_end(remaining, FULL, CHUNK), BLOCK):
         index = offset + tl.arange(0, BLOCK)
         inside = lanes(index, remaining, FULL, BLOCK)
         keep = tl.load(mask_ptr + index, mask=inside, other=1)
-        tl.store(x_ptr + index, tl.zeros([BLOCK], dtype=DTYPE), mask=inside & (keep == 0))
+        tl.store(x_ptr + index, value, mask=inside & (keep == 0))
 
 
-def apply_masks_(xs, masks):
+def fill_pruned_(xs, masks, values):
     device = xs[0].device
     staging = tables.Staging()
     targets = [staging.dense(x, written=True) for x in xs]
     masks = [staging.like(mask, x, written=False) for mask, x in zip(masks, targets)]
     key = (device, tables.current_stream(device), tuple(map(torch.Tensor.data_ptr, targets)),
            tuple(x.numel() for x in targets), tuple(x.dtype for x in targets))
-    groups = _APPLY_TABLES.get(key)
+    groups = _FILL_TABLES.get(key)
     if groups is None:
         groups, _ = tables.grouped(
             device, targets, lambda i: [targets[i].data_ptr(), targets[i].numel()], 1, CHUNK)
-        _APPLY_TABLES.add(key, groups)
-    mask_tables, masks_aligned, _ = tables.address_tables(
-        device, groups, tuple(map(torch.Tensor.data_ptr, masks)))
+        _FILL_TABLES.add(key, groups)
+    # Each group's values in its dtype, converted one by one as torch's fill converts them
+    # (through fp32; a NaN becomes the dtype's default NaN), not by a vectorized cast.
+    value_tables = [torch.tensor([values[i] for i in group.indices],
+                                 dtype=targets[group.indices[0]].dtype) for group in groups]
+    mask_tables, masks_aligned, value_tables = tables.address_tables(
+        device, groups, tuple(map(torch.Tensor.data_ptr, masks)), *value_tables)
     with tables.on_device(device):
-        for group, masks_table, aligned in zip(groups, mask_tables, masks_aligned):
+        for group, masks_table, aligned, values_table in zip(groups, mask_tables, masks_aligned,
+                                                             value_tables):
             for full, chunk_rows, chunk_starts in group.launches():
-                _apply_masks_kernel[(chunk_rows.numel(),)](
-                    group.rows, masks_table, chunk_rows, chunk_starts, DTYPE=group.dtype,
-                    ALIGNED=aligned and group.aligned, FULL=full, CHUNK=CHUNK, BLOCK=BLOCK,
-                    num_warps=NUM_WARPS, enable_fp_fusion=False)
+                _fill_pruned_kernel[(chunk_rows.numel(),)](
+                    group.rows, masks_table, values_table, chunk_rows, chunk_starts,
+                    DTYPE=group.dtype, ALIGNED=aligned and group.aligned, FULL=full,
+                    CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
     staging.finish()
+
+
+def apply_masks_(xs, masks):
+    fill_pruned_(xs, masks, [0.0] * len(xs))

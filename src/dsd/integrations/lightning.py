@@ -4,7 +4,7 @@
     from dsd import Plan
     from dsd.integrations.lightning import DSDCallback
     trainer = Trainer(max_epochs=30, callbacks=[DSDCallback(Plan.dsd(10, 10, 10))])
-    trainer.fit(model)    # configure_optimizers returns SGD, Adam or AdamW (+ any scheduler)
+    trainer.fit(model)    # configure_optimizers returns e.g. SGD, Adam or AdamW (+ any scheduler)
 """
 
 from ..plan import Plan
@@ -18,11 +18,11 @@ class DSDCallback(pl.Callback):
     """Carries out a `dsd.Plan` during `Trainer.fit`.
 
     When fitting starts, the optimizer that `configure_optimizers` returned (exactly one: a
-    torch.optim SGD, Adam or AdamW) becomes its masked class in place, so its schedulers keep
-    working and the re-dense LR factor multiplies whatever LR they set. Phases switch before
-    the first batch of each phase: at the start of an epoch for plans in epochs, of an
-    optimizer step (`trainer.global_step`) for plans in steps. Each switch logs the phase, its
-    LR scale and the sparsity of every pruned layer to the trainer's loggers.
+    torch.optim optimizer that `make_masked_` takes) becomes its masked class in place, so
+    its schedulers keep working and the re-dense LR factor multiplies whatever LR they set.
+    Phases switch before the first batch of each phase: at the start of an epoch for plans in
+    epochs, of an optimizer step (`trainer.global_step`) for plans in steps. Each switch logs
+    the phase, its LR scale and the sparsity of every pruned layer to the trainer's loggers.
 
     The phase and the plan go into Lightning checkpoints; the masks go with the optimizer's
     state. `trainer.fit(model, ckpt_path=...)` takes the run up in the same phase with the same

@@ -7,10 +7,11 @@
     trainer = Trainer(model, args, train_dataset=data, callbacks=[DSDCallback(plan)])
     trainer.train()          # or trainer.train(resume_from_checkpoint=True)
 
-The Trainer's optimizer (torch SGD, Adam or AdamW: the default `optim`, or one passed as
-`optimizers=(MaskedAdamW(...), None)` or `optimizer_cls_and_kwargs=(MaskedAdamW, {...})`) is
-made masked in place when training begins; `train(resume_from_checkpoint=...)` takes up the
-phase and the masks of the checkpoint. Each phase switch adds a row to `state.log_history`.
+The Trainer's optimizer (one that `make_masked_` takes, e.g. torch's AdamW: the default
+`optim`, or one passed as `optimizers=(MaskedAdamW(...), None)` or
+`optimizer_cls_and_kwargs=(MaskedAdamW, {...})`) is made masked in place when training
+begins; `train(resume_from_checkpoint=...)` takes up the phase and the masks of the
+checkpoint. Each phase switch adds a row to `state.log_history`.
 """
 
 import logging
