@@ -201,6 +201,31 @@ def test_sparse_phase_keeps_weights_and_adam_state_zero_then_redense_scales_lr(t
                for name, _ in dsd_callback.dsd.named_prunable)
 
 
+@pytest.mark.parametrize("optim, torch_class, state_key",
+                         [("rmsprop", torch.optim.RMSprop, "square_avg"),
+                          ("adagrad", torch.optim.Adagrad, "sum")])
+def test_the_trainers_rmsprop_and_adagrad_are_masked_in_place(tmp_path, optim, torch_class,
+                                                               state_key):
+    dsd_callback = DSDCallback(STEP_PLAN)
+    checked = []
+
+    class SparseSteps(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            raw = optimizer.optimizer
+            assert isinstance(raw, torch_class) and type(raw) is not torch_class
+            for p, mask in raw.masks.items():  # pruned: weight +0.0, state as a fresh one's
+                assert torch.equal(p.detach()[~mask], torch.zeros_like(p[~mask]))
+                fresh = raw.param_groups[0].get("initial_accumulator_value", 0.0)
+                assert (raw.state[p][state_key][~mask] == fresh).all()
+            checked.append(len(raw.masks))
+
+    trainer = make_trainer(tmp_path, dsd_callback, SparseSteps(), optim=optim)
+    trainer.train()
+
+    assert checked[4:8] == [len(list(dsd_callback.dsd.named_prunable))] * 4
+    assert checked[8:] == [0] * 4
+
+
 def test_epoch_plan_switches_at_epoch_boundaries_and_a_shorter_run_is_allowed(tmp_path):
     dsd_callback = DSDCallback(Plan.dsd(1, 1, 2, sparsity=0.5))  # 4 epochs; the Trainer runs 3
     probe = Probe(dsd_callback)

@@ -28,7 +28,7 @@ accelerate_optimizer = require("transformers", "accelerate.optimizer")
 logger = logging.getLogger(__name__)
 
 # The Trainer's `optim` choices that build a torch.optim optimizer dsd can make masked.
-_MASKABLE_OPTIM = ("adamw_torch_fused", "adamw_torch", "sgd")
+_MASKABLE_OPTIM = ("adamw_torch_fused", "adamw_torch", "sgd", "adagrad", "rmsprop")
 
 
 class DSDCallback(transformers.TrainerCallback):
