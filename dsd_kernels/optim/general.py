@@ -7,6 +7,8 @@ parameter-shaped state tensor holds what a fresh state holds there (`fresh.fresh
 a pruned weight regrows from 0 under a fresh optimizer's state.
 """
 
+import numbers
+
 import torch
 
 from .. import _checks
@@ -145,16 +147,22 @@ class _MaskedGeneral(_Masked):
 def fresh_state(base: type, optimizer, params: list) -> list:
     """Per parameter of `optimizer` (of class `base`, or its masked class), {state name: its
     fresh value} (fresh.fresh_values) for its group's step: lr times dsd_lr_scale."""
-    group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
+    group_of = {p: (i, group) for i, group in enumerate(optimizer.param_groups)
+                for p in group["params"]}
     found, hypers = [], {}
     for p in params:
-        group = group_of[p]
-        hyper = hypers.get(id(group))
+        index, group = group_of[p]
+        hyper = hypers.get(index)
         if hyper is None:
-            hyper = hypers[id(group)] = {k: v for k, v in group.items()
-                                         if k not in ("params", "param_names", LR_SCALE)}
+            hyper = hypers[index] = {k: v for k, v in group.items()
+                                     if k not in ("params", "param_names", LR_SCALE)}
             scale = float(group.get(LR_SCALE, 1.0))
             if scale != 1.0:
+                if not isinstance(hyper.get("lr"), (numbers.Real, torch.Tensor)):
+                    raise ValueError(
+                        f"param group {index} has lr={hyper.get('lr')!r}, which "
+                        f"{LR_SCALE}={scale} cannot scale: the optimizer sets its own step "
+                        "size (e.g. Adafactor's relative_step)")
                 hyper["lr"] = hyper["lr"] * scale
         found.append(fresh_values(base, hyper, optimizer.defaults, p.dim(), p.dtype, p.device))
     return found
