@@ -13,13 +13,11 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import torch
-
 import dsd_kernels
 
 from .data import TASKS
 from .models import MODELS, is_factory
-from .optimizers import RUN_OPTIONS, canonical_name, optimizer_class, run_kwargs
+from .optimizers import canonical_name, optimizer_class, run_kwargs
 from .plan import KINDS, Plan
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -185,19 +183,19 @@ class RunConfig:
             cls = optimizer_class(self.optimizer)
         except ValueError as error:
             raise ConfigError("optimizer", str(error)) from None
-        sgd = "momentum" if issubclass(cls, torch.optim.SGD) else None
+        try:
+            given = run_kwargs(cls, lr=self.lr, momentum=self.momentum,
+                               weight_decay=self.weight_decay)
+        except ValueError as error:
+            raise ConfigError("weight_decay", f" must be 0: {error}") from None
         for key in self.optimizer_args:
             if not key.isidentifier():
                 raise ConfigError("optimizer_args", f": {key!r} is not a keyword argument name")
             if key == "params":
                 raise ConfigError("optimizer_args", ": 'params' are the model's parameters")
-            if key in (*RUN_OPTIONS, sgd):
+            if key in given:
                 raise ConfigError("optimizer_args", f": {key!r} is a run option of its own; set "
                                   f"{key} (--{key.replace('_', '-')}) instead")
-        try:
-            run_kwargs(cls, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        except ValueError as error:
-            raise ConfigError("weight_decay", f" must be 0: {error}") from None
 
     def _check_ranges(self):
         if not self.phases:

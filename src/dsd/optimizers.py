@@ -15,11 +15,6 @@ TORCH_OPTIMIZERS = {
     if isinstance(cls := getattr(torch.optim, name), type)
     and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer}
 
-# Constructor arguments that are run options of their own, so optimizer_args may not set them
-# (nor momentum for SGD).
-RUN_OPTIONS = ("lr", "weight_decay")
-
-
 def class_name(cls: type) -> str:
     """torch.optim.NAME for torch.optim's classes, else the class's module and name."""
     if TORCH_OPTIMIZERS.get(cls.__name__.lower()) is cls:
