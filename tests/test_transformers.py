@@ -302,7 +302,9 @@ def test_a_trainer_longer_than_the_plan_is_refused_with_nothing_changed(tmp_path
     (lambda model: transformers.trainer_pt_utils.LayerWiseDummyOptimizer(optimizer_dict={}),
      transformers.trainer_pt_utils.LayerWiseDummyOptimizer,
      "cannot mask .*LayerWiseDummyOptimizer.*during the backward pass"),
-], ids=["sparseadam", "layerwise"])
+    (lambda model: Lomo(model.parameters(), lr=LR), None,
+     "cannot mask lomo_optim.lomo.Lomo: it updates the weights during the backward pass"),
+], ids=["sparseadam", "layerwise", "lomo"])
 def test_an_optimizer_that_cannot_be_masked_is_refused_with_nothing_changed(tmp_path, optimizer,
                                                                             expected, message):
     dsd_callback = DSDCallback(STEP_PLAN)
@@ -311,4 +313,10 @@ def test_an_optimizer_that_cannot_be_masked_is_refused_with_nothing_changed(tmp_
     with pytest.raises(TypeError, match=message) as error:
         trainer.train()
     assert "\n" not in str(error.value)
-    assert_untouched(trainer, dsd_callback, before, expected)
+    assert_untouched(trainer, dsd_callback, before, expected or Lomo)
+
+
+class Lomo(torch.optim.SGD):
+    """Stands for lomo-optim's Lomo (optim="lomo"), which updates weights during backward."""
+
+    __module__ = "lomo_optim.lomo"

@@ -84,11 +84,11 @@ class DSDCallback(transformers.TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._check_length(state)
         raw_optimizer = _unwrap(optimizer)
-        optim = getattr(args.optim, "value", args.optim)  # an OptimizerNames member
-        _refuse_updates_outside_the_step(raw_optimizer, optim)
+        _refuse_updates_outside_the_step(raw_optimizer)
         try:
             self.dsd = DSD(model, raw_optimizer, self.plan)
         except TypeError as error:
+            optim = getattr(args.optim, "value", args.optim)  # an OptimizerNames member
             raise TypeError(f"{error} (the Trainer's optimizer: TrainingArguments(optim="
                             f"{optim!r}), or the one passed as optimizers=)") from None
         _point_scaler_steps_at(optimizer)
@@ -136,16 +136,16 @@ class DSDCallback(transformers.TrainerCallback):
                         phase.lr_scale, state.global_step, state.epoch)
 
 
-def _refuse_updates_outside_the_step(optimizer, optim: str) -> None:
+def _refuse_updates_outside_the_step(optimizer) -> None:
     """The layer-wise optim choices (GaLore's, APOLLO's) and LOMO update each parameter in a
     hook during the backward pass, outside the optimizer step that the masks wrap."""
     kind = type(optimizer)
     if isinstance(optimizer, trainer_pt_utils.LayerWiseDummyOptimizer) or \
             kind.__module__.split(".")[0] == "lomo_optim":
-        raise TypeError(f"cannot mask {kind.__module__}.{kind.__qualname__} (TrainingArguments("
-                        f"optim={optim!r})): it updates the weights during the backward pass, "
-                        "outside the optimizer step that dsd masks, so pruned weights would "
-                        "regrow")
+        raise TypeError(f"cannot mask {kind.__module__}.{kind.__qualname__}: it updates the "
+                        "weights during the backward pass (as optim='lomo', 'adalomo' and the "
+                        "'*_layerwise' choices do), outside the optimizer step that dsd masks, "
+                        "so pruned weights would regrow")
 
 
 def _unwrap(optimizer):
