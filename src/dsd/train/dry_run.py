@@ -64,9 +64,9 @@ def dry_run(config: RunConfig) -> str:
 
 
 def _describe(config: RunConfig, optimizer) -> str:
-    """The optimizer's constructor call and its masked step."""
+    """The optimizer's constructor call and its masked step: dsd's fused one, or the
+    optimizer's own between dsd's masking passes (general)."""
     cls, kwargs = optimizer_call(config)
     call = ", ".join(f"{key}={value!r}" for key, value in kwargs.items())
-    path = "fused" if isinstance(optimizer, (MaskedSGD, MaskedAdam, MaskedAdamW)) else \
-        "general exact"
+    path = "fused" if isinstance(optimizer, (MaskedSGD, MaskedAdam, MaskedAdamW)) else "general"
     return f"{class_name(cls)}({call}), {path} masked step"
