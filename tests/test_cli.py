@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -218,3 +219,25 @@ def test_study_settings_are_toml_values():
         parse_settings(["sparsity"])
     with pytest.raises(ValueError, match=r"^--set 'device=cuda': not a TOML value \("):
         parse_settings(["device=cuda"])
+
+
+def test_an_optimizer_of_the_users_module_that_cannot_be_masked_is_one_line(tmp_path, capsys,
+                                                                            monkeypatch):
+    """MODULE:CLASS imports from the current directory; a class whose state at a weight that
+    only ever saw 0 is random has no fresh state to reset pruned positions to."""
+    (tmp_path / "dsd_test_noisy_optim.py").write_text(
+        "import torch\n\n"
+        "class Noisy(torch.optim.SGD):\n"
+        "    def step(self, closure=None):\n"
+        "        for group in self.param_groups:\n"
+        "            for p in group['params']:\n"
+        "                self.state[p]['noise'] = torch.randn_like(p)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "dsd_test_noisy_optim", raising=False)
+    assert main(["train", *TINY, "--optimizer", "dsd_test_noisy_optim:Noisy", "--out",
+                 str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsd: error: --optimizer dsd_test_noisy_optim:Noisy: cannot mask "
+                          "dsd_test_noisy_optim.Noisy: its state 'noise'") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+    sys.modules.pop("dsd_test_noisy_optim", None)
