@@ -15,6 +15,7 @@ TORCH_OPTIMIZERS = {
     if isinstance(cls := getattr(torch.optim, name), type)
     and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer}
 
+
 def class_name(cls: type) -> str:
     """torch.optim.NAME for torch.optim's classes, else the class's module and name."""
     if TORCH_OPTIMIZERS.get(cls.__name__.lower()) is cls:
@@ -59,8 +60,8 @@ def optimizer_class(name: str) -> type:
 
 
 def run_kwargs(cls: type, *, lr: float, momentum: float, weight_decay: float) -> dict:
-    """The run's options that `cls` gets: lr always; momentum for SGD and its subclasses (as
-    before other optimizers existed here); weight_decay where the constructor takes it.
+    """The run's options that `cls` gets: lr always, momentum for SGD and its subclasses,
+    weight_decay where the constructor takes it.
 
     Raises:
         ValueError: a weight decay other than 0 for a constructor without weight_decay.

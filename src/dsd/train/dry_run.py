@@ -1,4 +1,5 @@
-"""`dsd train --dry-run`: the parameters of the model and what the plan prunes of each."""
+"""`dsd train --dry-run`: the optimizer, the parameters of the model and what the plan prunes
+of each."""
 
 import dsd_kernels
 from dsd_kernels.optim import MaskedAdam, MaskedAdamW, MaskedSGD
