@@ -14,10 +14,10 @@ from .report import aligned
 
 
 def dry_run(config: RunConfig) -> str:
-    """What `dsd train --dry-run` prints: the task, the model and the plan, then every
-    parameter of the model, whether the plan prunes it and how many of its weights each sparse
-    phase zeroes (a frozen one, requires_grad=False, is never pruned: it says so). Nothing is
-    written.
+    """What `dsd train --dry-run` prints: the task, the model and the plan, the optimizer's
+    constructor call and its masked step (fused or general), then every parameter of the
+    model, whether the plan prunes it and how many of its weights each sparse phase zeroes (a
+    frozen one, requires_grad=False, is never pruned: it says so). Nothing is written.
 
     Args:
         config: the run's options.
