@@ -1,0 +1,332 @@
+"""The cases and oracles of the masked-optimizer tests over torch's own optimizer database
+(`torch.testing._internal.common_optimizers.optim_db`) and a third-party optimizer.
+
+Everything expected here is derived from torch.optim (or lion-pytorch) and the tables below,
+never from dsd_kernels' own tables: a wrong value there cannot hide in its own oracle.
+"""
+
+import copy
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from lion_pytorch import Lion
+from torch.testing._internal.common_optimizers import (
+    _get_optim_inputs_including_global_cliquey_kwargs,
+    optim_db,
+)
+
+import dsd_kernels as dk
+
+OPTIM = torch.optim
+# How each optimizer of the database is masked (docs/training.md's table says the same):
+# "fused" and "general" are element-wise and exact, "projected" keeps pruned weights at +0.0
+# but has state not shaped like the parameter, "refused" cannot be masked.
+PATHS = {
+    OPTIM.SGD: "fused", OPTIM.Adam: "fused", OPTIM.AdamW: "fused",
+    OPTIM.Adadelta: "general", OPTIM.Adagrad: "general", OPTIM.Adamax: "general",
+    OPTIM.ASGD: "general", OPTIM.NAdam: "general", OPTIM.RAdam: "general",
+    OPTIM.RMSprop: "general", OPTIM.Rprop: "general",
+    OPTIM.Adafactor: "projected", OPTIM.Muon: "projected", OPTIM.LBFGS: "projected",
+    OPTIM.SparseAdam: "refused",
+}
+# The one-line reason make_masked_ gives for a refused optimizer (a regex on its message).
+REFUSALS = {OPTIM.SparseAdam: "sparse gradient"}
+FUSED_CLASSES = (dk.MaskedSGD, dk.MaskedAdam, dk.MaskedAdamW)
+# The fused kernels' op order differs from torch.optim's by a few fp32 roundings per step
+# (tests/test_make_masked.py's bound over 30 steps); the general step is torch's own.
+FUSED_TOLERANCE = dict(rtol=2e-5, atol=2e-6)
+
+_ZERO = 0.0
+# What a fresh state holds in each parameter-shaped state tensor, read from torch.optim's
+# _init_group (or constructor) and lion-pytorch's step: a number or f(param group).
+INITIAL_STATE = {
+    OPTIM.SGD: {"momentum_buffer": _ZERO},  # torch copies the first gradient: 0 on a 0 one
+    OPTIM.Adam: {"exp_avg": _ZERO, "exp_avg_sq": _ZERO, "max_exp_avg_sq": _ZERO},
+    OPTIM.AdamW: {"exp_avg": _ZERO, "exp_avg_sq": _ZERO, "max_exp_avg_sq": _ZERO},
+    OPTIM.Adadelta: {"square_avg": _ZERO, "acc_delta": _ZERO},
+    OPTIM.Adagrad: {"sum": lambda group: float(group["initial_accumulator_value"])},
+    OPTIM.Adamax: {"exp_avg": _ZERO, "exp_inf": _ZERO},
+    OPTIM.ASGD: {"ax": _ZERO},
+    OPTIM.NAdam: {"exp_avg": _ZERO, "exp_avg_sq": _ZERO},
+    OPTIM.RAdam: {"exp_avg": _ZERO, "exp_avg_sq": _ZERO},
+    OPTIM.RMSprop: {"square_avg": _ZERO, "momentum_buffer": _ZERO, "grad_avg": _ZERO},
+    OPTIM.Rprop: {"prev": _ZERO, "step_size": lambda group: float(group["lr"])},
+    Lion: {"exp_avg": _ZERO},
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One optimizer configuration: its class, constructor kwargs, and whether its step
+    needs a closure."""
+
+    cls: type
+    kwargs: dict
+    closure: bool = False
+
+    @property
+    def path(self) -> str:
+        return PATHS.get(self.cls, "general")
+
+    def make(self, params):
+        return self.cls(params, **copy.deepcopy(self.kwargs))
+
+
+def _id(cls, index, desc):
+    return f"{cls.__name__}-{index}-" + re.sub(r"[^A-Za-z0-9.]+", "_", desc).strip("_")
+
+
+def db_cases(*paths):
+    """pytest params of every optim_db configuration on CPU (with the database's foreach,
+    fused and differentiable variants) whose optimizer is masked on one of `paths`."""
+    out = []
+    for info in optim_db:
+        if PATHS[info.optim_cls] not in paths:
+            continue
+        inputs = _get_optim_inputs_including_global_cliquey_kwargs("cpu", torch.float32, info)
+        for index, optim_input in enumerate(inputs):
+            case = Case(info.optim_cls, optim_input.kwargs, info.step_requires_closure)
+            out.append(pytest.param(case, id=_id(info.optim_cls, index, optim_input.desc)))
+    return out
+
+
+def one_case_per_optimizer(*paths):
+    """For each optimizer on `paths`, its database configuration with the most settings."""
+    out = []
+    for info in optim_db:
+        if PATHS[info.optim_cls] not in paths:
+            continue
+        inputs = info.optim_inputs_func("cpu", torch.float32)
+        index, richest = max(enumerate(inputs), key=lambda item: len(item[1].kwargs))
+        case = Case(info.optim_cls, richest.kwargs, info.step_requires_closure)
+        out.append(pytest.param(case, id=_id(info.optim_cls, index, richest.desc)))
+    return out
+
+
+LION_CASES = [
+    pytest.param(Case(Lion, dict(lr=1e-2)), id="Lion"),
+    pytest.param(Case(Lion, dict(lr=1e-2, weight_decay=0.5)), id="Lion-weight_decay"),
+]
+
+
+def db_error_cases():
+    """pytest params (class, index of its error input) of every optim_db error input on CPU."""
+    out = []
+    for info in optim_db:
+        for index, error in enumerate(info.optim_error_inputs_func("cpu", torch.float32)):
+            desc = error.optimizer_error_input.desc
+            out.append(pytest.param(info.optim_cls, index, id=_id(info.optim_cls, index, desc)))
+    return out
+
+
+def error_input(cls, index):
+    """A fresh copy of the index-th error input of `cls` (its tensors made anew)."""
+    info = next(info for info in optim_db if info.optim_cls is cls)
+    return info.optim_error_inputs_func("cpu", torch.float32)[index]
+
+
+def documented_paths(page: Path) -> dict:
+    """{optimizer name: first word of its masked step} from the torch.optim table of a docs
+    page, e.g. {"SGD": "fused", "Rprop": "general", "SparseAdam": "refused"}."""
+    paths = {}
+    for line in page.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 2 or not line.startswith("|") or cells[0] in ("torch.optim", "---"):
+            continue
+        kind = re.match(r"[a-z]+", cells[1])
+        for name in re.findall(r"\b[A-Z][A-Za-z]+\b", cells[0]):
+            if kind and hasattr(OPTIM, name):
+                paths[name] = kind.group()
+    return paths
+
+
+# ---- parameters, masks and gradients -------------------------------------------------------
+
+def shapes(case):
+    """A 2-D and a 1-D parameter; Muon takes 2-D parameters only."""
+    return [(5, 4), (3, 6)] if case.cls is OPTIM.Muon else [(5, 4), (7,)]
+
+
+def initial(case, seed=0):
+    """Fresh random weights and keep-masks (each with kept and pruned positions)."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(s, generator=gen) for s in shapes(case)]
+    masks = []
+    for s in shapes(case):
+        mask = torch.rand(s, generator=gen) < 0.6
+        mask.view(-1)[:2] = torch.tensor([True, False])
+        masks.append(mask)
+    return weights, masks
+
+
+def as_params(case, weights):
+    """Parameters holding `weights`: leaves, or (differentiable) non-leaf tensors, which a
+    differentiable step updates in place."""
+    leaves = [w.clone().requires_grad_() for w in weights]
+    if case.kwargs.get("differentiable"):
+        return [leaf.clone() for leaf in leaves]
+    return leaves
+
+
+def targets(case, step, seed=0):
+    """The random numbers of one step, one tensor per parameter."""
+    gen = torch.Generator().manual_seed(1000 * seed + step)
+    return [torch.randn(s, generator=gen) for s in shapes(case)]
+
+
+def with_pruned(grads, masks, pruned):
+    """`grads` with `pruned` written at the pruned positions of `masks`."""
+    return [g.masked_fill(~m, pruned) for g, m in zip(grads, masks)]
+
+
+def take_step(case, opt, params, target, masks=None, pruned=None):
+    """One step. Its gradients are `target` (with `pruned` at pruned positions, given masks);
+    an optimizer that needs a closure gets one whose loss is 0.5 |p - target|^2, its
+    gradient treated alike at every evaluation."""
+    def grads():
+        values = target if not case.closure else [p.detach() - t for p, t in zip(params, target)]
+        return values if masks is None else with_pruned(values, masks, pruned)
+
+    if not case.closure:
+        for p, g in zip(params, grads()):
+            p.grad = g.clone()
+        return opt.step()
+
+    def closure():
+        for p, g in zip(params, grads()):
+            p.grad = g
+        return sum(0.5 * ((p.detach() - t) ** 2).sum() for p, t in zip(params, target))
+
+    return opt.step(closure)
+
+
+def masked(case, weights, masks):
+    """The case's optimizer on fresh parameters holding `weights`, made masked."""
+    params = as_params(case, weights)
+    opt = dk.optim.make_masked_(case.make(params))
+    opt.set_masks(dict(zip(params, masks)))
+    return opt, params
+
+
+# ---- checks ---------------------------------------------------------------------------------
+
+def bits(t):
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def same(a, b):
+    """Bit for bit, tensors or plain values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and \
+            torch.equal(bits(a.detach()), bits(b.detach()))
+    return a == b
+
+
+def close(a, b, fused):
+    if not fused:
+        assert same(a, b)
+    elif isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() > 0:
+        torch.testing.assert_close(a.detach(), b.detach(), **FUSED_TOLERANCE)
+    else:
+        assert same(a, b)
+
+
+def runs_fused(opt) -> bool:
+    return type(opt) in FUSED_CLASSES
+
+
+def assert_pruned_zero(params, masks):
+    """Pruned weights exactly +0.0 (the sign bit too)."""
+    for i, (p, m) in enumerate(zip(params, masks)):
+        pruned = p.detach()[~m]
+        assert (pruned == 0).all() and not torch.signbit(pruned).any(), f"parameter {i}"
+
+
+def parameter_shaped(opt, p):
+    return {name: t for name, t in opt.state.get(p, {}).items()
+            if isinstance(t, torch.Tensor) and t.shape == p.shape}
+
+
+def initial_value(opt, name, group):
+    """What a fresh state of the optimizer's class holds in state tensor `name`."""
+    table = next((INITIAL_STATE[c] for c in type(opt).__mro__ if c in INITIAL_STATE), {})
+    assert name in table, f"{type(opt).__name__}: no known initial value of state {name!r}"
+    value = table[name]
+    return value(group) if callable(value) else value
+
+
+def assert_fresh_at_pruned(opt, params, masks):
+    """Every parameter-shaped state tensor holds a fresh state's value at pruned positions."""
+    group = opt.param_groups[0]
+    for i, (p, m) in enumerate(zip(params, masks)):
+        for name, t in parameter_shaped(opt, p).items():
+            want = torch.full(((~m).sum().item(),), initial_value(opt, name, group))
+            assert same(t.detach()[~m], want.to(t.dtype)), f"parameter {i}, state {name!r}"
+
+
+def assert_kept_equal(opt, params, ref, ref_params, masks, fused):
+    """Weights and state of `opt` equal `ref`'s at kept positions (parameter-shaped) and
+    everywhere (other state): bit for bit, or within the fused kernels' tolerance."""
+    for i, (p, r, m) in enumerate(zip(params, ref_params, masks)):
+        close(p[m], r[m], fused)
+        state, ref_state = opt.state.get(p, {}), ref.state.get(r, {})
+        assert state.keys() == ref_state.keys(), f"parameter {i}"
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                close(value[m], ref_state[name][m], fused)
+            else:
+                close(value, ref_state[name], fused)
+
+
+def assert_identical(opt_a, params_a, opt_b, params_b):
+    """Weights and every state entry equal bit for bit at every position."""
+    for i, (a, b) in enumerate(zip(params_a, params_b)):
+        assert same(a, b), f"parameter {i}"
+        state_a, state_b = opt_a.state.get(a, {}), opt_b.state.get(b, {})
+        assert state_a.keys() == state_b.keys(), f"parameter {i}"
+        for name in state_a:
+            assert same(state_a[name], state_b[name]), f"parameter {i}, state {name!r}"
+
+
+def snapshot(opt, params):
+    """(an object with opt's state, copies of params), for assert_identical."""
+    copies = [p.detach().clone() for p in params]
+    state = {c: {name: value.clone() if isinstance(value, torch.Tensor) else value
+                 for name, value in opt.state.get(p, {}).items()}
+             for c, p in zip(copies, params)}
+    return _State(state), copies
+
+
+@dataclass
+class _State:
+    state: dict
+
+
+def assert_finite(opt, params):
+    for i, p in enumerate(params):
+        assert torch.isfinite(p.detach()).all(), f"parameter {i}"
+        for name, t in opt.state.get(p, {}).items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                assert torch.isfinite(t).all(), f"parameter {i}, state {name!r}"
+
+
+def unmasked_copy(case, opt, params):
+    """The case's unmasked optimizer on copies of `params`, started from `opt`'s state."""
+    copies = as_params(case, [p.detach() for p in params])
+    ref = case.make(copies)
+    state_dict = copy.deepcopy(opt.state_dict())
+    state_dict.pop("masks", None)
+    ref.load_state_dict(state_dict)
+    return ref, copies
+
+
+def through_bytes(obj):
+    """`obj` saved with torch.save and loaded back, as a checkpoint file would be."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
