@@ -113,6 +113,22 @@ LION_CASES = [
 ]
 
 
+
+class _UserAdam(OPTIM.Adam):
+    """A user's subclass of a torch.optim optimizer."""
+
+
+class _UserRMSprop(OPTIM.RMSprop):
+    """A user's subclass of a torch.optim optimizer."""
+
+
+SUBCLASS_CASES = [
+    pytest.param(Case(_UserAdam, dict(lr=1e-2, weight_decay=0.1)), id="Adam-subclass"),
+    pytest.param(Case(_UserRMSprop, dict(lr=1e-2, momentum=0.5, centered=True)),
+                 id="RMSprop-subclass"),
+]
+
+
 def db_error_cases():
     """pytest params (class, index of its error input) of every optim_db error input on CPU."""
     out = []
@@ -207,7 +223,9 @@ def take_step(case, opt, params, target, masks=None, pruned=None):
 def masked(case, weights, masks):
     """The case's optimizer on fresh parameters holding `weights`, made masked."""
     params = as_params(case, weights)
-    opt = dk.optim.make_masked_(case.make(params))
+    made = case.make(params)
+    opt = dk.optim.make_masked_(made)
+    assert opt is made and isinstance(opt, case.cls)
     opt.set_masks(dict(zip(params, masks)))
     return opt, params
 
@@ -219,7 +237,9 @@ def bits(t):
 
 
 def same(a, b):
-    """Bit for bit, tensors or plain values."""
+    """Bit for bit: tensors, lists of them (LBFGS's history) or plain values."""
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and \
             torch.equal(bits(a.detach()), bits(b.detach()))
@@ -309,19 +329,32 @@ class _State:
 def assert_finite(opt, params):
     for i, p in enumerate(params):
         assert torch.isfinite(p.detach()).all(), f"parameter {i}"
-        for name, t in opt.state.get(p, {}).items():
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                assert torch.isfinite(t).all(), f"parameter {i}, state {name!r}"
+        for name, value in opt.state.get(p, {}).items():
+            for t in value if isinstance(value, list) else [value]:
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    assert torch.isfinite(t).all(), f"parameter {i}, state {name!r}"
 
 
 def unmasked_copy(case, opt, params):
     """The case's unmasked optimizer on copies of `params`, started from `opt`'s state."""
     copies = as_params(case, [p.detach() for p in params])
     ref = case.make(copies)
-    state_dict = copy.deepcopy(opt.state_dict())
+    state_dict = _detached_copy(opt.state_dict())
     state_dict.pop("masks", None)
     ref.load_state_dict(state_dict)
     return ref, copies
+
+
+def _detached_copy(value):
+    """A deep copy; tensors detached (a differentiable step's state carries autograd graphs,
+    which deepcopy refuses)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _detached_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_detached_copy(v) for v in value)
+    return copy.deepcopy(value)
 
 
 def through_bytes(obj):

@@ -22,7 +22,8 @@ def test_every_optimizer_of_the_database_has_a_path_and_the_docs_say_the_same():
     assert documented == ours
 
 
-@pytest.mark.parametrize("case", db.db_cases("fused", "general") + db.LION_CASES)
+@pytest.mark.parametrize("case", db.db_cases("fused", "general") + db.LION_CASES +
+                         db.SUBCLASS_CASES)
 def test_masked_step_is_the_unmasked_step_on_zeroed_gradients(case):
     """Bit for bit at kept positions (the fused three: within their kernels' tolerance);
     pruned weights +0.0 and parameter-shaped state fresh after every step; nothing depends
