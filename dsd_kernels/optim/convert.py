@@ -12,8 +12,8 @@ from .masked import (
     MaskedAdamW,
     MaskedSGD,
     _Masked,
-    _refuse_unsupported,
     refuse_unsupported_dtypes,
+    unfused_flag,
 )
 
 _MASKED_VERSION = {torch.optim.SGD: MaskedSGD, torch.optim.Adam: MaskedAdam,
@@ -33,19 +33,23 @@ def make_masked_(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
             RAdam, RMSprop or Rprop (exactly those classes), or a masked one.
 
     Returns:
-        The same object, now a MaskedSGD, MaskedAdam or MaskedAdamW, or for the others a
-        masked subclass of its class with the general masked step.
+        The same object, now a MaskedSGD, MaskedAdam or MaskedAdamW, or for the others (and
+        for SGD, Adam and AdamW using amsgrad, capturable or differentiable in their defaults
+        or any group) a masked subclass of its class with the general masked step.
 
     Raises:
         TypeError: any other optimizer class (a subclass included).
-        ValueError: a group using amsgrad, capturable or differentiable, or a parameter of
-            another dtype than float32, float16 and bfloat16 (named by group and position).
-            The optimizer is left as it was: same class, param groups and state.
+        ValueError: a parameter of another dtype than float32, float16 and bfloat16 (named
+            by group and position). The optimizer is left as it was: same class, param groups
+            and state.
     """
     if isinstance(optimizer, _Masked):
         return optimizer
     kind = type(optimizer)
     masked_class = _MASKED_VERSION.get(kind)
+    if masked_class is not None and any(map(unfused_flag, [optimizer.defaults,
+                                                            *optimizer.param_groups])):
+        masked_class = None  # amsgrad, capturable, differentiable: the general step has them
     if masked_class is None and kind in general.FRESH_STATE:
         masked_class = general.masked_class(kind)
     if masked_class is None:
@@ -55,9 +59,7 @@ def make_masked_(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
             "place, not subclasses) and dsd_kernels' masked classes have a masked step that "
             "keeps pruned weights and their optimizer state fresh; other optimizers would "
             "regrow them")
-    _refuse_unsupported(optimizer.defaults, "the optimizer's defaults")
     for i, group in enumerate(optimizer.param_groups):
-        _refuse_unsupported(group, f"param group {i}")
         refuse_unsupported_dtypes(group["params"], i, group.get("param_names"))
     old_step = type(optimizer).step  # hooked by torch.optim; __wrapped__ is torch's own step
     old_steps = [old_step, getattr(old_step, "__wrapped__", old_step)]

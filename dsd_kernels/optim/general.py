@@ -17,6 +17,9 @@ from .masked import LR_SCALE, _dtype_error, _Masked, _parameter
 # Per optimizer class, its parameter-shaped state and what a fresh state holds there: None
 # for 0, else the param-group entry it starts at (torch.optim's _init_group or constructor).
 FRESH_STATE = {
+    torch.optim.SGD: {"momentum_buffer": None},
+    torch.optim.Adam: {"exp_avg": None, "exp_avg_sq": None, "max_exp_avg_sq": None},
+    torch.optim.AdamW: {"exp_avg": None, "exp_avg_sq": None, "max_exp_avg_sq": None},
     torch.optim.Adadelta: {"square_avg": None, "acc_delta": None},
     torch.optim.Adagrad: {"sum": "initial_accumulator_value"},
     torch.optim.Adamax: {"exp_avg": None, "exp_inf": None},
@@ -35,6 +38,9 @@ class _MaskedGeneral(_Masked):
     _step_supports_amp_scaling = False  # GradScaler unscales the gradients itself
     _fresh: dict = {}  # the class's FRESH_STATE entry
     _in_step = False  # True while step runs the torch class's own step
+
+    def _refuse_flags(self, settings, where):
+        """Nothing to refuse: the torch class's own step implements every flag."""
 
     def _init_group(self, *args, **kwargs):
         if not self._in_step:  # torch's step reached without the masking around it
