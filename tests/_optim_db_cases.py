@@ -35,7 +35,8 @@ PATHS = {
 }
 # The one-line reason make_masked_ gives for a refused optimizer (a regex on its message).
 REFUSALS = {OPTIM.SparseAdam: "sparse gradient"}
-FUSED_CLASSES = (dk.MaskedSGD, dk.MaskedAdam, dk.MaskedAdamW)
+FUSED_CLASSES = {OPTIM.SGD: dk.MaskedSGD, OPTIM.Adam: dk.MaskedAdam,
+                 OPTIM.AdamW: dk.MaskedAdamW}
 # The fused kernels' op order differs from torch.optim's by a few fp32 roundings per step
 # (tests/test_make_masked.py's bound over 30 steps); the general step is torch's own.
 FUSED_TOLERANCE = dict(rtol=2e-5, atol=2e-6)
@@ -256,7 +257,7 @@ def close(a, b, fused):
 
 
 def runs_fused(opt) -> bool:
-    return type(opt) in FUSED_CLASSES
+    return type(opt) in FUSED_CLASSES.values()
 
 
 def assert_pruned_zero(params, masks):

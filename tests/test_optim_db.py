@@ -101,11 +101,8 @@ def test_error_inputs_raise_as_in_torch(cls, index):
     if db.PATHS[cls] == "refused":
         pytest.skip(f"{cls.__name__} cannot be masked (documented): its own errors apply")
     if error.error_on == OptimizerErrorEnum.CONSTRUCTION_ERROR:
-        masked_class = db.FUSED_CLASSES[[torch.optim.SGD, torch.optim.Adam,
-                                         torch.optim.AdamW].index(cls)] \
-            if db.PATHS[cls] == "fused" else None
         with _expect(error):
-            (masked_class or cls)(params, **kwargs)
+            db.FUSED_CLASSES.get(cls, cls)(params, **kwargs)
         if isinstance(params, list) and len(params) > 1 and isinstance(params[0], dict):
             first = make_masked_(cls([params[0]], **kwargs))
             with _expect(error):
