@@ -41,25 +41,6 @@ FUSED_CLASSES = {OPTIM.SGD: dk.MaskedSGD, OPTIM.Adam: dk.MaskedAdam,
 # (tests/test_make_masked.py's bound over 30 steps); the general step is torch's own.
 FUSED_TOLERANCE = dict(rtol=2e-5, atol=2e-6)
 
-_ZERO = 0.0
-# What a fresh state holds in each parameter-shaped state tensor, read from torch.optim's
-# _init_group (or constructor) and lion-pytorch's step: a number or f(param group).
-INITIAL_STATE = {
-    OPTIM.SGD: {"momentum_buffer": _ZERO},  # torch copies the first gradient: 0 on a 0 one
-    OPTIM.Adam: {"exp_avg": _ZERO, "exp_avg_sq": _ZERO, "max_exp_avg_sq": _ZERO},
-    OPTIM.AdamW: {"exp_avg": _ZERO, "exp_avg_sq": _ZERO, "max_exp_avg_sq": _ZERO},
-    OPTIM.Adadelta: {"square_avg": _ZERO, "acc_delta": _ZERO},
-    OPTIM.Adagrad: {"sum": lambda group: float(group["initial_accumulator_value"])},
-    OPTIM.Adamax: {"exp_avg": _ZERO, "exp_inf": _ZERO},
-    OPTIM.ASGD: {"ax": _ZERO},
-    OPTIM.NAdam: {"exp_avg": _ZERO, "exp_avg_sq": _ZERO},
-    OPTIM.RAdam: {"exp_avg": _ZERO, "exp_avg_sq": _ZERO},
-    OPTIM.RMSprop: {"square_avg": _ZERO, "momentum_buffer": _ZERO, "grad_avg": _ZERO},
-    OPTIM.Rprop: {"prev": _ZERO, "step_size": lambda group: float(group["lr"])},
-    Lion: {"exp_avg": _ZERO},
-}
-
-
 @dataclass(frozen=True)
 class Case:
     """One optimizer configuration: its class, constructor kwargs, and whether its step
@@ -272,21 +253,25 @@ def parameter_shaped(opt, p):
             if isinstance(t, torch.Tensor) and t.shape == p.shape}
 
 
-def initial_value(opt, name, group):
-    """What a fresh state of the optimizer's class holds in state tensor `name`."""
-    table = next((INITIAL_STATE[c] for c in type(opt).__mro__ if c in INITIAL_STATE), {})
-    assert name in table, f"{type(opt).__name__}: no known initial value of state {name!r}"
-    value = table[name]
-    return value(group) if callable(value) else value
+def zero_step_state(case, shape):
+    """The parameter-shaped state of a fresh unmasked optimizer of the case (one parameter of
+    `shape`, a 0 weight) after one step on a 0 gradient: what a position that has only ever
+    seen 0 weights and 0 gradients holds, from torch's (or the library's) own step."""
+    params = as_params(case, [torch.zeros(shape)])
+    opt = case.make(params)
+    take_step(case, opt, params, [torch.zeros(shape)])
+    return parameter_shaped(opt, params[0])
 
 
-def assert_fresh_at_pruned(opt, params, masks):
-    """Every parameter-shaped state tensor holds a fresh state's value at pruned positions."""
-    group = opt.param_groups[0]
+def assert_fresh_at_pruned(case, opt, params, masks):
+    """Every parameter-shaped state tensor holds a fresh state's value at pruned positions
+    (compared as numbers: the sign of a zero in the state changes no later step)."""
     for i, (p, m) in enumerate(zip(params, masks)):
+        fresh = zero_step_state(case, p.shape)
         for name, t in parameter_shaped(opt, p).items():
-            want = torch.full(((~m).sum().item(),), initial_value(opt, name, group))
-            assert same(t.detach()[~m], want.to(t.dtype)), f"parameter {i}, state {name!r}"
+            assert name in fresh, f"parameter {i}: state {name!r} that a fresh step does not make"
+            assert torch.equal(t.detach()[~m], fresh[name].detach()[~m]), \
+                f"parameter {i}, state {name!r}"
 
 
 def assert_kept_equal(opt, params, ref, ref_params, masks, fused):

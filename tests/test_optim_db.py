@@ -39,7 +39,7 @@ def test_masked_step_is_the_unmasked_step_on_zeroed_gradients(case):
         for (opt, params), pruned in zip(runs, (float("nan"), 7.0)):
             db.take_step(case, opt, params, target, masks, pruned)
             db.assert_pruned_zero(params, masks)
-            db.assert_fresh_at_pruned(opt, params, masks)
+            db.assert_fresh_at_pruned(case, opt, params, masks)
         db.take_step(case, ref, ref_params, target, masks, 0.0)
         db.assert_kept_equal(*runs[0], ref, ref_params, masks, fused)
     db.assert_identical(*runs[0], *runs[1])
@@ -138,7 +138,7 @@ def test_grad_scaler_skips_inf_steps_and_unscales_finite_ones(case):
         scaler.step(scaled)
         scaler.update()
         db.assert_pruned_zero(params, masks)
-        db.assert_fresh_at_pruned(scaled, params, masks)
+        db.assert_fresh_at_pruned(case, scaled, params, masks)
         if step == 1:
             assert scaler.get_scale() == scale / 2
             db.assert_identical(*before, scaled, params)

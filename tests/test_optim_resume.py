@@ -72,4 +72,4 @@ def test_state_dict_round_trip_keeps_masks_and_state(case):
     assert all(torch.equal(other.masks[p], m) for p, m in opt.masks.items())
     params = list(model.parameters())
     db.assert_identical(opt, params, other, params)
-    db.assert_fresh_at_pruned(other, params[:2], [opt.masks[p] for p in params[:2]])
+    db.assert_fresh_at_pruned(case, other, params[:2], [opt.masks[p] for p in params[:2]])
