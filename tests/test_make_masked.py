@@ -172,13 +172,33 @@ def test_a_stale_step_method_is_refused_without_updating():
     assert (params[0] == 0).all()
 
 
-class _MySGD(torch.optim.SGD):
-    pass
+class _RandomStart(torch.optim.SGD):
+    """A momentum buffer that starts random: no fresh value to reset pruned positions to."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p].setdefault("momentum_buffer", torch.rand_like(p))
+        return super().step(closure)
+
+
+class _Failing(torch.optim.Optimizer):
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, dict(lr=lr))
+
+    def step(self, closure=None):
+        raise NotImplementedError("no step here\nsecond line")
 
 
 @pytest.mark.parametrize("make, error, message", [
-    (lambda ps: torch.optim.LBFGS(ps), TypeError, "cannot mask torch.optim.lbfgs.LBFGS"),
-    (lambda ps: _MySGD(ps, lr=0.1), TypeError, "cannot mask .*_MySGD"),
+    (lambda ps: torch.optim.SparseAdam(ps), TypeError,
+     r"^cannot mask torch.optim.sparse_adam.SparseAdam: it takes sparse gradients"),
+    (lambda ps: _RandomStart(ps, lr=0.1, momentum=0.9), ValueError,
+     r"^cannot mask .*_RandomStart: its state 'momentum_buffer' at a weight that only ever "
+     "sees 0 is not one value"),
+    (lambda ps: _Failing(ps), ValueError,
+     r"^cannot mask .*_Failing: finding its fresh state \(a fresh _Failing stepping a zero "
+     r"parameter with zero gradients\) raised NotImplementedError: no step here$"),
 ])
 def test_refused_optimizers_are_left_as_they_were(make, error, message):
     params = _params()
@@ -187,7 +207,12 @@ def test_refused_optimizers_are_left_as_they_were(make, error, message):
     with pytest.raises(error, match=message):
         make_masked_(opt)
     assert type(opt) is kind and not hasattr(opt, "_masks")
-    assert opt.state_dict() == before
+    assert opt.state_dict() == before and not opt._optimizer_step_pre_hooks
+
+
+def test_not_an_optimizer_is_refused():
+    with pytest.raises(TypeError, match="^cannot mask builtins.object: not a torch.optim"):
+        make_masked_(object())
 
 
 def test_unsupported_dtypes_are_refused_at_conversion_with_the_optimizer_unchanged():

@@ -133,15 +133,16 @@ class _Masked:
                 raise ValueError(f"{what} has dtype {p.dtype}; supported: float32, float16, "
                                  "bfloat16")
         # Kept in the parameter's memory layout (channels_last, ...), so no step converts it.
-        self._masks = {p: _in_layout_of(mask, local_tensor(p)) for p, mask in masks.items()}
+        masks = {p: _in_layout_of(mask, local_tensor(p)) for p, mask in masks.items()}
+        self._prune(masks)  # first: the general step may still refuse here, changing nothing
+        self._masks = masks
         self._plans = ()  # they would not match the new dict, but would hold the old masks
-        self._prune(list(self._masks))
 
-    def _prune(self, params: list) -> None:
-        """Set the masked `params` and their `_state_names` state to 0 at pruned positions."""
+    def _prune(self, masks: dict) -> None:
+        """Set each masked parameter and its `_state_names` state to 0 at pruned positions."""
         targets, target_masks = [], []
-        for p in params:
-            state, mask = self.state.get(p, {}), self._masks[p]
+        for p, mask in masks.items():
+            state = self.state.get(p, {})
             for t in [p] + [state[name] for name in self._state_names if name in state]:
                 targets.append(t)
                 target_masks.append(mask)
@@ -152,6 +153,17 @@ class _Masked:
         """Lift every mask: pruned weights (0, with 0 state) are free to regrow."""
         self._masks = {}
         self._plans = ()
+
+    def __getstate__(self) -> dict:
+        """torch's pickled state (defaults, state, param groups) plus the masks, which a
+        pickle or copy.deepcopy keeps."""
+        return {**super().__getstate__(), "_masks": self._masks}
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        masks = state.pop("_masks", {})
+        super().__setstate__(state)
+        self._masks = masks
 
     def state_dict(self) -> dict:
         """torch's optimizer state_dict plus "masks": {param index: bool mask}."""
