@@ -202,12 +202,15 @@ def take_step(case, opt, params, target, masks=None, pruned=None):
     return opt.step(closure)
 
 
-def masked(case, weights, masks):
-    """The case's optimizer on fresh parameters holding `weights`, made masked."""
+def masked(case, weights, masks, dense_steps=0):
+    """The case's optimizer on fresh parameters holding `weights`, made masked, and pruned
+    by set_masks after `dense_steps` steps without masks (whose state it then resets)."""
     params = as_params(case, weights)
     made = case.make(params)
     opt = dk.optim.make_masked_(made)
     assert opt is made and isinstance(opt, case.cls)
+    for step in range(dense_steps):
+        take_step(case, opt, params, targets(case, step, seed=1))
     opt.set_masks(dict(zip(params, masks)))
     return opt, params
 

@@ -25,14 +25,17 @@ def test_every_optimizer_of_the_database_has_a_path_and_the_docs_say_the_same():
 @pytest.mark.parametrize("case", db.db_cases("fused", "general") + db.LION_CASES +
                          db.SUBCLASS_CASES)
 def test_masked_step_is_the_unmasked_step_on_zeroed_gradients(case):
-    """Bit for bit at kept positions (the fused three: within their kernels' tolerance);
-    pruned weights +0.0 and parameter-shaped state fresh after every step; nothing depends
+    """Pruned after a dense step; then, from the same state, bit for bit at kept positions
+    (the fused three: within their kernels' tolerance); pruned weights +0.0 and
+    parameter-shaped state fresh after set_masks and every step; nothing depends
     on the gradients at pruned positions; after clear_masks, the unmasked optimizer's steps
     from the same state."""
     weights, masks = db.initial(case)
-    runs = [db.masked(case, weights, masks) for _ in range(2)]
-    ref_params = db.as_params(case, [w.masked_fill(~m, 0.0) for w, m in zip(weights, masks)])
-    ref = case.make(ref_params)
+    runs = [db.masked(case, weights, masks, dense_steps=1) for _ in range(2)]
+    for opt, params in runs:  # pruned with a history of state
+        db.assert_pruned_zero(params, masks)
+        db.assert_fresh_at_pruned(case, opt, params, masks)
+    ref, ref_params = db.unmasked_copy(case, *runs[0])
     fused = db.runs_fused(runs[0][0])
     for step in range(STEPS):
         target = db.targets(case, step)
@@ -59,7 +62,7 @@ def test_masked_step_is_the_unmasked_step_on_zeroed_gradients(case):
 @pytest.mark.parametrize("case", db.db_cases("projected"))
 def test_projected_step_keeps_pruned_weights_zero_and_ignores_their_gradients(case):
     weights, masks = db.initial(case)
-    runs = [db.masked(case, weights, masks) for _ in range(2)]
+    runs = [db.masked(case, weights, masks, dense_steps=1) for _ in range(2)]
     before = [p.detach().clone() for p in runs[0][1]]
     for step in range(STEPS):
         target = db.targets(case, step)
