@@ -1,8 +1,8 @@
 """The cases and oracles of the masked-optimizer tests over torch's own optimizer database
 (`torch.testing._internal.common_optimizers.optim_db`) and a third-party optimizer.
 
-Everything expected here is derived from torch.optim (or lion-pytorch) and the tables below,
-never from dsd_kernels' own tables: a wrong value there cannot hide in its own oracle.
+Every expected value comes from torch.optim's (or lion-pytorch's) own steps, never from
+dsd_kernels' tables: a wrong value there cannot hide in its own oracle.
 """
 
 import copy
@@ -10,6 +10,7 @@ import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -41,6 +42,7 @@ FUSED_CLASSES = {OPTIM.SGD: dk.MaskedSGD, OPTIM.Adam: dk.MaskedAdam,
 # (tests/test_make_masked.py's bound over 30 steps); the general step is torch's own.
 FUSED_TOLERANCE = dict(rtol=2e-5, atol=2e-6)
 
+
 @dataclass(frozen=True)
 class Case:
     """One optimizer configuration: its class, constructor kwargs, and whether its step
@@ -49,10 +51,6 @@ class Case:
     cls: type
     kwargs: dict
     closure: bool = False
-
-    @property
-    def path(self) -> str:
-        return PATHS.get(self.cls, "general")
 
     def make(self, params):
         return self.cls(params, **copy.deepcopy(self.kwargs))
@@ -93,7 +91,6 @@ LION_CASES = [
     pytest.param(Case(Lion, dict(lr=1e-2)), id="Lion"),
     pytest.param(Case(Lion, dict(lr=1e-2, weight_decay=0.5)), id="Lion-weight_decay"),
 ]
-
 
 
 class _UserAdam(OPTIM.Adam):
@@ -232,6 +229,7 @@ def same(a, b):
 
 
 def close(a, b, fused):
+    """Bit for bit; floating-point tensors of the fused kernels within their tolerance."""
     if not fused:
         assert same(a, b)
     elif isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() > 0:
@@ -302,17 +300,12 @@ def assert_identical(opt_a, params_a, opt_b, params_b):
 
 
 def snapshot(opt, params):
-    """(an object with opt's state, copies of params), for assert_identical."""
+    """Copies of `opt` (its state only) and of `params`, for assert_identical."""
     copies = [p.detach().clone() for p in params]
     state = {c: {name: value.clone() if isinstance(value, torch.Tensor) else value
                  for name, value in opt.state.get(p, {}).items()}
              for c, p in zip(copies, params)}
-    return _State(state), copies
-
-
-@dataclass
-class _State:
-    state: dict
+    return SimpleNamespace(state=state), copies
 
 
 def assert_finite(opt, params):
