@@ -15,6 +15,15 @@ STEPS = 3
 TRAINING_DOC = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: on a busy machine every op of a thread pool waits for its threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_every_optimizer_of_the_database_has_a_path_and_the_docs_say_the_same():
     assert {info.optim_cls for info in optim_db} == set(db.PATHS)
     documented = db.documented_paths(TRAINING_DOC)

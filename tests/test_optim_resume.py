@@ -12,6 +12,15 @@ from dsd_kernels.optim import make_masked_
 CASES = db.one_case_per_optimizer("fused", "general") + db.LION_CASES[1:]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: on a busy machine every op of a thread pool waits for its threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _model(seed):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
