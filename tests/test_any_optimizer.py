@@ -42,6 +42,7 @@ ELEMENTWISE = {
     "Adam amsgrad": (lambda ps: optim.Adam(ps, lr=1e-2, amsgrad=True, weight_decay=0.01), False),
     "AdamW amsgrad maximize": (lambda ps: optim.AdamW(ps, lr=1e-2, amsgrad=True,
                                                       maximize=True), False),
+    "Adam fused amsgrad": (lambda ps: optim.Adam(ps, lr=1e-2, amsgrad=True, fused=True), False),
     "Adam differentiable": (lambda ps: optim.Adam(ps, lr=1e-2, differentiable=True), True),
     "SGD subclass": (lambda ps: _StepCountingSGD(ps, lr=0.1, momentum=0.9, nesterov=True,
                                                  maximize=True), False),
@@ -323,10 +324,12 @@ def test_masks_survive_pickle_and_deepcopy(name, copier):
     assert all(torch.equal(saved["masks"][i], m) for i, m in enumerate(masks))
 
 
-@pytest.mark.parametrize("config", ["Lion", "Adam amsgrad", "Rprop subclass"])
+@pytest.mark.parametrize("config", ["Lion", "Adam amsgrad", "Adam fused amsgrad",
+                                    "Rprop subclass"])
 def test_grad_scaler_skips_an_inf_step_and_unscales(config):
-    """GradScaler unscales the gradients itself; a step with an inf is skipped whole, leaving
-    pruned weights +0.0 and the state as the unmasked reference's."""
+    """GradScaler unscales the gradients itself (torch's fused Adam: inside its step); a step
+    with an inf is skipped whole, leaving pruned weights +0.0 and the state as the unmasked
+    reference's."""
     make, _ = ELEMENTWISE[config]
     values, masks = _leaves(6)
     ps, ref_params = _as_params(values, False), _as_params(values, False)

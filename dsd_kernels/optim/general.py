@@ -96,26 +96,28 @@ class _MaskedGeneral(_Masked):
         """The gradients of the masked `params` at +0.0 at pruned positions: all checked,
         then one pass per device."""
         masked = []
-        index = {p: (g, i) for g, group in enumerate(self.param_groups)
-                 for i, p in enumerate(group["params"])}
         for p in params:
             if p.grad is None:
                 continue
-            g, i = index[p]
-            what = _parameter(g, i, self.param_groups[g].get("param_names"))
             if p.grad.is_sparse:
-                raise ValueError(f"{what} has a sparse gradient; the masked optimizers need "
-                                 "dense gradients")
+                raise ValueError(f"{self._name(p)} has a sparse gradient; the masked optimizers "
+                                 "need dense gradients")
             if p.dtype not in _checks.FLOAT_DTYPES:
-                raise _dtype_error(what, p.dtype)
+                raise _dtype_error(self._name(p), p.dtype)
             if self._masks[p].device != p.device:
-                raise ValueError(f"the mask of {what} is on {self._masks[p].device} but the "
-                                 f"parameter moved to {p.device}; call set_masks again after "
-                                 "moving it")
+                raise ValueError(f"the mask of {self._name(p)} is on {self._masks[p].device} "
+                                 f"but the parameter moved to {p.device}; call set_masks again "
+                                 "after moving it")
             masked.append(p)
         for device_params in _by_device(masked).values():
             apply_masks_([local_tensor(p.grad) for p in device_params],
                          [self._masks[p] for p in device_params])
+
+    def _name(self, p) -> str:
+        """How errors call parameter p."""
+        return next(_parameter(index, i, group.get("param_names"))
+                    for index, group in enumerate(self.param_groups)
+                    for i, q in enumerate(group["params"]) if q is p)
 
     def _fresh(self, params: list) -> list:
         return fresh_state(self._base, self, params)
@@ -149,9 +151,13 @@ def fresh_state(base: type, optimizer, params: list) -> list:
     fresh value} (fresh.fresh_values) for its group's step: lr times dsd_lr_scale."""
     group_of = {p: (i, group) for i, group in enumerate(optimizer.param_groups)
                 for p in group["params"]}
-    found, hypers = [], {}
+    found, hypers, known = [], {}, {}
     for p in params:
         index, group = group_of[p]
+        kind = (index, p.dim(), p.dtype, p.device)
+        if kind in known:
+            found.append(known[kind])
+            continue
         hyper = hypers.get(index)
         if hyper is None:
             hyper = hypers[index] = {k: v for k, v in group.items()
@@ -164,7 +170,8 @@ def fresh_state(base: type, optimizer, params: list) -> list:
                         f"{LR_SCALE}={scale} cannot scale: the optimizer sets its own step "
                         "size (e.g. Adafactor's relative_step)")
                 hyper["lr"] = hyper["lr"] * scale
-        found.append(fresh_values(base, hyper, optimizer.defaults, p.dim(), p.dtype, p.device))
+        known[kind] = fresh_values(base, hyper, optimizer.defaults, p.dim(), p.dtype, p.device)
+        found.append(known[kind])
     return found
 
 
