@@ -34,6 +34,10 @@ PATHS = {
     OPTIM.Adafactor: "projected", OPTIM.Muon: "projected", OPTIM.LBFGS: "projected",
     OPTIM.SparseAdam: "refused",
 }
+# The masked steps docs/training.md names for each path (its table's second column): the
+# fused three take the general step when a flag the kernels lack is on.
+DOCUMENTED = {"fused": {"fused", "general, exact"}, "general": {"general, exact"},
+              "projected": {"general, projected"}, "refused": {"refused"}}
 # The one-line reason make_masked_ gives for a refused optimizer (a regex on its message).
 REFUSALS = {OPTIM.SparseAdam: "sparse gradient"}
 FUSED_CLASSES = {OPTIM.SGD: dk.MaskedSGD, OPTIM.Adam: dk.MaskedAdam,
@@ -125,17 +129,18 @@ def error_input(cls, index):
 
 
 def documented_paths(page: Path) -> dict:
-    """{optimizer name: first word of its masked step} from the torch.optim table of a docs
-    page, e.g. {"SGD": "fused", "Rprop": "general", "SparseAdam": "refused"}."""
-    paths = {}
+    """{torch.optim class name: the set of masked steps its rows name} from the table of a
+    docs page whose rows start with torch.optim class names ("SGD, Adam, AdamW with ..." |
+    "general, exact" | ...); rows about other optimizers are left out."""
+    paths: dict = {}
     for line in page.read_text().splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) != 2 or not line.startswith("|") or cells[0] in ("torch.optim", "---"):
+        if not line.startswith("|") or len(cells) < 2:
             continue
-        kind = re.match(r"[a-z]+", cells[1])
-        for name in re.findall(r"\b[A-Z][A-Za-z]+\b", cells[0]):
-            if kind and hasattr(OPTIM, name):
-                paths[name] = kind.group()
+        names = [name.strip() for name in cells[0].split(" with ")[0].split(",")]
+        if all(name[:1].isupper() and hasattr(OPTIM, name) for name in names):
+            for name in names:
+                paths.setdefault(name, set()).add(cells[1])
     return paths
 
 
