@@ -91,6 +91,15 @@ def one_case_per_optimizer(*paths):
     return out
 
 
+def db_case(cls, desc):
+    """The pytest param of `cls`'s database configuration described `desc`."""
+    info = next(info for info in optim_db if info.optim_cls is cls)
+    inputs = info.optim_inputs_func("cpu", torch.float32)
+    index = [optim_input.desc for optim_input in inputs].index(desc)
+    case = Case(cls, inputs[index].kwargs, info.step_requires_closure)
+    return pytest.param(case, id=_id(cls, index, desc))
+
+
 LION_CASES = [
     pytest.param(Case(Lion, dict(lr=1e-2)), id="Lion"),
     pytest.param(Case(Lion, dict(lr=1e-2, weight_decay=0.5)), id="Lion-weight_decay"),

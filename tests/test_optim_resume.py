@@ -9,7 +9,10 @@ from torch import nn
 
 from dsd_kernels.optim import make_masked_
 
-CASES = db.one_case_per_optimizer("fused", "general") + db.LION_CASES[1:]
+# Each optimizer's richest configuration, Adam's amsgrad (the general step of a fused class)
+# and Lion.
+CASES = db.one_case_per_optimizer("fused", "general") + [
+    db.db_case(torch.optim.Adam, "amsgrad"), db.LION_CASES[1]]
 
 
 @pytest.fixture(autouse=True, scope="module")
