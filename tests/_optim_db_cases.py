@@ -195,7 +195,8 @@ def with_pruned(grads, masks, pruned):
 def take_step(case, opt, params, target, masks=None, pruned=None):
     """One step. Its gradients are `target` (with `pruned` at pruned positions, given masks);
     an optimizer that needs a closure gets one whose loss is 0.5 |p - target|^2, its
-    gradient treated alike at every evaluation."""
+    gradient treated alike at every evaluation, which checks (given masks) that the pruned
+    weights are 0 whenever the loss is evaluated."""
     def grads():
         values = target if not case.closure else [p.detach() - t for p, t in zip(params, target)]
         return values if masks is None else with_pruned(values, masks, pruned)
@@ -206,6 +207,9 @@ def take_step(case, opt, params, target, masks=None, pruned=None):
         return opt.step()
 
     def closure():
+        if masks is not None:  # a masked step evaluates the loss on the kept weights only
+            for i, (p, m) in enumerate(zip(params, masks)):
+                assert (p.detach()[~m] == 0).all(), f"the closure saw pruned weights of {i}"
         for p, g in zip(params, grads()):
             p.grad = g
         return sum(0.5 * ((p.detach() - t) ** 2).sum() for p, t in zip(params, target))
