@@ -85,3 +85,23 @@ def test_state_dict_round_trip_keeps_masks_and_state(case):
     params = list(model.parameters())
     db.assert_identical(opt, params, other, params)
     db.assert_fresh_at_pruned(case, other, params[:2], [opt.masks[p] for p in params[:2]])
+
+
+@pytest.mark.parametrize("case", db.one_case_per_optimizer("projected"))
+def test_projected_resumed_run_equals_the_uninterrupted_one(case):
+    """Adafactor's factored moments, Muon's momentum and LBFGS's flat history through a
+    checkpoint (Muon takes 2-D parameters only: no model here)."""
+    weights, masks = db.initial(case)
+    opt, params = db.masked(case, weights, masks)
+    for step in range(2):
+        db.take_step(case, opt, params, db.targets(case, step), masks, 1.0)
+    checkpoint = db.through_bytes({"params": [p.detach() for p in params],
+                                   "optimizer": opt.state_dict()})
+    resumed_params = db.as_params(case, checkpoint["params"])
+    resumed = make_masked_(case.make(resumed_params))
+    resumed.load_state_dict(checkpoint["optimizer"])
+    for step in range(2, 4):
+        for o, ps in ((opt, params), (resumed, resumed_params)):
+            db.take_step(case, o, ps, db.targets(case, step), masks, 1.0)
+    db.assert_identical(opt, params, resumed, resumed_params)
+    db.assert_pruned_zero(resumed_params, masks)
