@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
 
-from dsd_kernels.optim import make_masked_
+from dsd_kernels.optim import LR_SCALE, make_masked_
 
 STEPS = 3
 TRAINING_DOC = Path(__file__).resolve().parents[1] / "docs" / "training.md"
@@ -66,6 +66,30 @@ def test_masked_step_is_the_unmasked_step_on_zeroed_gradients(case):
         everywhere = [torch.ones_like(m) for m in masks]
         db.assert_kept_equal(opt, params, ref, ref_params, everywhere, fused)
     assert any((p.detach()[~m] != 0).any() for p, m in zip(params, masks))  # regrown
+
+
+@pytest.mark.parametrize("case", db.one_case_per_optimizer("fused", "general") + [
+    db.db_case(torch.optim.Adam, "amsgrad"), db.db_case(torch.optim.Adagrad, "Tensor lr"),
+    db.LION_CASES[1], db.SUBCLASS_CASES[1]])
+def test_lr_scale_steps_as_the_optimizer_at_the_scaled_lr(case):
+    """DSD's re-dense factor (the param group's dsd_lr_scale): the masked step equals the
+    unmasked optimizer's made with lr times the factor, fresh state included (Rprop's step
+    size starts at the step's lr)."""
+    lr = case.make([torch.zeros(1, requires_grad=True)]).defaults["lr"]
+    scaled = db.Case(case.cls, {**case.kwargs, "lr": lr * 0.5}, case.closure)
+    weights, masks = db.initial(case)
+    opt, params = db.masked(case, weights, masks)
+    for group in opt.param_groups:
+        group[LR_SCALE] = 0.5
+    ref_params = db.as_params(case, [w.masked_fill(~m, 0.0) for w, m in zip(weights, masks)])
+    ref = scaled.make(ref_params)
+    for step in range(STEPS):
+        target = db.targets(case, step)
+        db.take_step(case, opt, params, target, masks, float("nan"))
+        db.take_step(case, ref, ref_params, target, masks, 0.0)
+        db.assert_kept_equal(opt, params, ref, ref_params, masks, db.runs_fused(opt))
+        db.assert_fresh_at_pruned(scaled, opt, params, masks)
+    assert opt.param_groups[0]["lr"] == lr  # lr, the scheduler's, is left as it was
 
 
 @pytest.mark.parametrize("case", db.db_cases("projected"))
