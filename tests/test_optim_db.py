@@ -156,8 +156,8 @@ def test_error_inputs_raise_as_in_torch(cls, index):
         opt.step()
 
 
-@pytest.mark.parametrize("case", db.one_case_per_optimizer("fused", "general") + [
-    db.db_case(torch.optim.Adam, "amsgrad"), db.LION_CASES[1]])
+@pytest.mark.parametrize("case", db.db_cases("fused", "general") + db.LION_CASES +
+                         db.SUBCLASS_CASES)
 def test_grad_scaler_skips_inf_steps_and_unscales_finite_ones(case):
     weights, masks = db.initial(case)
     (scaled, params), (plain, plain_params) = (db.masked(case, weights, masks) for _ in "ab")
