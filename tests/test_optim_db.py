@@ -4,12 +4,13 @@ docs/design.md (The general masked step) checked against torch.optim's unmasked 
 
 from pathlib import Path
 
-import _optim_db_cases as db
 import pytest
 import torch
 from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
 
 from dsd_kernels.optim import LR_SCALE, make_masked_
+
+import _optim_db_cases as db
 
 STEPS = 3
 TRAINING_DOC = Path(__file__).resolve().parents[1] / "docs" / "training.md"

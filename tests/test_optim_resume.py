@@ -2,12 +2,13 @@
 saved (model and optimizer state_dict, torch.save to bytes), loaded into fresh objects and
 continued equals the uninterrupted run bit for bit, for every optimizer masked exactly."""
 
-import _optim_db_cases as db
 import pytest
 import torch
 from torch import nn
 
 from dsd_kernels.optim import make_masked_
+
+import _optim_db_cases as db
 
 # Each optimizer's richest configuration, Adam's amsgrad (the general step of a fused class)
 # and Lion.

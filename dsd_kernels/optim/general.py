@@ -123,6 +123,11 @@ class _MaskedGeneral(_Masked):
     def _prune(self, masks: dict) -> None:
         params = list(masks)
         self._fill(params, self._fresh(params), masks)
+        if isinstance(self, torch.optim.LBFGS):
+            # Its history (directions, steps, the last gradient) is flat over all parameters,
+            # with values at the newly pruned positions that would move pruned weights inside
+            # the next step's closure evaluations: start it afresh, as a new LBFGS would.
+            self.state.pop(self._params[0], None)
 
     def _fill(self, params: list, fresh: list, masks=None) -> None:
         """The `params` at +0.0 and their parameter-shaped state at its fresh values at

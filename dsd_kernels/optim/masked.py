@@ -418,8 +418,8 @@ class MaskedAdam(_MaskedAdamStep, torch.optim.Adam):
         lr, betas, eps, weight_decay, maximize, decoupled_weight_decay: torch.optim.Adam's.
         amsgrad, capturable, differentiable: must be False (a torch.optim optimizer with them
             gets the general masked step from `make_masked_`).
-        foreach, fused: accepted for drop-in use and ignored: the masked step is always one
-            fused pass.
+        foreach, fused: accepted for drop-in use (foreach is kept in the param groups and
+            checked as torch checks it) and ignored: the masked step is always one fused pass.
 
     Raises:
         ValueError: a parameter of another dtype than float32, float16 and bfloat16 (named by
@@ -430,8 +430,8 @@ class MaskedAdam(_MaskedAdamStep, torch.optim.Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         capturable=capturable, differentiable=differentiable,
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable, differentiable=differentiable,
                          decoupled_weight_decay=decoupled_weight_decay)
         self._masks = {}
 
@@ -447,8 +447,8 @@ class MaskedAdamW(_MaskedAdamStep, torch.optim.AdamW):
         lr, betas, eps, weight_decay, maximize: torch.optim.AdamW's.
         amsgrad, capturable, differentiable: must be False (a torch.optim optimizer with them
             gets the general masked step from `make_masked_`).
-        foreach, fused: accepted for drop-in use and ignored: the masked step is always one
-            fused pass.
+        foreach, fused: accepted for drop-in use (foreach is kept in the param groups and
+            checked as torch checks it) and ignored: the masked step is always one fused pass.
 
     Raises:
         ValueError: a parameter of another dtype than float32, float16 and bfloat16 (named by
@@ -459,6 +459,6 @@ class MaskedAdamW(_MaskedAdamStep, torch.optim.AdamW):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         capturable=capturable, differentiable=differentiable)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable, differentiable=differentiable)
         self._masks = {}
