@@ -11,6 +11,9 @@ Masks prune `--sparsity` of every tensor. Per optimizer and case the rows are:
   optimizer's own step, one pass setting pruned weights and state to a fresh state's values);
 - "torch <Name> foreach (no mask)", and for SGD, Adam and AdamW "torch <Name> fused (no
   mask)": the unmasked step, the least a step costs;
+- "torch <Name> <fused or foreach> on pruned weights and grads (no mask)": that step on the
+  data the masked step sees (weights and gradients 0 at pruned positions), so its time
+  includes what zeros cost torch's own kernels (`x_same_data` divides by it);
 - "hook: ...": the same unmasked step (fused where torch has it, else foreach) with the hooks
   peers register (Cerebras' sparsity): before the step each gradient is multiplied by its
   float mask, after it the weight and every state tensor shaped like it, parameter by
@@ -58,7 +61,7 @@ OPTIMIZERS = {
 FUSED = ("AdamW", "SGD", "Adam")  # dsd's fused kernels, and torch has a fused CPU step
 TORCH_MASKING = ("AdamW", "SGD")  # also timed followed by torch's own masking ops
 SUMMARY_COLUMNS = ["case", "optimizer", "path", "dsd / unmasked", "goal", "status",
-                   "hook / unmasked", "hook / dsd"]
+                   "dsd / foreach", "dsd / same data", "hook / unmasked", "hook / dsd"]
 
 
 def _params(weights, grads):
@@ -138,6 +141,10 @@ def _impls(name, weights, grads, masks):
         unmasked = cls(_params(weights, grads), **hyper, fused=True)
         impls[f"torch {name} fused (no mask)"] = unmasked.step
         base = "fused"
+    pruned_weights = [w * m for w, m in zip(weights, masks)]
+    pruned_grads = [g * m for g, m in zip(grads, masks)]
+    impls[f"torch {name} {base} on pruned weights and grads (no mask)"] = cls(
+        _params(pruned_weights, pruned_grads), **hyper, **{base: True}).step
     params = _params(weights, [g.clone() for g in grads])
     hooked = cls(params, **hyper, **{base: True})
     _hook_masking(hooked, params, masks)
@@ -189,6 +196,7 @@ def _time_optimizer(run, case, numel, size, name, weights, grads, masks) -> None
     first = {impl: first_call_seconds(fn, run.args.device) for impl, fn in impls.items()}
     seconds, rounds = in_turn_seconds(impls, run.args.device, run.args.min_time)
     n_state = _state_tensors(unmasked)
+    same_data = baseline.replace("(no mask)", "on pruned weights and grads (no mask)")
     path = "fused" if name in FUSED else "general"
     _, hyper = OPTIMIZERS[name]
     for impl in impls:
@@ -202,7 +210,9 @@ def _time_optimizer(run, case, numel, size, name, weights, grads, masks) -> None
                    copy_gbps=run.copy_gbps, load_avg_1min=os.getloadavg()[0],
                    load_avg_1_5_15min=os.getloadavg(), error=None,
                    x_dsd=seconds[impl] / seconds[reference],
-                   x_unmasked=seconds[impl] / seconds[baseline], x_read=None, x_one_read=None)
+                   x_unmasked=seconds[impl] / seconds[baseline],
+                   x_same_data=seconds[impl] / seconds[same_data], x_read=None,
+                   x_one_read=None)
         row["pct_copy"] = 100 * row["gbps"] / run.copy_gbps
         if impl == reference:
             limit = MASKED_STEP_LIMITS[path]
@@ -215,15 +225,19 @@ def _time_optimizer(run, case, numel, size, name, weights, grads, masks) -> None
 
 
 def summary(rows: list[dict]) -> list[dict]:
-    """Per case and optimizer: dsd's masked step and the hooks over the unmasked step, and
-    the hooks over dsd's step."""
+    """Per case and optimizer: dsd's masked step over the unmasked step (the goal's, the
+    foreach one, the goal's on pruned data), and the hooks over the goal's unmasked step and
+    over dsd's step."""
     out = []
     for dsd in (r for r in rows if r.get("status")):
-        hook = next(r for r in rows if r["case"] == dsd["case"]
-                    and r["optimizer"] == dsd["optimizer"] and r["impl"].startswith("hook"))
+        mine = {r["impl"]: r for r in rows
+                if r["case"] == dsd["case"] and r["optimizer"] == dsd["optimizer"]}
+        hook = next(r for impl, r in mine.items() if impl.startswith("hook"))
+        foreach = mine[f"torch {dsd['optimizer']} foreach (no mask)"]
         out.append({"case": dsd["case"], "optimizer": dsd["optimizer"], "path": dsd["path"],
                     "dsd / unmasked": dsd["x_unmasked"], "goal": dsd["goal"],
-                    "status": dsd["status"], "hook / unmasked": hook["x_unmasked"],
+                    "status": dsd["status"], "dsd / foreach": dsd["seconds"] / foreach["seconds"],
+                    "dsd / same data": dsd["x_same_data"], "hook / unmasked": hook["x_unmasked"],
                     "hook / dsd": hook["x_dsd"]})
     return out
 
