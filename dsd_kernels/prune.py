@@ -252,8 +252,8 @@ def l1_unstructured(module: nn.Module, name: str, amount, importance_scores=None
 
 
 def mask_optimizer_(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
-    """Hand the current prune masks of `model` to `optimizer`, made masked in place (a
-    torch.optim optimizer is converted, see `dsd_kernels.optim.make_masked_`): from now on
+    """Hand the current prune masks of `model` to `optimizer`, made masked in place (any
+    torch.optim.Optimizer is converted, see `dsd_kernels.optim.make_masked_`): from now on
     each pruned `name_orig` entry and its optimizer state stay exactly 0 whatever the gradient.
 
     Call it again after pruning more (or after `remove`, which lifts the masks: the freed
@@ -261,7 +261,7 @@ def mask_optimizer_(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch
     skipped.
 
     Args:
-        optimizer: a torch.optim optimizer `make_masked_` takes, or a masked optimizer.
+        optimizer: a torch.optim.Optimizer (not SparseAdam), or a masked optimizer.
         model: the pruned model.
 
     Returns:
@@ -269,8 +269,9 @@ def mask_optimizer_(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch
 
     Raises:
         TypeError: `model` is not an nn.Module, or the optimizer cannot be masked
-            (`make_masked_`).
-        ValueError: as `make_masked_` (unsupported flags or dtypes).
+            (`make_masked_`: SparseAdam).
+        ValueError: as `make_masked_` (unsupported dtypes; a class whose fresh state cannot
+            be found).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -172,16 +172,33 @@ def test_a_stale_step_method_is_refused_without_updating():
     assert (params[0] == 0).all()
 
 
-class _MySGD(torch.optim.SGD):
-    pass
+class _RandomStart(torch.optim.SGD):
+    """A momentum buffer that starts random: no fresh value to reset pruned positions to."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p].setdefault("momentum_buffer", torch.rand_like(p))
+        return super().step(closure)
+
+
+class _Failing(torch.optim.Optimizer):
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, dict(lr=lr))
+
+    def step(self, closure=None):
+        raise NotImplementedError("no step here\nsecond line")
 
 
 @pytest.mark.parametrize("make, error, message", [
-    (lambda ps: torch.optim.LBFGS(ps), TypeError, "cannot mask torch.optim.lbfgs.LBFGS"),
-    (lambda ps: _MySGD(ps, lr=0.1), TypeError, "cannot mask .*_MySGD"),
-    (lambda ps: torch.optim.Adam(ps, amsgrad=True), ValueError, "amsgrad=True"),
-    (lambda ps: torch.optim.AdamW([{"params": ps[:1]}, {"params": ps[1:], "amsgrad": True}]),
-     ValueError, "param group 1 .* amsgrad=True"),
+    (lambda ps: torch.optim.SparseAdam(ps), TypeError,
+     r"^cannot mask torch.optim.sparse_adam.SparseAdam: it takes sparse gradients"),
+    (lambda ps: _RandomStart(ps, lr=0.1, momentum=0.9), ValueError,
+     r"^cannot mask .*_RandomStart: its state 'momentum_buffer' at a weight that only ever "
+     "sees 0 is not one value"),
+    (lambda ps: _Failing(ps), ValueError,
+     r"^cannot mask .*_Failing: finding its fresh state \(a fresh _Failing stepping a zero "
+     r"parameter with zero gradients\) raised NotImplementedError: no step here$"),
 ])
 def test_refused_optimizers_are_left_as_they_were(make, error, message):
     params = _params()
@@ -190,7 +207,12 @@ def test_refused_optimizers_are_left_as_they_were(make, error, message):
     with pytest.raises(error, match=message):
         make_masked_(opt)
     assert type(opt) is kind and not hasattr(opt, "_masks")
-    assert opt.state_dict() == before
+    assert opt.state_dict() == before and not opt._optimizer_step_pre_hooks
+
+
+def test_not_an_optimizer_is_refused():
+    with pytest.raises(TypeError, match="^cannot mask builtins.object: not a torch.optim"):
+        make_masked_(object())
 
 
 def test_unsupported_dtypes_are_refused_at_conversion_with_the_optimizer_unchanged():
@@ -248,3 +270,60 @@ def test_dsd_on_a_float64_model_refuses_at_conversion():
         DSD(model, opt, Plan.dsd(2, 2, 2))
     assert type(opt) is torch.optim.SGD and not opt.state
     assert all(LR_SCALE not in group for group in opt.param_groups)
+
+
+def _tracked(params):
+    """Parameters a differentiable step may update in place: non-leaf tensors."""
+    return [p.detach().clone().requires_grad_().clone() for p in params]
+
+
+@pytest.mark.parametrize("make, tracked", [
+    (lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True), False),
+    (lambda ps: torch.optim.AdamW([{"params": ps[:1]}, {"params": ps[1:], "amsgrad": True}],
+                                  lr=1e-2, weight_decay=0.1), False),
+    (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, differentiable=True), True),
+    (lambda ps: torch.optim.Adam(ps, lr=1e-2, differentiable=True), True),
+])
+def test_flags_the_fused_step_lacks_take_the_general_step(make, tracked):
+    """amsgrad, capturable, differentiable: the general masked step of the same torch class,
+    bit for bit torch's step on gradients zeroed at pruned positions."""
+    params = _tracked(_params()) if tracked else _params()
+    opt = make(params)
+    kind = type(opt)
+    masks = [torch.rand(p.shape, generator=torch.Generator().manual_seed(i)) < 0.5
+             for i, p in enumerate(params)]
+    make_masked_(opt).set_masks(dict(zip(params, masks)))
+    assert type(opt).__mro__[-3] is not dk.MaskedAdam and type(opt).__bases__[1] is kind
+    ref_params = _tracked(params) if tracked else [p.detach().clone().requires_grad_()
+                                                   for p in params]
+    ref = make(ref_params)
+    for step in range(3):
+        _fill_grads(params, step)
+        for p, r, m in zip(params, ref_params, masks):
+            r.grad = p.grad.masked_fill(~m, 0.0)
+        opt.step()
+        ref.step()
+        for p, r, m in zip(params, ref_params, masks):
+            assert torch.equal(p.detach(), r.detach().masked_fill(~m, 0.0))
+            for name, value in opt.state[p].items():
+                want = ref.state[r][name]
+                assert torch.equal(value, want if value.shape != p.shape
+                                   else want.masked_fill(~m, 0.0)), name
+
+
+@pytest.mark.parametrize("masked_cls, flag", [(dk.MaskedAdam, "amsgrad"),
+                                              (dk.MaskedAdamW, "capturable"),
+                                              (dk.MaskedSGD, "differentiable")])
+def test_fused_classes_refuse_their_missing_flags_pointing_at_make_masked(masked_cls, flag):
+    torch_name = masked_cls.__name__.removeprefix("Masked")
+    message = (rf"^param group 0 uses {flag}=True, which the masked optimizers do not implement "
+               rf"in their fused step \({masked_cls.__name__}\): build torch.optim.{torch_name}"
+               rf"\(\.\.\., {flag}=True\) and call dsd_kernels.optim.make_masked_ on it for "
+               "the general masked step$")
+    with pytest.raises(ValueError, match=message):
+        masked_cls(_params(), lr=0.1, **{flag: True})
+    opt = masked_cls(_params(), lr=0.1)
+    groups = list(opt.param_groups)
+    with pytest.raises(ValueError, match=f"^param group 1 uses {flag}=True"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], flag: True})
+    assert opt.param_groups == groups

@@ -12,12 +12,13 @@ has changed (`plan.Plan`), so a step in a training loop costs little host time p
     opt.clear_masks()                        # pruned weights regrow from 0, with 0 state
 
 An optimizer that already exists (held by a scheduler, a GradScaler, Lightning, Accelerate)
-is converted in place by `make_masked_(opt)`: the same object becomes masked. torch.optim's
-element-wise others (RMSprop, Adagrad, Rprop, NAdam, RAdam, Adamax, ASGD, Adadelta) become a
-masked subclass whose step is their own between two of dsd's multi-tensor passes.
+is converted in place by `make_masked_(opt)`: the same object becomes masked. Any other
+torch.optim.Optimizer (torch.optim's others, subclasses, other libraries' optimizers) becomes a
+masked subclass of its class whose step is its own between dsd's multi-tensor passes.
 
-Modules: `masked` (the classes), `plan` (step plans and buckets), `general` (the masked step
-of the other element-wise optimizers), `convert` (make_masked_).
+Modules: `masked` (the fused classes), `plan` (step plans and buckets), `general` (the masked
+step of every other optimizer), `fresh` (the fresh state it resets pruned positions to),
+`convert` (make_masked_).
 """
 
 from .convert import make_masked_

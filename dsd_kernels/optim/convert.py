@@ -1,6 +1,6 @@
-"""make_masked_: a torch.optim optimizer made masked in place, so whatever already holds the
-optimizer drives the masked step: SGD, Adam and AdamW become the fused masked classes, the
-element-wise others get the general masked step (general.py)."""
+"""make_masked_: a torch.optim.Optimizer made masked in place, so whatever already holds the
+optimizer drives the masked step: SGD, Adam and AdamW become the fused masked classes, every
+other optimizer gets the general masked step (general.py)."""
 
 import types
 
@@ -12,8 +12,8 @@ from .masked import (
     MaskedAdamW,
     MaskedSGD,
     _Masked,
-    _refuse_unsupported,
     refuse_unsupported_dtypes,
+    unfused_flag,
 )
 
 _MASKED_VERSION = {torch.optim.SGD: MaskedSGD, torch.optim.Adam: MaskedAdam,
@@ -21,44 +21,50 @@ _MASKED_VERSION = {torch.optim.SGD: MaskedSGD, torch.optim.Adam: MaskedAdam,
 
 
 def make_masked_(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Turn a torch.optim optimizer into its masked class in place; returns it.
+    """Turn a torch.optim.Optimizer into a masked one in place; returns it.
 
     The object stays the same, with the same param groups and state, so whatever holds it (an
     LR scheduler, a GradScaler, Lightning's or Accelerate's wrapper, the user's own variable)
     now drives the masked step; a step wrapper an LR scheduler put on the object is pointed at
-    the masked step. A masked optimizer is returned as it is.
+    the masked step, and a step method taken before the conversion raises instead of updating.
+    A masked optimizer is returned as it is.
 
     Args:
-        optimizer: a torch.optim SGD, Adam, AdamW, Adadelta, Adagrad, Adamax, ASGD, NAdam,
-            RAdam, RMSprop or Rprop (exactly those classes), or a masked one.
+        optimizer: any torch.optim.Optimizer (torch.optim's classes but SparseAdam, their
+            subclasses, other libraries' optimizers), or a masked one.
 
     Returns:
-        The same object, now a MaskedSGD, MaskedAdam or MaskedAdamW, or for the others a
-        masked subclass of its class with the general masked step.
+        The same object: exactly torch.optim's SGD, Adam and AdamW become MaskedSGD, MaskedAdam
+        and MaskedAdamW (fused step) unless their defaults or a group use amsgrad, capturable
+        or differentiable; every other optimizer becomes a masked subclass of its class with
+        the general masked step (docs/design.md, The general masked step).
 
     Raises:
-        TypeError: any other optimizer class (a subclass included).
-        ValueError: a group using amsgrad, capturable or differentiable, or a parameter of
-            another dtype than float32, float16 and bfloat16 (named by group and position).
-            The optimizer is left as it was: same class, param groups and state.
+        TypeError: not a torch.optim.Optimizer, or a SparseAdam (sparse gradients).
+        ValueError: a parameter of another dtype than float32, float16 and bfloat16 (named
+            by group and position), or, for a class torch.optim does not define, no fresh
+            state could be found for it (fresh.probe). The optimizer is left as it was: same
+            class, param groups and state.
     """
     if isinstance(optimizer, _Masked):
         return optimizer
     kind = type(optimizer)
-    masked_class = _MASKED_VERSION.get(kind)
-    if masked_class is None and kind in general.FRESH_STATE:
-        masked_class = general.masked_class(kind)
-    if masked_class is None:
-        raise TypeError(
-            f"cannot mask {kind.__module__}.{kind.__qualname__}: only torch.optim's SGD, Adam, "
-            f"AdamW and {', '.join(c.__name__ for c in general.FRESH_STATE)} (converted in "
-            "place, not subclasses) and dsd_kernels' masked classes have a masked step that "
-            "keeps pruned weights and their optimizer state fresh; other optimizers would "
-            "regrow them")
-    _refuse_unsupported(optimizer.defaults, "the optimizer's defaults")
+    name = f"{kind.__module__}.{kind.__qualname__}"
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"cannot mask {name}: not a torch.optim.Optimizer")
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        raise TypeError(f"cannot mask {name}: it takes sparse gradients, which have no pruned "
+                        "positions to mask; use Adam or AdamW")
     for i, group in enumerate(optimizer.param_groups):
-        _refuse_unsupported(group, f"param group {i}")
         refuse_unsupported_dtypes(group["params"], i, group.get("param_names"))
+    masked_class = _MASKED_VERSION.get(kind)
+    use_general = masked_class is None or any(map(unfused_flag, [optimizer.defaults,
+                                                                  *optimizer.param_groups]))
+    if use_general:
+        masked_class = general.masked_class(kind)
+        for group in optimizer.param_groups:  # found (a probe may refuse) before any change
+            kinds = {(p.dim(), p.dtype, p.device): p for p in group["params"]}
+            general.fresh_state(kind, optimizer, list(kinds.values()))
     old_step = type(optimizer).step  # hooked by torch.optim; __wrapped__ is torch's own step
     old_steps = [old_step, getattr(old_step, "__wrapped__", old_step)]
     redirect = _step_references(optimizer, old_steps)
@@ -66,6 +72,9 @@ def make_masked_(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     optimizer._masks = {}
     optimizer._patch_step_function()  # torch's step hooks and profiling, as at construction
     redirect(masked_class.step)
+    if use_general:  # the old class's hooked step runs the instance's hooks: refuse there
+        handle = optimizer.register_step_pre_hook(general.refuse_stale_step)
+        optimizer._optimizer_step_pre_hooks.move_to_end(handle.id, last=False)
     return optimizer
 
 

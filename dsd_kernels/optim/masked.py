@@ -76,7 +76,7 @@ class _Masked:
                 an unsupported dtype (the message names its group, position and dtype).
         """
         index = len(self.param_groups)
-        _refuse_unsupported({**self.defaults, **param_group}, f"param group {index}")
+        self._refuse_flags({**self.defaults, **param_group}, f"param group {index}")
         params = param_group.get("params")
         if isinstance(params, torch.Tensor):
             params = [params]
@@ -94,6 +94,18 @@ class _Masked:
             "torch.optim's unmasked step was called on a masked optimizer: something still "
             "holds the step method it had before make_masked_ converted it; create that "
             "wrapper after converting, or call optimizer.step() itself")
+
+    def _refuse_flags(self, settings: Mapping, where: str) -> None:
+        """A ValueError if `settings` (a param group, defaults) turn on a flag the fused step
+        does not implement, pointing at the general masked step, which does."""
+        flag = unfused_flag(settings)
+        if flag is not None:
+            name = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.optim"))
+            raise ValueError(
+                f"{where} uses {flag}=True, which the masked optimizers do not implement in "
+                f"their fused step ({type(self).__name__}): build torch.optim.{name.__name__}"
+                f"(..., {flag}=True) and call dsd_kernels.optim.make_masked_ on it for the "
+                "general masked step")
 
     @property
     def masks(self) -> dict:
@@ -121,15 +133,16 @@ class _Masked:
                 raise ValueError(f"{what} has dtype {p.dtype}; supported: float32, float16, "
                                  "bfloat16")
         # Kept in the parameter's memory layout (channels_last, ...), so no step converts it.
-        self._masks = {p: _in_layout_of(mask, local_tensor(p)) for p, mask in masks.items()}
+        masks = {p: _in_layout_of(mask, local_tensor(p)) for p, mask in masks.items()}
+        self._prune(masks)  # first: the general step may still refuse here, changing nothing
+        self._masks = masks
         self._plans = ()  # they would not match the new dict, but would hold the old masks
-        self._prune(list(self._masks))
 
-    def _prune(self, params: list) -> None:
-        """Set the masked `params` and their `_state_names` state to 0 at pruned positions."""
+    def _prune(self, masks: dict) -> None:
+        """Set each masked parameter and its `_state_names` state to 0 at pruned positions."""
         targets, target_masks = [], []
-        for p in params:
-            state, mask = self.state.get(p, {}), self._masks[p]
+        for p, mask in masks.items():
+            state = self.state.get(p, {})
             for t in [p] + [state[name] for name in self._state_names if name in state]:
                 targets.append(t)
                 target_masks.append(mask)
@@ -141,6 +154,17 @@ class _Masked:
         self._masks = {}
         self._plans = ()
 
+    def __getstate__(self) -> dict:
+        """torch's pickled state (defaults, state, param groups) plus the masks, which a
+        pickle or copy.deepcopy keeps."""
+        return {**super().__getstate__(), "_masks": self._masks}
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        masks = state.pop("_masks", {})
+        super().__setstate__(state)
+        self._masks = masks
+
     def state_dict(self) -> dict:
         """torch's optimizer state_dict plus "masks": {param index: bool mask}."""
         state_dict = super().state_dict()
@@ -150,9 +174,10 @@ class _Masked:
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load torch's format; "masks", if present, are restored onto the parameters' devices.
-        A state_dict of an optimizer using amsgrad, capturable or differentiable is refused."""
+        A fused optimizer refuses a state_dict of one using amsgrad, capturable or
+        differentiable."""
         for i, group in enumerate(state_dict.get("param_groups", ())):
-            _refuse_unsupported(group, f"state_dict param group {i}")
+            self._refuse_flags(group, f"state_dict param group {i}")
         state_dict = dict(state_dict)
         saved = state_dict.pop("masks", {})
         params = self._params_in_order()
@@ -187,7 +212,7 @@ class _Masked:
         ensure_selected()
         checked = []
         for index, group in enumerate(self.param_groups):  # all checks before any update
-            _refuse_unsupported(group, f"param group {index}")
+            self._refuse_flags(group, f"param group {index}")
             grads = list(map(_GRAD, group["params"]))
             plan = self._plans[index] if index < len(self._plans) else None
             if plan is None or not plan.matches(self, group, grads):
@@ -267,16 +292,12 @@ def _in_layout_of(mask: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(p, dtype=torch.bool).copy_(mask)
 
 
-_UNSUPPORTED_FLAGS = ("amsgrad", "capturable", "differentiable")
+FUSED_FLAGS = ("amsgrad", "capturable", "differentiable")  # only the general step has them
 
 
-def _refuse_unsupported(settings: Mapping, where: str) -> None:
-    """A ValueError if `settings` (a param group, defaults) turn on a flag the masked step
-    does not implement."""
-    for flag in _UNSUPPORTED_FLAGS:
-        if settings.get(flag):
-            raise ValueError(f"{where} uses {flag}=True, which the masked optimizers do not "
-                             "support")
+def unfused_flag(settings: Mapping) -> str | None:
+    """The first flag of FUSED_FLAGS that `settings` (a param group, defaults) turn on."""
+    return next((flag for flag in FUSED_FLAGS if settings.get(flag)), None)
 
 
 def _scale_on(grad_scale, device):
@@ -294,7 +315,8 @@ class MaskedSGD(_Masked, torch.optim.SGD):
         lr, momentum, dampening, weight_decay, nesterov, maximize: torch.optim.SGD's.
         foreach, fused: accepted for drop-in use and ignored: the masked step is always one
             fused pass.
-        differentiable: must be False.
+        differentiable: must be False (a torch.optim.SGD with it gets the general masked step
+            from `make_masked_`).
 
     Raises:
         ValueError: a parameter of another dtype than float32, float16 and bfloat16 (named by
@@ -394,7 +416,8 @@ class MaskedAdam(_MaskedAdamStep, torch.optim.Adam):
     Args:
         params: parameters or param groups, as torch.optim.Adam takes them.
         lr, betas, eps, weight_decay, maximize, decoupled_weight_decay: torch.optim.Adam's.
-        amsgrad, capturable, differentiable: must be False.
+        amsgrad, capturable, differentiable: must be False (a torch.optim optimizer with them
+            gets the general masked step from `make_masked_`).
         foreach, fused: accepted for drop-in use and ignored: the masked step is always one
             fused pass.
 
@@ -422,7 +445,8 @@ class MaskedAdamW(_MaskedAdamStep, torch.optim.AdamW):
     Args:
         params: parameters or param groups, as torch.optim.AdamW takes them.
         lr, betas, eps, weight_decay, maximize: torch.optim.AdamW's.
-        amsgrad, capturable, differentiable: must be False.
+        amsgrad, capturable, differentiable: must be False (a torch.optim optimizer with them
+            gets the general masked step from `make_masked_`).
         foreach, fused: accepted for drop-in use and ignored: the masked step is always one
             fused pass.
 
