@@ -1,23 +1,23 @@
-"""Masked optimizer steps: for every element-wise torch.optim optimizer, dsd's masked step
-against the same optimizer's unmasked step and against the masking hooks a user would write,
-measured in the same run.
+"""Masked optimizer steps: for every element-wise torch.optim optimizer (and Adam with amsgrad,
+and lion_pytorch's Lion where installed), dsd's masked step against the same optimizer's
+unmasked step and against the masking hooks a user would write, measured in the same run.
 
     python bench/bench_optim.py --device cpu --backend cpp --sizes 16e6,resnet50
     python bench/bench_optim.py --optimizers RMSprop,Adagrad --sizes resnet50   # some of them
 
 Masks prune `--sparsity` of every tensor. Per optimizer and case the rows are:
-- "dsd Masked<Name>": `make_masked_` on torch.optim.<Name>(foreach=True): SGD, Adam and AdamW
-  get dsd's fused one-pass kernels, the others the general path (gradients masked, the
-  optimizer's own step, one pass setting pruned weights and state to a fresh state's values);
-- "torch <Name> foreach (no mask)", and for SGD, Adam and AdamW "torch <Name> fused (no
-  mask)": the unmasked step, the least a step costs;
-- "torch <Name> <fused or foreach> on pruned weights and grads (no mask)": that step on the
-  data the masked step sees (weights and gradients 0 at pruned positions), so its time
-  includes what zeros cost torch's own kernels (`x_same_data` divides by it);
-- "hook: ...": the same unmasked step (fused where torch has it, else foreach) with the hooks
-  peers register (Cerebras' sparsity): before the step each gradient is multiplied by its
-  float mask, after it the weight and every state tensor shaped like it, parameter by
-  parameter (`_hook_masking`);
+- "dsd Masked<Name>": `make_masked_` on <Name>(foreach=True where it takes foreach): SGD, Adam
+  and AdamW get dsd's fused one-pass kernels, the others (amsgrad too) the general path
+  (gradients masked, the optimizer's own step, one pass setting pruned weights and state to a
+  fresh state's values);
+- "torch <Name> foreach (no mask)" (Lion: "lion_pytorch Lion (no mask)"), and for SGD, Adam
+  and AdamW "torch <Name> fused (no mask)": the unmasked step, the least a step costs;
+- "... on pruned weights and grads (no mask)": the goal's unmasked step (below) on the data
+  the masked step sees (weights and gradients 0 at pruned positions), so its time includes
+  what zeros cost the optimizer's own kernels (`x_same_data` divides by it);
+- "hook: ...": the goal's unmasked step with the hooks peers register (Cerebras' sparsity):
+  before the step each gradient is multiplied by its float mask, after it the weight and
+  every state tensor shaped like it, parameter by parameter (`_hook_masking`);
 - for AdamW and SGD, torch's fused step followed by masking the weights and their state with
   one `torch._foreach_mul_` by float masks (as prune applies them) or `masked_fill_` with a
   precomputed ~mask per tensor (the GPU goal's comparison, bench/_goals.py).
@@ -25,12 +25,13 @@ Masks prune `--sparsity` of every tensor. Per optimizer and case the rows are:
 An optimizer's rows are timed call by call in turn, one call of each per round, so another job
 slowing the CPU slows them alike; `x_dsd` and `x_unmasked` are ratios of medians of the same
 rounds. `x_unmasked` divides by the unmasked step the goal names (`baseline`: torch's fused
-step for SGD, Adam and AdamW, the foreach step for the others); dsd's rows carry the goal of
-their path (_goals.MASKED_STEP_LIMITS) and its status. GB/s counts what the step must move:
-read p, g and the parameter-shaped state (and the mask, for masked rows), write p and the
-state.
+step where dsd's step is fused, else the foreach step, else the optimizer's plain step); dsd's
+rows carry the goal of their path (_goals.MASKED_STEP_LIMITS) and its status. GB/s counts what
+the step must move: read p, g and the parameter-shaped state (and the mask, for masked rows),
+write p and the state.
 """
 
+import inspect
 import os
 import statistics
 import time
@@ -39,6 +40,11 @@ import torch
 
 import dsd_kernels as dk
 from dsd_kernels.optim import make_masked_
+
+try:  # a third-party optimizer, where installed (a test dependency)
+    import lion_pytorch
+except ImportError:
+    lion_pytorch = None
 
 from _cases import Run, cases, make, parser
 from _goals import MASKED_STEP_LIMITS
@@ -57,8 +63,11 @@ OPTIMIZERS = {
     "RAdam": (torch.optim.RAdam, dict(lr=1e-3)),
     "RMSprop": (torch.optim.RMSprop, dict(lr=1e-2, momentum=0.9)),
     "Rprop": (torch.optim.Rprop, dict(lr=1e-2)),
+    "Adam(amsgrad)": (torch.optim.Adam, dict(lr=1e-3, amsgrad=True)),
 }
-FUSED = ("AdamW", "SGD", "Adam")  # dsd's fused kernels, and torch has a fused CPU step
+if lion_pytorch is not None:
+    OPTIMIZERS["Lion"] = (lion_pytorch.Lion, dict(lr=1e-4, weight_decay=1e-2))
+FUSED_CLASSES = (dk.MaskedSGD, dk.MaskedAdam, dk.MaskedAdamW)  # the rest: the general path
 TORCH_MASKING = ("AdamW", "SGD")  # also timed followed by torch's own masking ops
 SUMMARY_COLUMNS = ["case", "optimizer", "path", "dsd / unmasked", "goal", "status",
                    "dsd / foreach", "dsd / same data", "hook / unmasked", "hook / dsd"]
@@ -125,38 +134,44 @@ def _torch_masking(opt, params, masks, how: str):
     return step_then_fill
 
 
+def _label(*words) -> str:
+    return " ".join(w for w in words if w)
+
+
 def _impls(name, weights, grads, masks):
-    """The rows' step functions of one optimizer, by impl; the impl `x_unmasked` divides by
-    and its optimizer. Gradients a step masks in place are its own copies."""
+    """The rows' step functions of one optimizer, by impl; the impl `x_unmasked` divides by,
+    its optimizer, and the path of dsd's masked step. Gradients a step masks in place are its
+    own copies."""
     cls, hyper = OPTIMIZERS[name]
-    impls = {}
+    lib = cls.__module__.split(".")[0]
+    foreach = {"foreach": True} if "foreach" in inspect.signature(cls).parameters else {}
     params = _params(weights, [g.clone() for g in grads])
-    masked = make_masked_(cls(params, **hyper, foreach=True))
+    masked = make_masked_(cls(params, **hyper, **foreach))
     masked.set_masks(dict(zip(params, masks)))
-    impls[f"dsd Masked{name}"] = masked.step
-    unmasked = cls(_params(weights, grads), **hyper, foreach=True)
-    impls[f"torch {name} foreach (no mask)"] = unmasked.step
-    base = "foreach"
-    if name in FUSED:
-        unmasked = cls(_params(weights, grads), **hyper, fused=True)
-        impls[f"torch {name} fused (no mask)"] = unmasked.step
-        base = "fused"
+    path = "fused" if isinstance(masked, FUSED_CLASSES) else "general"
+    impls = {f"dsd Masked{name}": masked.step}
+    # The goal's unmasked step last: fused where dsd's is, else foreach, else the plain step.
+    kinds = [("foreach", foreach)] if foreach else [("", {})]
+    kinds += [("fused", {"fused": True})] if path == "fused" else []
+    for how, flags in kinds:
+        unmasked = cls(_params(weights, grads), **hyper, **flags)
+        impls[_label(lib, name, how, "(no mask)")] = unmasked.step
     pruned_weights = [w * m for w, m in zip(weights, masks)]
     pruned_grads = [g * m for g, m in zip(grads, masks)]
-    impls[f"torch {name} {base} on pruned weights and grads (no mask)"] = cls(
-        _params(pruned_weights, pruned_grads), **hyper, **{base: True}).step
+    impls[_label(lib, name, how, "on pruned weights and grads (no mask)")] = cls(
+        _params(pruned_weights, pruned_grads), **hyper, **flags).step
     params = _params(weights, [g.clone() for g in grads])
-    hooked = cls(params, **hyper, **{base: True})
+    hooked = cls(params, **hyper, **flags)
     _hook_masking(hooked, params, masks)
-    impls[f"hook: mask grads, {name} {base} step, mul_ p and state per parameter"] = \
+    impls[f"hook: mask grads, {_label(name, how, 'step')}, mul_ p and state per parameter"] = \
         hooked.step
     if name in TORCH_MASKING:
-        for how in ("mul_", "masked_fill_"):
+        for masking in ("mul_", "masked_fill_"):
             params = _params(weights, grads)
             opt = cls(params, **hyper, fused=True)
-            impls[f"torch {name} fused + mask p, state ({how})"] = _torch_masking(
-                opt, params, masks, how)
-    return impls, f"torch {name} {base} (no mask)", unmasked
+            impls[f"torch {name} fused + mask p, state ({masking})"] = _torch_masking(
+                opt, params, masks, masking)
+    return impls, _label(lib, name, how, "(no mask)"), unmasked, path
 
 
 def _state_tensors(opt) -> int:
@@ -191,13 +206,12 @@ def in_turn_seconds(fns: dict, device: str, min_time: float,
 
 
 def _time_optimizer(run, case, numel, size, name, weights, grads, masks) -> None:
-    impls, baseline, unmasked = _impls(name, weights, grads, masks)
+    impls, baseline, unmasked, path = _impls(name, weights, grads, masks)
     reference = f"dsd Masked{name}"
     first = {impl: first_call_seconds(fn, run.args.device) for impl, fn in impls.items()}
     seconds, rounds = in_turn_seconds(impls, run.args.device, run.args.min_time)
     n_state = _state_tensors(unmasked)
     same_data = baseline.replace("(no mask)", "on pruned weights and grads (no mask)")
-    path = "fused" if name in FUSED else "general"
     _, hyper = OPTIMIZERS[name]
     for impl in impls:
         masked = not impl.endswith("(no mask)")
@@ -233,10 +247,11 @@ def summary(rows: list[dict]) -> list[dict]:
         mine = {r["impl"]: r for r in rows
                 if r["case"] == dsd["case"] and r["optimizer"] == dsd["optimizer"]}
         hook = next(r for impl, r in mine.items() if impl.startswith("hook"))
-        foreach = mine[f"torch {dsd['optimizer']} foreach (no mask)"]
+        foreach = mine.get(f"torch {dsd['optimizer']} foreach (no mask)")
         out.append({"case": dsd["case"], "optimizer": dsd["optimizer"], "path": dsd["path"],
                     "dsd / unmasked": dsd["x_unmasked"], "goal": dsd["goal"],
-                    "status": dsd["status"], "dsd / foreach": dsd["seconds"] / foreach["seconds"],
+                    "status": dsd["status"],
+                    "dsd / foreach": dsd["seconds"] / foreach["seconds"] if foreach else None,
                     "dsd / same data": dsd["x_same_data"], "hook / unmasked": hook["x_unmasked"],
                     "hook / dsd": hook["x_dsd"]})
     return out
