@@ -2,7 +2,7 @@
 and lion_pytorch's Lion where installed), dsd's masked step against the same optimizer's
 unmasked step and against the masking hooks a user would write, measured in the same run.
 
-    python bench/bench_optim.py --device cpu --backend cpp --sizes 16e6,resnet50
+    python bench/bench_optim.py --device cpu --backend cpp --threads 1 --sizes 16e6,resnet50
     python bench/bench_optim.py --optimizers RMSprop,Adagrad --sizes resnet50   # some of them
 
 Masks prune `--sparsity` of every tensor. Per optimizer and case the rows are:
