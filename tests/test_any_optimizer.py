@@ -412,3 +412,25 @@ def test_transformers_adafactor_is_projected():
         runs.append((opt, ps))
     _same_state(*runs[0], *runs[1])
     assert all((runs[0][0].state[p]["exp_avg"][~m] == 0).all() for p, m in zip(runs[0][1], masks))
+
+
+def test_a_refused_step_changes_nothing():
+    """A sparse gradient, or a parameter moved away from its mask (without a gradient too):
+    one-line errors before anything is updated."""
+    values, masks = _leaves(10)
+    ps = _as_params(values, False)
+    opt = make_masked_(Lion(ps, lr=1e-2))
+    opt.set_masks(dict(zip(ps, masks)))
+    ps[0].grad = torch.randn(ps[0].shape).to_sparse()
+    ps[1].grad = torch.randn(ps[1].shape)
+    with pytest.raises(ValueError, match=r"^param group 0, parameter 0 has a sparse gradient"):
+        opt.step()
+    assert torch.equal(ps[0].detach(), values[0]) and not opt.state
+    ps[0].grad = None
+    opt._masks = {**opt._masks, ps[0]: masks[0].to("meta")}  # as if the parameter had moved
+    grad = ps[1].grad.clone()
+    with pytest.raises(ValueError, match=r"^the mask of param group 0, parameter 0 is on meta "
+                                         "but the parameter moved to cpu"):
+        opt.step()
+    assert torch.equal(ps[1].detach(), values[1]) and not opt.state
+    assert torch.equal(ps[1].grad, grad)  # not masked either

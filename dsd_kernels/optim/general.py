@@ -56,7 +56,14 @@ class _MaskedGeneral(_Masked):
     @torch.no_grad()
     def _masked_step(self, closure=None):
         params = [p for group in self.param_groups for p in group["params"] if p in self._masks]
-        fresh = self._fresh(params)  # before anything changes: a probe may refuse
+        for p in params:  # before anything changes
+            if p.dtype not in _checks.FLOAT_DTYPES:
+                raise _dtype_error(self._name(p), p.dtype)
+            if self._masks[p].device != p.device:
+                raise ValueError(f"the mask of {self._name(p)} is on {self._masks[p].device} "
+                                 f"but the parameter moved to {p.device}; call set_masks again "
+                                 "after moving it")
+        fresh = self._fresh(params)  # a probe may refuse
         if closure is None:
             self._mask_gradients(params)
             args = ()
@@ -93,22 +100,13 @@ class _MaskedGeneral(_Masked):
         return masked_closure
 
     def _mask_gradients(self, params: list) -> None:
-        """The gradients of the masked `params` at +0.0 at pruned positions: all checked,
-        then one pass per device."""
-        masked = []
-        for p in params:
-            if p.grad is None:
-                continue
+        """The gradients of the masked `params` (checked by the step) at +0.0 at pruned
+        positions: all checked to be dense, then one pass per device."""
+        masked = [p for p in params if p.grad is not None]
+        for p in masked:
             if p.grad.is_sparse:
                 raise ValueError(f"{self._name(p)} has a sparse gradient; the masked optimizers "
                                  "need dense gradients")
-            if p.dtype not in _checks.FLOAT_DTYPES:
-                raise _dtype_error(self._name(p), p.dtype)
-            if self._masks[p].device != p.device:
-                raise ValueError(f"the mask of {self._name(p)} is on {self._masks[p].device} "
-                                 f"but the parameter moved to {p.device}; call set_masks again "
-                                 "after moving it")
-            masked.append(p)
         for device_params in _by_device(masked).values():
             apply_masks_([local_tensor(p.grad) for p in device_params],
                          [self._masks[p] for p in device_params])
