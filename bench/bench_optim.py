@@ -260,7 +260,7 @@ def summary(rows: list[dict]) -> list[dict]:
 def main(argv=None):
     p = parser(__doc__.splitlines()[0], "optim")
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
-                   help="comma-separated torch.optim names (default: all of them)")
+                   help=f"comma-separated, of {', '.join(OPTIMIZERS)} (default: all)")
     args = p.parse_args(argv)
     names = args.optimizers.split(",")
     unknown = sorted(set(names) - set(OPTIMIZERS))
