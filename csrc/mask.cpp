@@ -111,11 +111,13 @@ std::vector<at::Tensor> magnitude_masks(at::TensorList xs, at::IntArrayRef ks,
 }
 
 // Writes `value`'s bits at pruned entries: (x & keep) | (value & ~keep), whatever x was, NaN
-// included. A branch-free integer loop, which the compiler vectorizes for every element width.
+// included. A branch-free integer loop, which the compiler vectorizes for every element width
+// only if the mask is read as bytes (GCC cannot vectorize a bool-to-integer conversion) and
+// the two pointers are known apart.
 template <typename bits_t>
-void fill_pruned(bits_t* x, const bool* keep, bits_t value, int64_t n) {
+void fill_pruned(bits_t* __restrict x, const uint8_t* __restrict keep, bits_t value, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    const bits_t kept = static_cast<bits_t>(-static_cast<bits_t>(keep[j]));
+    const bits_t kept = bits_t{0} - static_cast<bits_t>(keep[j] != 0);
     x[j] = static_cast<bits_t>((x[j] & kept) | (value & ~kept));
   }
 }
@@ -156,7 +158,8 @@ void fill_pruned_(at::TensorList xs, at::TensorList masks, at::ArrayRef<double> 
   parallel_dynamic(static_cast<int64_t>(spans.size()), [&](int64_t s) {
     const Span& span = spans[s];
     const at::Tensor& x = targets[span.tensor];
-    const bool* keep = keeps[span.tensor].data_ptr<bool>() + span.begin;
+    const auto* keep =
+        reinterpret_cast<const uint8_t*>(keeps[span.tensor].data_ptr<bool>()) + span.begin;
     const int64_t n = span.end - span.begin;
     if (x.element_size() == 4) {
       fill_pruned(static_cast<uint32_t*>(x.data_ptr()) + span.begin, keep, bits[span.tensor], n);

@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,23 @@ def test_resume_flag_continues_with_the_saved_config(tmp_path, capsys):
     (["--exclude", "hidden.9.*"], None, "'hidden.9.*' matches no parameter"),
     (["--model", "resnet"], None, "--model: unknown model 'resnet'; choose one of auto, mlp"),
     (["--model-args", '{"depth": 3}'], None, "--model-args are for a MODULE:FACTORY model"),
+    (["--optimizer", "adamm"], None, "--optimizer: unknown optimizer 'adamm'; choose one of "
+     "adadelta, "),
+    (["--optimizer", "dsd_absent_optim:Opt"], None, "--optimizer 'dsd_absent_optim:Opt': cannot "
+     "import 'dsd_absent_optim': ModuleNotFoundError"),
+    (["--optimizer", "torch.nn:Linear"], None, "--optimizer 'torch.nn:Linear': class Linear is "
+     "not a torch.optim.Optimizer subclass"),
+    (["--optimizer", "rmsprop", "--optimizer-args", '{"momentum": -1}'], None,
+     "--optimizer-args: RMSprop(lr=0.002, weight_decay=0.0, momentum=-1) failed: ValueError: "
+     "Invalid momentum value: -1"),
+    (["--optimizer", "nadam", "--optimizer-args", '{"nesterov": true}'], None,
+     "--optimizer-args: NAdam(lr=0.002, weight_decay=0.0, nesterov=True) failed: TypeError: "),
+    (["--optimizer", "adam", "--optimizer-args", '{"lr": 1}'], None,
+     "--optimizer-args: 'lr' is a run option of its own; set lr (--lr) instead"),
+    (["--optimizer", "rprop", "--weight-decay", "0.1"], None,
+     "--weight-decay must be 0: torch.optim.Rprop takes no weight_decay"),
+    (["--optimizer", "SparseAdam"], None, "--optimizer sparseadam: "),
+    ([], 'optimizer = "adamm"\n', "bad.toml: optimizer: unknown optimizer 'adamm'"),
     ([], 'task = "imagenet"\n', "unknown task 'imagenet'; choose one of mnist1d, digits"),
     ([], 'model = "resnet"\n', "unknown model 'resnet'"),
     ([], "sparsty = 0.5\n", "unknown key 'sparsty'; did you mean 'sparsity'?"),
@@ -112,7 +130,8 @@ def test_a_val_fraction_leaving_no_training_example_is_one_line_and_leaves_no_ru
 
 @pytest.mark.parametrize("flag, value", [("--task", "imagenet"), ("--lr", "fast"),
                                          ("--model-args", "{depth: 3}"),
-                                         ("--model-args", "[3]")])
+                                         ("--model-args", "[3]"),
+                                         ("--optimizer-args", '{"momentum": 0.5')])
 def test_bad_flags_are_rejected_by_the_parser(tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", flag, value, "--out", str(tmp_path / "run")])
@@ -200,3 +219,25 @@ def test_study_settings_are_toml_values():
         parse_settings(["sparsity"])
     with pytest.raises(ValueError, match=r"^--set 'device=cuda': not a TOML value \("):
         parse_settings(["device=cuda"])
+
+
+def test_an_optimizer_of_the_users_module_that_cannot_be_masked_is_one_line(tmp_path, capsys,
+                                                                            monkeypatch):
+    """MODULE:CLASS imports from the current directory; a class whose state at a weight that
+    only ever saw 0 is random has no fresh state to reset pruned positions to."""
+    (tmp_path / "dsd_test_noisy_optim.py").write_text(
+        "import torch\n\n"
+        "class Noisy(torch.optim.SGD):\n"
+        "    def step(self, closure=None):\n"
+        "        for group in self.param_groups:\n"
+        "            for p in group['params']:\n"
+        "                self.state[p]['noise'] = torch.randn_like(p)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "dsd_test_noisy_optim", raising=False)
+    assert main(["train", *TINY, "--optimizer", "dsd_test_noisy_optim:Noisy", "--out",
+                 str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsd: error: --optimizer dsd_test_noisy_optim:Noisy: cannot mask "
+                          "dsd_test_noisy_optim.Noisy: its state 'noise'") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+    sys.modules.pop("dsd_test_noisy_optim", None)

@@ -35,3 +35,17 @@ def test_frozen_parameters_are_listed_as_not_pruned_saying_why(frozen_factory):
     assert rows["3.weight"].endswith(f"{16 * 10 // 2:,}")
     assert rows["3.bias"].split()[-1] == "-"
     assert f"model {frozen_factory}: 1,210 parameters, 1 tensors prunable holding 160" in text
+
+
+@pytest.mark.parametrize("optimizer, args, shown", [
+    ("sgd", {}, "optimizer sgd: torch.optim.SGD(lr=0.002, momentum=0.9, weight_decay=0.0), "
+                "fused masked step"),
+    ("RMSprop", {"centered": True}, "optimizer rmsprop: torch.optim.RMSprop(lr=0.002, "
+                                    "weight_decay=0.0, centered=True), general masked step"),
+    ("lion_pytorch:Lion", {"betas": [0.9, 0.99]}, "optimizer lion_pytorch:Lion: "
+     "lion_pytorch.lion_pytorch.Lion(lr=0.002, weight_decay=0.0, betas=[0.9, 0.99]), general "
+     "masked step")])
+def test_the_optimizer_is_shown_with_its_arguments_and_masked_step(optimizer, args, shown):
+    text = dry_run(RunConfig.from_mapping({"task": "digits", "backend": "torch",
+                                           "optimizer": optimizer, "optimizer_args": args}))
+    assert shown in text.splitlines()

@@ -1,7 +1,8 @@
 """DSDCallback in real Lightning fits on CPU: pruned weights and their optimizer state exactly 0
 after every step of a sparse phase, regrowth from 0 at re-dense with the plan's LR factor times
-the scheduler's LR, phase metrics in the loggers, manual optimization and gradient
-accumulation, bit-exact resume from a checkpoint, DDP on 2 processes, one-line errors."""
+the scheduler's LR, phase metrics in the loggers, optimizers beyond SGD/Adam/AdamW (torch's
+RMSprop, lion-pytorch's Lion), manual optimization and gradient accumulation, bit-exact resume
+from a checkpoint, DDP on 2 processes, one-line errors."""
 
 import math
 import os
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as L
+import lion_pytorch
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -169,6 +171,52 @@ def test_the_step_uses_plan_factor_times_scheduler_lr():
     assert {s["phase"] for s in recorder.steps} == {0, 1, 2}
 
 
+class OtherNet(Net):
+    """Net whose configure_optimizers returns another optimizer than SGD, Adam and AdamW."""
+
+    OPTIMIZERS = {  # kind: (class, keyword arguments, its parameter-shaped state)
+        "rmsprop": (torch.optim.RMSprop, dict(lr=0.01, momentum=0.5),
+                    ("square_avg", "momentum_buffer")),
+        "lion": (lion_pytorch.Lion, dict(lr=1e-3, weight_decay=1e-2), ("exp_avg",)),
+        "sparseadam": (torch.optim.SparseAdam, dict(lr=0.01), ()),
+    }
+
+    def configure_optimizers(self):
+        cls, kwargs, _ = self.OPTIMIZERS[self.kind]
+        self.optimizer_made = cls(self.parameters(), **kwargs)
+        scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer_made, 1, gamma=0.8)
+        return {"optimizer": self.optimizer_made, "lr_scheduler": scheduler}
+
+
+@pytest.mark.parametrize("kind", ["rmsprop", "lion"])
+def test_other_optimizers_keep_pruned_weights_at_zero_and_state_fresh_then_regrow(kind):
+    """Their own step between dsd's passes: every sparse step leaves pruned weights +0.0 and
+    their state as a fresh optimizer's (0 here), whatever the gradient there; re-dense
+    regrows them."""
+    L.seed_everything(0, verbose=False)
+    plan = Plan.dsd(1, 1, 1, sparsity=SPARSITY)
+    cls, _, state_names = OtherNet.OPTIMIZERS[kind]
+    model = OtherNet(kind)
+    dsd_callback = DSDCallback(plan)
+    recorder = Recorder(dsd_callback, state_names)
+    L.Trainer(callbacks=[dsd_callback, recorder], max_epochs=plan.total, **QUIET).fit(
+        model, loader())
+    assert isinstance(model.optimizer_made, cls) and type(model.optimizer_made) is not cls
+    dense, sparse, redense = ([s for s in recorder.steps if s["phase"] == i] for i in range(3))
+    assert len(sparse) == len(redense) == BATCHES_PER_EPOCH
+    for name in PRUNABLE:
+        pruned = ~sparse[0]["masks"][name]
+        assert int(pruned.sum()) == math.floor(SPARSITY * pruned.numel())
+        for s in sparse:
+            assert torch.equal(s["masks"][name], ~pruned)
+            assert (s["grads"][name][pruned] != 0).any()  # the mask, not the gradient
+            assert (s["after"][name][pruned].view(torch.int32) == 0).all(), name  # +0.0
+            for state_name, value in s["state"][name].items():
+                assert (value[pruned] == 0).all(), (name, state_name)
+        assert all(mask is None for s in redense for mask in s["masks"].values())
+        assert (redense[-1]["after"][name][pruned] != 0).sum() > pruned.sum() // 2, name
+
+
 class ManualNet(Net):
     """Manual optimization: steps `self.optimizers()` itself."""
 
@@ -274,8 +322,8 @@ def test_checkpoint_of_another_plan_is_refused(tmp_path):
 @pytest.mark.parametrize("model,plan,limits,error,message", [
     (lambda: ManualNet(optimizers=2), Plan.dsd(1, 1, 1), dict(max_epochs=3), ValueError,
      "exactly one optimizer; configure_optimizers returned 2"),
-    (lambda: Net("lbfgs"), Plan.dsd(1, 1, 1), dict(max_epochs=3), TypeError,
-     "cannot mask torch.optim.lbfgs.LBFGS"),
+    (lambda: OtherNet("sparseadam"), Plan.dsd(1, 1, 1), dict(max_epochs=3), TypeError,
+     "cannot mask torch.optim.sparse_adam.SparseAdam"),
     (lambda: Net("sgd"), Plan.dsd(2, 2, 2), dict(max_epochs=7), ValueError,
      r"Trainer \(max_epochs=7\) would train past the DSD plan's 6 epochs: set "
      r"Trainer\(max_epochs=...\) to at most 6"),
@@ -285,7 +333,7 @@ def test_checkpoint_of_another_plan_is_refused(tmp_path):
      r"max_steps=11\) would train past the DSD plan's 10 steps"),
     (lambda: Net("sgd"), Plan.dsd(3, 4, 3, unit="steps"), dict(max_epochs=3), ValueError,
      r"max_steps=-1 and max_epochs=3\) would train past the DSD plan's 10 steps"),
-], ids=["two-optimizers", "lbfgs", "max-epochs", "no-epoch-limit", "max-steps",
+], ids=["two-optimizers", "sparseadam", "max-epochs", "no-epoch-limit", "max-steps",
         "epochs-of-a-step-plan"])
 def test_what_it_cannot_run_is_a_one_line_error_with_nothing_modified(model, plan, limits,
                                                                      error, message):

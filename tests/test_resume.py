@@ -1,11 +1,14 @@
-"""A resume checks, before training anything, every file it will need later."""
+"""A resume checks, before training anything, every file it will need later, and rebuilds
+the run's own optimizer."""
 
 import pytest
+import torch
 
+from dsd.cli import main
 from dsd.config import RunConfig
-from dsd.train import RunError, recipe, train
+from dsd.train import RunError, load_config, recipe, train
 
-from _runs import interrupted_run
+from _runs import interrupted_run, untimed_rows
 
 RUN = {"task": "digits", "phases": [1, 1, 1], "mlp_hidden": [8], "backend": "torch",
        "baseline": True}
@@ -62,3 +65,24 @@ def test_a_missing_dsd_model_is_refused_before_the_baseline_arm_trains(tmp_path,
                                        "weights\\) is missing"):
         train(RunConfig.from_mapping(RUN), run, quiet=True)
     assert _files(run) == before
+
+
+def test_a_run_of_another_optimizer_resumes_bit_exactly_from_its_saved_config(tmp_path,
+                                                                             monkeypatch):
+    """The optimizer's name (any case) and arguments go into config.toml; `--resume` rebuilds
+    the same masked optimizer, and the run ends as an uninterrupted one does."""
+    args = ["--task", "digits", "--phases", "1,2,1", "--mlp-hidden", "8", "--backend", "torch",
+            "--optimizer", "RMSprop", "--optimizer-args", '{"momentum": 0.5, "centered": true}',
+            "--lr", "0.01", "--quiet"]
+    assert main(["train", *args, "--out", str(tmp_path / "straight")]) == 0
+    config = load_config(tmp_path / "straight")
+    assert (config.optimizer, config.optimizer_args) == ("rmsprop",
+                                                         {"momentum": 0.5, "centered": True})
+    # Stopped in the middle of the sparse phase: the masks come back with the optimizer.
+    run = interrupted_run(tmp_path / "run", monkeypatch, ("dsd", 2), config.to_dict())
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    resumed, straight = torch.load(run / "model.pt"), torch.load(tmp_path / "straight" /
+                                                                "model.pt")
+    for key, value in straight.items():
+        assert torch.equal(resumed[key], value), key
+    assert untimed_rows(run) == untimed_rows(tmp_path / "straight")

@@ -157,6 +157,10 @@ def _train(args) -> int:
         summary = train(config, out, quiet=args.quiet)
     except RunDirError as error:
         raise RunError(f"{option} {error}") from None
+    except ConfigError as error:  # e.g. optimizer arguments its constructor refuses
+        if error.key in given:
+            raise error.labelled(_flag(error.key)) from None
+        raise
     except KeyboardInterrupt as interrupt:
         where = getattr(interrupt, "run_dir", out)
         if where is not None:

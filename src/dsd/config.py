@@ -17,9 +17,9 @@ import dsd_kernels
 
 from .data import TASKS
 from .models import MODELS, is_factory
+from .optimizers import canonical_name, optimizer_class, run_kwargs
 from .plan import KINDS, Plan
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 AMP = ("off", "bf16", "fp16")
 
@@ -102,11 +102,17 @@ class RunConfig:
     first_phase: str = _option("dense", "kind of the first phase: sparse starts by pruning (S-D "
                                "on a converged --init network); the phases then alternate", KINDS)
     redense_lr_factor: float = _option(0.1, "learning-rate factor applied at each re-dense")
-    optimizer: str = _option("adam", "optimizer (run as its dsd_kernels masked version)",
-                             OPTIMIZERS)
+    optimizer: str = _option("adam", "a torch.optim optimizer by name, any case (sgd, adam, "
+                             "adamw, rmsprop, nadam, adagrad, ...), or MODULE:CLASS, a "
+                             "torch.optim.Optimizer subclass (e.g. lion_pytorch:Lion); made "
+                             "masked in place (dsd_kernels.optim.make_masked_)")
+    optimizer_args: dict = _option({}, "keyword arguments of the optimizer's constructor beside "
+                                   "lr, weight_decay (where it takes one) and momentum (SGD) "
+                                   "(JSON on the command line, a table in a config file)")
     lr: float = _option(2e-3, "learning rate of the first dense phase")
-    momentum: float = _option(0.9, "SGD momentum (sgd only)")
-    weight_decay: float = _option(0.0, "weight decay (decoupled for adamw)")
+    momentum: float = _option(0.9, "SGD momentum (sgd only; others take it in optimizer_args)")
+    weight_decay: float = _option(0.0, "weight decay, for every optimizer that takes one "
+                                  "(decoupled for adamw)")
     batch_size: int = _option(64, "training batch size")
     seed: int = _option(0, "seed of the initialisation and the batch order, in [0, 2**32 - 1]")
     baseline: bool = _option(False, "also train densely for the same epochs with the same "
@@ -153,6 +159,7 @@ class RunConfig:
                                  f"{', '.join(f.metadata['choices'])}")
         self._check_ranges()
         self._check_model()
+        self._check_optimizer()
         for name in _PATHS:
             if getattr(self, name):  # frozen: the absolute path replaces the given one
                 object.__setattr__(self, name, str(Path(getattr(self, name)).expanduser()
@@ -169,6 +176,26 @@ class RunConfig:
         for key in self.model_args:
             if not key.isidentifier():
                 raise ConfigError("model_args", f": {key!r} is not a keyword argument name")
+
+    def _check_optimizer(self):
+        try:  # frozen: torch.optim's names are kept in lower case
+            object.__setattr__(self, "optimizer", canonical_name(self.optimizer))
+            cls = optimizer_class(self.optimizer)
+        except ValueError as error:
+            raise ConfigError("optimizer", str(error)) from None
+        try:
+            given = run_kwargs(cls, lr=self.lr, momentum=self.momentum,
+                               weight_decay=self.weight_decay)
+        except ValueError as error:
+            raise ConfigError("weight_decay", f" must be 0: {error}") from None
+        for key in self.optimizer_args:
+            if not key.isidentifier():
+                raise ConfigError("optimizer_args", f": {key!r} is not a keyword argument name")
+            if key == "params":
+                raise ConfigError("optimizer_args", ": 'params' are the model's parameters")
+            if key in given:
+                raise ConfigError("optimizer_args", f": {key!r} is a run option of its own; set "
+                                  f"{key} (--{key.replace('_', '-')}) instead")
 
     def _check_ranges(self):
         if not self.phases:

@@ -9,14 +9,13 @@ text: x int64 (N, T) character ids, targets int64 (N, T) (the next character), a
 num_classes is the vocabulary size.
 """
 
-import importlib
 import math
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .imports import first_line, import_spec, is_spec
 
 MODELS = ("auto", "mlp", "cnn", "gru", "lstm", "resnet20", "resnet32", "resnet56", "vgg16")
 DATA_KINDS = ("signal", "image", "text")
@@ -281,52 +280,24 @@ def build_model(name: str, signal_shape, num_classes: int, *, kind: str | None =
 
 def is_factory(name: str) -> bool:
     """Whether a model name is a "module.path:callable" factory spec rather than a built-in."""
-    return ":" in name
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return is_spec(name)
 
 
 def model_from_factory(spec: str, kwargs: dict | None = None) -> nn.Module:
     """The nn.Module that `callable(**kwargs)` returns for a "package.module:callable" spec
     (the callable may be nested: "module:Class.build"). The current directory is importable,
     so `dsd train --model mynets:build` finds mynets.py beside the user."""
-    module_name, _, attributes = spec.partition(":")
-    path = attributes.split(".")
-    if not all(part.isidentifier() for part in module_name.split(".") + path):
-        raise ValueError(f"model factory {spec!r} is malformed; write it as "
-                         f"'package.module:callable', e.g. 'torchvision.models:resnet18'")
+    factory = import_spec(spec, "model factory", "'package.module:callable'",
+                          "'torchvision.models:resnet18'")
     kwargs = {} if kwargs is None else kwargs
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as error:  # the user's module failing in any way is a bad --model
-        raise ValueError(f"model factory {spec!r}: cannot import {module_name!r}: "
-                         f"{_first_line(error)}") from error
-    finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
-    factory, owner = module, f"module {module_name!r}"
-    for index, part in enumerate(path):
-        try:
-            factory = getattr(factory, part)
-        except AttributeError:
-            raise ValueError(f"model factory {spec!r}: {owner} has no attribute "
-                             f"{part!r}") from None
-        owner = f"{module_name}:{'.'.join(path[:index + 1])}"
     if not callable(factory):
-        raise ValueError(f"model factory {spec!r}: {owner} is {type(factory).__name__}, "
+        raise ValueError(f"model factory {spec!r}: {spec} is {type(factory).__name__}, "
                          f"not callable")
     try:
         model = factory(**kwargs)
     except Exception as error:
         raise ValueError(f"model factory {spec}(**{kwargs!r}) failed: "
-                         f"{_first_line(error)}") from error
+                         f"{first_line(error)}") from error
     if not isinstance(model, nn.Module):
         raise ValueError(f"model factory {spec} returned {type(model).__name__}, "
                          f"not a torch.nn.Module")

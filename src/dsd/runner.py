@@ -9,6 +9,7 @@ scale the LR).
 """
 
 import fnmatch
+import numbers
 
 import torch
 from torch import nn
@@ -104,10 +105,11 @@ class DSD:
 
     Raises:
         TypeError: If `plan` is not a `Plan`, or `optimizer` is not one `make_masked_` takes
-            (torch.optim SGD, Adam, AdamW and the element-wise others) or a masked one.
+            (any torch.optim.Optimizer but SparseAdam) or a masked one.
         ValueError: If the plan's patterns match no parameter or select a frozen one, nothing
-            is left to prune, a prunable parameter is not in the optimizer, or a parameter or
-            param group is one the masked step does not support (e.g. ``amsgrad=True``).
+            is left to prune, a prunable parameter is not in the optimizer or has a dtype the
+            masked step does not support, or a phase scales the learning rate of a param
+            group whose lr is not a number (e.g. Adafactor's relative_step).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: Plan):
@@ -121,6 +123,13 @@ class DSD:
         missing = [name for name, p in named_prunable if id(p) not in in_optimizer]
         if missing:
             raise ValueError(f"prunable parameters not in the optimizer: {', '.join(missing)}")
+        scales = sorted({phase.lr_scale for phase in plan.phases} - {1.0})
+        for index, group in enumerate(optimizer.param_groups):
+            if scales and not isinstance(group.get("lr"), (numbers.Real, torch.Tensor)):
+                raise ValueError(f"param group {index} has lr={group.get('lr')!r}, which the "
+                                 f"plan's lr scale {scales[0]} cannot scale: the optimizer sets "
+                                 "its own step size (e.g. Adafactor's relative_step); use "
+                                 "redense_lr_factor=1")
         self.model = model
         self.plan = plan
         self.named_prunable = named_prunable

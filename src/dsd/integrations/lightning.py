@@ -4,7 +4,8 @@
     from dsd import Plan
     from dsd.integrations.lightning import DSDCallback
     trainer = Trainer(max_epochs=30, callbacks=[DSDCallback(Plan.dsd(10, 10, 10))])
-    trainer.fit(model)    # configure_optimizers returns e.g. SGD, Adam or AdamW (+ any scheduler)
+    trainer.fit(model)    # configure_optimizers returns e.g. SGD, AdamW, RMSprop, lion-pytorch's
+                          # Lion (+ any scheduler): one that make_masked_ takes
 """
 
 from ..plan import Plan
@@ -17,9 +18,11 @@ pl = require("lightning", "lightning.pytorch", "pytorch_lightning")
 class DSDCallback(pl.Callback):
     """Carries out a `dsd.Plan` during `Trainer.fit`.
 
-    When fitting starts, the optimizer that `configure_optimizers` returned (exactly one: a
-    torch.optim optimizer that `make_masked_` takes) becomes its masked class in place, so
-    its schedulers keep working and the re-dense LR factor multiplies whatever LR they set.
+    When fitting starts, the optimizer that `configure_optimizers` returned (exactly one
+    torch.optim.Optimizer that `dsd_kernels.optim.make_masked_` takes: SGD, Adam and AdamW
+    get the fused masked step, torch.optim's others and third-party ones such as
+    lion-pytorch's Lion their own step kept masked) is made masked in place, so its
+    schedulers keep working and the re-dense LR factor multiplies whatever LR they set.
     Phases switch before the first batch of each phase: at the start of an epoch for plans in
     epochs, of an optimizer step (`trainer.global_step`) for plans in steps. Each switch logs
     the phase, its LR scale and the sparsity of every pruned layer to the trainer's loggers.

@@ -7,11 +7,12 @@
     trainer = Trainer(model, args, train_dataset=data, callbacks=[DSDCallback(plan)])
     trainer.train()          # or trainer.train(resume_from_checkpoint=True)
 
-The Trainer's optimizer (one that `make_masked_` takes, e.g. torch's AdamW: the default
-`optim`, or one passed as `optimizers=(MaskedAdamW(...), None)` or
-`optimizer_cls_and_kwargs=(MaskedAdamW, {...})`) is made masked in place when training
-begins; `train(resume_from_checkpoint=...)` takes up the phase and the masks of the
-checkpoint. Each phase switch adds a row to `state.log_history`.
+The Trainer's optimizer (any `optim` choice that builds a torch.optim.Optimizer
+`make_masked_` takes: the default AdamW, "sgd", "rmsprop", "adagrad", "adafactor", ...; or one
+passed as `optimizers=(MaskedAdamW(...), None)` or `optimizer_cls_and_kwargs=(MaskedAdamW,
+{...})`) is made masked in place when training begins; `train(resume_from_checkpoint=...)`
+takes up the phase and the masks of the checkpoint. Each phase switch adds a row to
+`state.log_history`.
 """
 
 import logging
@@ -27,18 +28,18 @@ accelerate_optimizer = require("transformers", "accelerate.optimizer")
 
 logger = logging.getLogger(__name__)
 
-# The Trainer's `optim` choices that build a torch.optim optimizer dsd can make masked.
-_MASKABLE_OPTIM = ("adamw_torch_fused", "adamw_torch", "sgd", "adagrad", "rmsprop")
+trainer_pt_utils = require("transformers", "transformers.trainer_pt_utils")
 
 
 class DSDCallback(transformers.TrainerCallback):
     """Runs `plan` inside `transformers.Trainer`: `Trainer(..., callbacks=[DSDCallback(plan)])`.
 
-    - Train begin: the Trainer's optimizer (inside Accelerate's wrapper) becomes its masked
-      dsd_kernels class in place, so the Trainer's LR scheduler, GradScaler and checkpoints
-      keep working. A Trainer that would train longer than the plan (max_steps or
-      num_train_epochs over `plan.total`), or an optimizer that cannot be masked, is refused
-      first, with nothing changed.
+    - Train begin: the Trainer's optimizer (inside Accelerate's wrapper) is made masked in
+      place by `dsd_kernels.optim.make_masked_`, so the Trainer's LR scheduler, GradScaler and
+      checkpoints keep working. A Trainer that would train longer than the plan (max_steps or
+      num_train_epochs over `plan.total`), an optimizer `make_masked_` refuses (e.g.
+      SparseAdam), or an `optim` choice that updates the weights during the backward pass
+      (the layer-wise GaLore/APOLLO ones, LOMO) is refused first, with nothing changed.
     - Phases switch before the first batch of the new phase: at `on_step_begin` (plans in
       steps, at `state.global_step`) or `on_epoch_begin` (plans in epochs, the Trainer's
       0-based epoch). The re-dense LR factor multiplies the scheduler's `lr` in the masked
@@ -60,7 +61,7 @@ class DSDCallback(transformers.TrainerCallback):
 
     Raises:
         TypeError: If `plan` is not a `dsd.Plan`; at train begin, if the optimizer cannot be
-            masked (the message names the ``optim`` choices that can).
+            masked (the message says why and names the ``optim`` setting).
         ValueError: At train begin, if the Trainer would train past the plan, a plan in epochs
             meets a train dataset without a length, or as `dsd.DSD` (patterns, frozen
             parameters); on resume, if the checkpoint's masks cannot be recovered.
@@ -83,12 +84,13 @@ class DSDCallback(transformers.TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._check_length(state)
         raw_optimizer = _unwrap(optimizer)
+        _refuse_updates_outside_the_step(raw_optimizer)
         try:
             self.dsd = DSD(model, raw_optimizer, self.plan)
         except TypeError as error:
-            raise TypeError(f"{error}; with the Trainer, set TrainingArguments(optim=...) to one "
-                            f"of {', '.join(map(repr, _MASKABLE_OPTIM))}, or pass "
-                            "optimizers=(dsd_kernels.MaskedAdamW(...), None)") from None
+            optim = getattr(args.optim, "value", args.optim)  # an OptimizerNames member
+            raise TypeError(f"{error} (the Trainer's optimizer: TrainingArguments(optim="
+                            f"{optim!r}), or the one passed as optimizers=)") from None
         _point_scaler_steps_at(optimizer)
         # A fresh run starts at 0; a resumed one at the epoch the Trainer takes up, the one
         # its restored state.epoch lies in (the next one when that epoch was finished).
@@ -132,6 +134,18 @@ class DSDCallback(transformers.TrainerCallback):
             logger.info("DSD %s phase %d (%s, sparsity %g, LR x %g) at step %d, epoch %.2f",
                         event, self.dsd.phase_index, phase.kind, phase.sparsity,
                         phase.lr_scale, state.global_step, state.epoch)
+
+
+def _refuse_updates_outside_the_step(optimizer) -> None:
+    """The layer-wise optim choices (GaLore's, APOLLO's) and LOMO update each parameter in a
+    hook during the backward pass, outside the optimizer step that the masks wrap."""
+    kind = type(optimizer)
+    if isinstance(optimizer, trainer_pt_utils.LayerWiseDummyOptimizer) or \
+            kind.__module__.split(".")[0] == "lomo_optim":
+        raise TypeError(f"cannot mask {kind.__module__}.{kind.__qualname__}: it updates the "
+                        "weights during the backward pass (as optim='lomo', 'adalomo' and the "
+                        "'*_layerwise' choices do), outside the optimizer step that dsd masks, "
+                        "so pruned weights would regrow")
 
 
 def _unwrap(optimizer):

@@ -3,10 +3,11 @@ optimizer, the DSD runner and (fp16) the gradient scaler."""
 
 import torch
 
-from dsd_kernels.optim import MaskedAdam, MaskedAdamW, MaskedSGD
+from dsd_kernels.optim import make_masked_
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..models import build_model, default_model, is_factory, model_from_factory
+from ..optimizers import construct, optimizer_class, run_kwargs
 from ..runner import DSD
 from ..world import World
 from .init_file import load_init
@@ -19,6 +20,33 @@ def model_label(config: RunConfig, data) -> str:
     if config.model == "auto":
         return default_model(data.kind, data.signal_shape)
     return config.model
+
+
+def optimizer_call(config: RunConfig) -> tuple[type, dict]:
+    """The run's optimizer class and its constructor's keyword arguments (beside params)."""
+    cls = optimizer_class(config.optimizer)
+    return cls, run_kwargs(cls, lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay) | config.optimizer_args
+
+
+def masked_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
+    """The run's optimizer on `params`, made masked in place (SGD, Adam and AdamW become
+    their fused masked classes).
+
+    Raises:
+        ConfigError: the constructor refuses the arguments (optimizer_args, or optimizer when
+            there are none), or make_masked_ refuses the optimizer (optimizer).
+    """
+    cls, kwargs = optimizer_call(config)
+    try:
+        optimizer = construct(cls, params, kwargs)
+    except ValueError as error:
+        raise ConfigError("optimizer_args" if config.optimizer_args else "optimizer",
+                          f": {error}") from None
+    try:
+        return make_masked_(optimizer)
+    except (TypeError, ValueError) as error:
+        raise ConfigError("optimizer", f" {config.optimizer}: {error}") from None
 
 
 class Arm:
@@ -46,12 +74,7 @@ class Arm:
         model = model.to(device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        if config.optimizer == "sgd":
-            optimizer = MaskedSGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                  weight_decay=config.weight_decay)
-        else:
-            masked = MaskedAdam if config.optimizer == "adam" else MaskedAdamW
-            optimizer = masked(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = masked_optimizer(config, model.parameters())
         plan = config.plan()
         dsd = DSD(model, optimizer, plan if name == "dsd" else plan.dense_baseline())
         scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None

@@ -1,20 +1,23 @@
-"""`dsd train --dry-run`: the parameters of the model and what the plan prunes of each."""
+"""`dsd train --dry-run`: the optimizer, the parameters of the model and what the plan prunes
+of each."""
 
 import dsd_kernels
+from dsd_kernels.optim import MaskedAdam, MaskedAdamW, MaskedSGD
 
 from ..config import RunConfig
+from ..optimizers import class_name
 from ..runner import prunable_parameters
-from .arms import model_label
+from .arms import masked_optimizer, model_label, optimizer_call
 from .compute import resolve_device
 from .prepare import prepare
 from .report import aligned
 
 
 def dry_run(config: RunConfig) -> str:
-    """What `dsd train --dry-run` prints: the task, the model and the plan, then every
-    parameter of the model, whether the plan prunes it and how many of its weights each sparse
-    phase zeroes (a frozen one, requires_grad=False, is never pruned: it says so). Nothing is
-    written.
+    """What `dsd train --dry-run` prints: the task, the model and the plan, the optimizer's
+    constructor call and its masked step (fused or general), then every parameter of the
+    model, whether the plan prunes it and how many of its weights each sparse phase zeroes (a
+    frozen one, requires_grad=False, is never pruned: it says so). Nothing is written.
 
     Args:
         config: the run's options.
@@ -24,9 +27,11 @@ def dry_run(config: RunConfig) -> str:
 
     Raises:
         RunError: as prepare() does: the task, the --init file or the model does not fit.
+        ConfigError: the optimizer cannot be built with its arguments, or masked.
     """
     data, init, model = prepare(config, resolve_device(config.device))
     plan = config.plan()
+    optimizer = masked_optimizer(config, model.parameters())
     prunable = {name for name, _ in prunable_parameters(model, plan.include, plan.exclude)}
     sparse = [phase.sparsity for phase in plan.phases if phase.kind == "sparse"]
     rows = [["parameter", "shape", "weights", "pruned"]]
@@ -54,5 +59,15 @@ def dry_run(config: RunConfig) -> str:
              + (f", from {config.init} ({init.holds})" if init else "")
              + (f": {dsd_kernels.pruned_count(config.sparsity, selected):,} weights pruned in all"
                 if plan.scope == "global" and sparse else "")]
+    lines.append(f"optimizer {config.optimizer}: {_describe(config, optimizer)}")
     lines += aligned(rows)
     return "\n".join(lines) + "\n"
+
+
+def _describe(config: RunConfig, optimizer) -> str:
+    """The optimizer's constructor call and its masked step: dsd's fused one, or the
+    optimizer's own between dsd's masking passes (general)."""
+    cls, kwargs = optimizer_call(config)
+    call = ", ".join(f"{key}={value!r}" for key, value in kwargs.items())
+    path = "fused" if isinstance(optimizer, (MaskedSGD, MaskedAdam, MaskedAdamW)) else "general"
+    return f"{class_name(cls)}({call}), {path} masked step"

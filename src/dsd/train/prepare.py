@@ -1,5 +1,5 @@
-"""Everything a run needs that can be wrong (data, model, --init file), checked before any
-file is written."""
+"""Everything a run needs that can be wrong (data, model, optimizer, --init file), checked
+before any file is written."""
 
 import torch
 
@@ -27,6 +27,7 @@ def prepare(config: RunConfig, device) -> tuple:
     Raises:
         RunError: the task, the --init file or the model does not fit the run (the message
             names which and why); so do the task's own DataError and the model's errors.
+        ConfigError: the optimizer refuses its arguments or cannot be masked.
     """
     data = load_task(config.task, data=config.data or None, val_fraction=config.val_fraction,
                      mnist1d_samples=config.mnist1d_samples, seq_len=config.seq_len)

@@ -68,6 +68,8 @@ def train(config: RunConfig, run_dir=None, *, quiet: bool = False) -> dict:
         RunDirError: the run directory cannot be used (a file, another config, locked by a
             live run); the message names the path.
         RunError: the config, data, model, --init file or a checkpoint does not allow the run.
+        ConfigError: the optimizer refuses its arguments or cannot be masked (the message
+            names the config key).
         DivergedError: the loss or the weights stopped being finite; the files hold the epochs
             before.
         atomic_io.WriteError: a file could not be written (the message says how to resume).
