@@ -1,7 +1,8 @@
-"""The GPU goals, judged from the rows the bench scripts wrote in the same run.
+"""The goals, judged from the rows the bench scripts wrote in the same run.
 
 Each goal is a ratio of two measurements of one run ([docs/gpu.md](../docs/gpu.md), "The
-goals", says what each compares): nothing here depends on a device's nominal speeds. A goal
+goals", says what each compares; [docs/benchmarks.md](../docs/benchmarks.md), "Every
+optimizer", the masked steps'): nothing here depends on a device's nominal speeds. A goal
 whose rows are missing (a step that failed or ran out of time) is "not measured", never a pass.
 """
 
@@ -14,6 +15,11 @@ TORCH_ADAMW_MASKED = ("torch AdamW fused + mask p, state (mul_)",
                       "torch AdamW fused + mask p, state (masked_fill_)")
 # On a GPU the real steps' host time; a CPU rehearsal has only the stubbed launches.
 HOST_ROWS = ("dsd MaskedAdamW (real step, host time)", "dsd MaskedAdamW, cached, same grads")
+# A masked step's time over the same optimizer's unmasked step (bench_optim.py's x_unmasked),
+# per path of dsd's masked step: the fused kernels (SGD, Adam, AdamW) against torch's fused
+# step, the general path (the other element-wise optimizers) against the optimizer's own
+# foreach step.
+MASKED_STEP_LIMITS = {"fused": 1.1, "general": 1.3}
 
 
 def _row(rows, numel, impl):
@@ -42,6 +48,17 @@ def _over_one_read(impl):
     return measure
 
 
+def _slowest_masked_step(path):
+    def measure(rows, numel):
+        dsd = [r for r in rows if r.get("numel") == numel and r.get("path") == path
+               and r.get("impl") == f"dsd Masked{r.get('optimizer')}" and r.get("x_unmasked")]
+        if not dsd:
+            return None, ""
+        slowest = max(dsd, key=lambda r: r["x_unmasked"])
+        return slowest["x_unmasked"], f"slowest of {len(dsd)}: {slowest['optimizer']}"
+    return measure
+
+
 def _host_work(rows, numel):
     row = next((r for impl in HOST_ROWS for r in rows
                 if r.get("case", "").startswith("resnet50") and r.get("impl") == impl), None)
@@ -63,6 +80,10 @@ GOALS = (
          _share_of_copy),
     Goal("masked AdamW step vs fused AdamW + masking", "optim.json", 2.0, True, "x faster",
          _speedup_over_torch_masking),
+    Goal("masked fused steps / torch's fused unmasked step", "optim.json",
+         MASKED_STEP_LIMITS["fused"], False, "x unmasked", _slowest_masked_step("fused")),
+    Goal("masked general steps / the optimizer's foreach unmasked step", "optim.json",
+         MASKED_STEP_LIMITS["general"], False, "x unmasked", _slowest_masked_step("general")),
     Goal("threshold / one read", "threshold.json", 1.5, False, "x one read",
          _over_one_read("dsd global")),
     Goal("masks, global / one read", "mask.json", 2.5, False, "x one read",
