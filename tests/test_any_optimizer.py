@@ -253,7 +253,8 @@ def test_lbfgs_is_lbfgs_on_the_kept_weights():
 
 def test_one_pass_per_device_each_way(monkeypatch):
     """Gradients masked in one call, weights and state filled in one call, per step; with a
-    closure, the gradients once per evaluation."""
+    closure, the gradients once per evaluation; torch.optim's element-wise classes only the
+    fill, their gradients left as they were."""
     calls = []
     for name in ("apply_masks_", "fill_pruned_"):
         real = getattr(general, name)
@@ -278,6 +279,13 @@ def test_one_pass_per_device_each_way(monkeypatch):
         loss.backward()
         return loss
 
+    rmsprop = make_masked_(optim.RMSprop(ps, lr=1e-2))  # element-wise: the fill is enough
+    rmsprop.set_masks(dict(zip(ps, masks)))
+    grads = [p.grad.clone() for p in ps]
+    calls.clear()
+    rmsprop.step()
+    assert calls == ["fill_pruned_"]
+    assert all(_same(p.grad, g) for p, g in zip(ps, grads))
     lbfgs = make_masked_(optim.LBFGS(ps, lr=0.1, max_iter=3))
     lbfgs.set_masks(dict(zip(ps, masks)))
     calls.clear()

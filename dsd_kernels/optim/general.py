@@ -22,6 +22,17 @@ _STALE_STEP = ("an unmasked step was called on a masked optimizer: something sti
                "converting, or call optimizer.step() itself")
 
 
+# torch.optim's classes whose update at a position reads only that position's gradient,
+# weight and state, plus per-tensor scalars no gradient sets (docs/design.md, The general
+# masked step): the fill after their step resets all that a pruned gradient reached, so their
+# gradients get no pass before it. Subclasses and other classes are not known to be so.
+ELEMENTWISE = frozenset({
+    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adadelta,
+    torch.optim.Adagrad, torch.optim.Adamax, torch.optim.ASGD, torch.optim.NAdam,
+    torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Rprop,
+})
+
+
 class _MaskedGeneral(_Masked):
     """Masks on an optimizer whose own step does the update (mixed in before its class, the
     `_base`, by `masked_class`)."""
@@ -64,7 +75,10 @@ class _MaskedGeneral(_Masked):
                                  f"but the parameter moved to {p.device}; call set_masks again "
                                  "after moving it")
         fresh = self._fresh(params)  # a probe may refuse
-        if closure is None:
+        if self._base in ELEMENTWISE:
+            self._refuse_sparse_gradients(params)
+            args = () if closure is None else (closure,)
+        elif closure is None:
             self._mask_gradients(params)
             args = ()
         else:
@@ -99,14 +113,19 @@ class _MaskedGeneral(_Masked):
             return loss
         return masked_closure
 
-    def _mask_gradients(self, params: list) -> None:
-        """The gradients of the masked `params` (checked by the step) at +0.0 at pruned
-        positions: all checked to be dense, then one pass per device."""
+    def _refuse_sparse_gradients(self, params: list) -> list:
+        """The masked `params` that have a gradient, all checked to be dense."""
         masked = [p for p in params if p.grad is not None]
         for p in masked:
             if p.grad.is_sparse:
                 raise ValueError(f"{self._name(p)} has a sparse gradient; the masked optimizers "
                                  "need dense gradients")
+        return masked
+
+    def _mask_gradients(self, params: list) -> None:
+        """The gradients of the masked `params` (checked by the step) at +0.0 at pruned
+        positions: all checked to be dense, then one pass per device."""
+        masked = self._refuse_sparse_gradients(params)
         for device_params in _by_device(masked).values():
             apply_masks_([local_tensor(p.grad) for p in device_params],
                          [self._masks[p] for p in device_params])
