@@ -14,6 +14,7 @@ import triton.language as tl
 
 from . import tables
 from .tables import blocks_end, column_pointer, lanes
+from .threshold import magnitude_pattern
 
 NUM_WARPS = 4
 BLOCKS_PER_PROGRAM = 16
@@ -50,8 +51,7 @@ def _nm_kernel(rows_ptr, masks_ptr, chunk_rows_ptr, chunk_starts_ptr, N: tl.cons
         r = g // inner
         index = r[:, None] * (M * inner) + position * inner + (g - r * inner)[:, None]
         inside = lanes(local, remaining, FULL, GROUPS)[:, None] & (position < M)
-        x = tl.load(x_ptr + index, mask=inside, other=0)
-        key = x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        key = magnitude_pattern(tl.load(x_ptr + index, mask=inside, other=0))
         mine = key[:, :, None]
         other = key[:, None, :]
         above = ((other > mine) | ((other == mine) & later)) & member
