@@ -233,8 +233,8 @@ class RunConfig:
         config.toml records the implied one)."""
         try:
             n, m = _checks.pattern(self.pattern)
-        except ValueError as error:
-            raise ConfigError("pattern", f": {error}") from None
+        except ValueError as error:  # "pattern must be ...": the flag names the key instead
+            raise ConfigError("pattern", str(error).removeprefix("pattern")) from None
         implied = 1 - n / m
         default = next(f.default for f in fields(self) if f.name == "sparsity")
         if self.sparsity != default and not math.isclose(self.sparsity, implied):
