@@ -170,6 +170,21 @@ def test_resume_mid_sparse_phase_keeps_the_nm_masks(torch_optimizer):
                                                                    unit="steps").to_dict()})
 
 
+def test_resume_recovers_masks_that_keep_zeros():
+    """A group with fewer than N non-zeros (here an embedding's padding row, all zeros) keeps
+    zeros; recovered from the weights, the masks are those the sparse phase set."""
+    torch.manual_seed(2)
+    model = nn.Embedding(6, 8, padding_idx=0)
+    plan = Plan.dsd(1, 2, 1, pattern="2:4")
+    dsd = DSD(model, torch.optim.SGD(model.parameters(), lr=0.1), plan)
+    dsd.epoch_start(1)
+    masks = dict(dsd.optimizer.masks)
+    assert group_counts(masks[model.weight][:1], 4).tolist() == [2, 2]  # zeros kept
+    restored = DSD(model, torch.optim.SGD(model.parameters(), lr=0.1), plan)
+    restored.resume(2)
+    assert torch.equal(restored.optimizer.masks[model.weight], masks[model.weight])
+
+
 def test_resume_refuses_zeros_that_are_not_the_pattern():
     model = nn.Linear(8, 2)
     dsd = DSD(model, torch.optim.SGD(model.parameters(), lr=0.1),

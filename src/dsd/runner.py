@@ -262,7 +262,8 @@ class DSD:
         The masks travel in a masked optimizer's state_dict. If they were lost (the
         checkpoint was loaded into a plain torch.optim optimizer, which drops them), they are
         recovered from the weights: the phase's magnitude masks on the restored weights must
-        prune exactly the weights that are zero.
+        prune exactly the weights that are zero (under an N:M pattern: only weights that are
+        zero; a group with fewer than N non-zeros keeps zeros by the position rule).
 
         Args:
             done: epochs or steps the checkpoint had finished; 0 starts from the beginning.
@@ -283,10 +284,14 @@ class DSD:
         if phase.kind == "sparse" and \
                 not all(p in masks for _, p in self.masked_parameters(phase)):
             masks = self._masks(phase)
-            pruned = f"pattern {phase.pattern}" if phase.pattern else \
-                f"the {phase.sparsity:g} smallest-magnitude weights"
             for name, p in self.masked_parameters(phase):
-                if not torch.equal(masks[p], dsd_kernels.local_tensor(p.detach()) != 0):
+                nonzero = dsd_kernels.local_tensor(p.detach()) != 0
+                # An N:M mask keeps N in every group, zeros too where a group has fewer
+                # non-zeros (an embedding's padding row): it need only keep every non-zero.
+                if not (torch.equal(masks[p] | nonzero, masks[p]) if phase.pattern
+                        else torch.equal(masks[p], nonzero)):
+                    pruned = f"pattern {phase.pattern}" if phase.pattern else \
+                        f"the {phase.sparsity:g} smallest-magnitude weights"
                     raise ValueError(
                         f"cannot recover the masks of sparse phase {index}: the zeros of {name} "
                         f"are not those of {pruned}; restore the checkpoint into a dsd_kernels "
