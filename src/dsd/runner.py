@@ -245,8 +245,9 @@ class DSD:
         """{parameter: mask} of sparse `phase` on the current weights."""
         named = self.masked_parameters(phase)
         weights, names = [p.detach() for _, p in named], [name for name, _ in named]
-        if phase.pattern:
-            masks = dsd_kernels.nm_masks(weights, phase.pattern, names=names)
+        if phase.pattern:  # groups run along dim 1, inside the dim-0 shard of a DTensor
+            masks = dsd_kernels.nm_masks([dsd_kernels.local_tensor(w) for w in weights],
+                                         phase.pattern, names=names)
         else:
             masks = dsd_kernels.magnitude_masks(weights, phase.sparsity, self.plan.scope,
                                                 names=names)
