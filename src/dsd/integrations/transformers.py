@@ -58,6 +58,7 @@ class DSDCallback(transformers.TrainerCallback):
 
     Args:
         plan: the `dsd.Plan` to carry out; its unit (epochs or steps) says when phases switch.
+            A plan with an N:M pattern (``Plan.dsd(..., pattern="2:4")``) masks N:M.
 
     Raises:
         TypeError: If `plan` is not a `dsd.Plan`; at train begin, if the optimizer cannot be
