@@ -49,3 +49,15 @@ def test_the_optimizer_is_shown_with_its_arguments_and_masked_step(optimizer, ar
     text = dry_run(RunConfig.from_mapping({"task": "digits", "backend": "torch",
                                            "optimizer": optimizer, "optimizer_args": args}))
     assert shown in text.splitlines()
+
+
+def test_a_pattern_lists_the_tensors_that_take_it_and_those_that_stay_dense():
+    text = dry_run(RunConfig.from_mapping({"task": "digits", "mlp_hidden": [6],
+                                           "backend": "torch", "pattern": "2:4"}))
+    rows = {line.split()[0]: line for line in text.splitlines()[3:]}
+    assert rows["hidden.0.weight"].endswith(f"{6 * 64 // 2:,} (2:4)")
+    assert rows["out.weight"].endswith("0 (stays dense: dim 1 (6) is not a multiple of 4)")
+    assert rows["out.bias"].split()[-1] == "-"
+    assert ("1 tensors take pattern 2:4, 1 other prunable stay dense, holding 384 weights"
+            in text)
+    assert "pattern 2:4 (sparsity 0.5)" in text

@@ -371,3 +371,29 @@ def test_ddp_ranks_have_the_same_masks_and_weights(tmp_path):
     for name, value in ranks[0]["state_dict"].items():
         assert torch.equal(ranks[1]["state_dict"][name], value), name
         assert not torch.equal(ranks[0]["initial"][name], value), name  # it trained
+
+
+def test_a_pattern_plan_keeps_the_masked_tensors_nm_and_goes_into_the_checkpoint(tmp_path):
+    """Plan.dsd(..., pattern="2:4"): every group of 4 along dim 1 of each pruned tensor keeps
+    2 after every sparse step, before and after a resume from a checkpoint, which refuses the
+    unstructured plan of the same sparsity."""
+    plan = Plan.dsd(1, 2, 1, pattern="2:4")
+    L.seed_everything(0, verbose=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _, first = _fit(Net("adamw"), plan, callbacks=[checkpoint], enable_checkpointing=True,
+                    max_epochs=2)
+    with pytest.raises(ValueError, match="made with another DSD plan"):
+        _fit(Net("adamw"), Plan.dsd(1, 2, 1, sparsity=0.5), callbacks=[ModelCheckpoint(tmp_path)],
+             ckpt_path=checkpoint.last_model_path, enable_checkpointing=True, max_epochs=4)
+    _, resumed = _fit(Net("adamw"), plan, callbacks=[ModelCheckpoint(tmp_path)],
+                      ckpt_path=checkpoint.last_model_path, enable_checkpointing=True,
+                      max_epochs=4)
+    sparse = [s for s in first.steps + resumed.steps if s["phase"] == 1]
+    assert len(sparse) == 2 * BATCHES_PER_EPOCH
+    for s in sparse:
+        for name in PRUNABLE:
+            mask, weight = s["masks"][name], s["after"][name]
+            assert mask.reshape(-1, 4).sum(-1).eq(2).all(), name
+            assert (weight != 0).reshape(-1, 4).sum(-1).le(2).all(), name
+            assert not weight[~mask].any(), name
+    assert all(mask is None for mask in resumed.steps[-1]["masks"].values())  # re-dense

@@ -86,3 +86,18 @@ def test_a_run_of_another_optimizer_resumes_bit_exactly_from_its_saved_config(tm
     for key, value in straight.items():
         assert torch.equal(resumed[key], value), key
     assert untimed_rows(run) == untimed_rows(tmp_path / "straight")
+
+
+def test_a_run_from_before_the_pattern_option_resumes(tmp_path, monkeypatch):
+    """Its config.toml and checkpoints have no pattern key: they read as unstructured."""
+    config = {"task": "digits", "phases": [1, 1], "mlp_hidden": [8], "backend": "torch"}
+    run = interrupted_run(tmp_path / "run", monkeypatch, ("dsd", 1), config)
+    toml = run / "config.toml"
+    toml.write_text("".join(line for line in toml.read_text().splitlines(keepends=True)
+                            if not line.startswith("pattern ")))
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=False)
+    del state["config"]["pattern"]
+    torch.save(state, last)
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert load_config(run).pattern == ""

@@ -320,3 +320,32 @@ class Lomo(torch.optim.SGD):
     """Stands for lomo-optim's Lomo (optim="lomo"), which updates weights during backward."""
 
     __module__ = "lomo_optim.lomo"
+
+
+def test_a_pattern_plan_keeps_the_masked_tensors_nm_and_resumes(tmp_path):
+    """Plan.dsd(..., pattern="2:4") with the Trainer's AdamW: every pruned tensor (Linear and
+    embedding weights, dim 1 of 16 or 32) keeps 2 of every 4 along dim 1 after each sparse
+    step; resumed mid-phase, the masks come back from the weights (the word embeddings'
+    padding row, all zeros, keeps zeros) and the run ends bit-exact."""
+    plan = Plan.dsd(4, 4, 4, pattern="2:4", unit="steps")
+    checked = []
+
+    class NMSteps(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            masks = optimizer.optimizer.masks
+            for p, mask in masks.items():
+                assert mask.reshape(-1, 4).sum(-1).eq(2).all()
+                assert not p.detach()[~mask].any()
+            checked.append(len(masks))
+
+    dsd_callback = DSDCallback(plan)
+    full = make_trainer(tmp_path / "full", dsd_callback, NMSteps(), save_strategy="steps",
+                        save_steps=6)
+    full.train()
+    assert checked[4:8] == [len(dsd_callback.dsd.named_prunable)] * 4
+    assert checked[:4] == checked[8:] == [0] * 4
+    resumed = make_trainer(tmp_path / "resumed", DSDCallback(plan))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-6"))
+    expected = weights(full)
+    for name, weight in weights(resumed).items():
+        assert torch.equal(weight, expected[name]), name

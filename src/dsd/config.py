@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import dsd_kernels
+from dsd_kernels import _checks
 
 from .data import TASKS
 from .models import MODELS, is_factory
@@ -94,6 +95,11 @@ class RunConfig:
     phases: list[int] = _option([12, 12, 12], "epochs of each phase, alternating dense and "
                                 "sparse from dense: 12,12,12 is DSD, 8,8,8,8,8 is DSDSD")
     sparsity: float = _option(0.5, "fraction of each prunable tensor pruned in sparse phases")
+    pattern: str = _option("", "N:M structured sparsity of the sparse phases: in every group of "
+                           "M consecutive weights along dim 1 (in_features, in_channels) the N "
+                           "largest are kept, e.g. 2:4; implies sparsity 1 - N/M; tensors that "
+                           "cannot take it stay dense (--dry-run lists them); empty: "
+                           "unstructured")
     scope: str = _option("layer", "prune per tensor (layer, the paper) or ranked over all "
                          "prunable tensors together (global)", dsd_kernels.SCOPES)
     include: list[str] = _option([], "prune exactly the parameters matching these fnmatch "
@@ -207,6 +213,8 @@ class RunConfig:
             dsd_kernels.check_sparsity(self.sparsity)
         except ValueError as error:  # "sparsity must be ...": the flag names the key instead
             raise ConfigError("sparsity", str(error).removeprefix("sparsity")) from None
+        if self.pattern:
+            self._check_pattern()
         for name, (accepts, what) in _RANGES.items():
             if not accepts(getattr(self, name)):
                 raise ConfigError(name, f" must be {what}, got {getattr(self, name)!r}")
@@ -220,11 +228,29 @@ class RunConfig:
                 if max(value if isinstance(value, list) else [value]) > _INT64_MAX:
                     raise ConfigError(f.name, f" must be at most 2**63 - 1, got {value!r}")
 
+    def _check_pattern(self):
+        """Canonical "N:M", and the sparsity it implies (the default 0.5 counts as not given:
+        config.toml records the implied one)."""
+        try:
+            n, m = _checks.pattern(self.pattern)
+        except ValueError as error:  # "pattern must be ...": the flag names the key instead
+            raise ConfigError("pattern", str(error).removeprefix("pattern")) from None
+        implied = 1 - n / m
+        default = next(f.default for f in fields(self) if f.name == "sparsity")
+        if self.sparsity != default and not math.isclose(self.sparsity, implied):
+            raise ConfigError("sparsity", f" {self.sparsity:g} contradicts pattern {n}:{m}, which "
+                              f"prunes {implied:g}; leave sparsity out")
+        if self.scope == "global":
+            raise ConfigError("scope", f" global does not apply to pattern {n}:{m}, which keeps "
+                              "N in every group of M weights; use layer")
+        object.__setattr__(self, "pattern", f"{n}:{m}")  # frozen
+        object.__setattr__(self, "sparsity", implied)
+
     def plan(self) -> Plan:
         return Plan.from_lengths(self.phases, sparsity=self.sparsity,
                                  redense_lr_factor=self.redense_lr_factor, scope=self.scope,
                                  include=self.include, exclude=self.exclude,
-                                 first=self.first_phase)
+                                 first=self.first_phase, pattern=self.pattern or None)
 
     def to_dict(self) -> dict:
         return asdict(self)

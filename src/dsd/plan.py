@@ -1,5 +1,6 @@
-"""A DSD plan: the phases (dense / sparse), their lengths, sparsity, learning-rate scale, and
-which parameters are pruned. Plans are plain frozen data; `DSD` (runner.py) carries them out.
+"""A DSD plan: the phases (dense / sparse), their lengths, sparsity or N:M pattern,
+learning-rate scale, and which parameters are pruned. Plans are plain frozen data; `DSD`
+(runner.py) carries them out.
 """
 
 import bisect
@@ -7,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 import dsd_kernels
+from dsd_kernels import _checks
 
 KINDS = ("dense", "sparse")
 UNITS = ("epochs", "steps")
@@ -35,26 +37,45 @@ class Phase:
         kind: ``"dense"`` (every weight trains) or ``"sparse"`` (the prunable weights are pruned
             when the phase starts and stay zero under a fixed mask).
         length: epochs or steps of the phase, at least 1.
-        sparsity: fraction of each prunable tensor pruned (``"sparse"`` only), in [0, 1).
+        sparsity: fraction of each prunable tensor pruned (``"sparse"`` only), in [0, 1);
+            None: 0, or 1 - N/M with a `pattern`.
         lr_scale: factor on the learning rate of every param group (the optimizer's or its
             scheduler's ``lr``) during the phase; a positive finite number.
+        pattern: ``"N:M"`` (or an (n, m) pair; ``"sparse"`` only): in every group of M
+            consecutive weights along dim 1 (a Linear's in_features, a Conv's in_channels) the
+            N largest magnitudes are kept (`dsd_kernels.nm_masks`), which implies sparsity
+            1 - N/M. Kept as the string ``"N:M"``. None: unstructured magnitude pruning.
 
     Raises:
         ValueError: If `kind` is neither ``"dense"`` nor ``"sparse"``, `length` is not an int
-            >= 1, `sparsity` is outside [0, 1) or nonzero on a dense phase, or `lr_scale` is
-            not a positive finite number.
+            >= 1, `sparsity` is outside [0, 1) or nonzero on a dense phase, `pattern` is not
+            N:M with 1 <= N < M <= 64, is given on a dense phase or with another sparsity
+            than 1 - N/M, or `lr_scale` is not a positive finite number.
     """
 
     kind: str
     length: int
-    sparsity: float = 0.0
+    sparsity: float | None = None
     lr_scale: float = 1.0
+    pattern: str | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"phase kind must be one of {KINDS}, got {self.kind!r}")
         if isinstance(self.length, bool) or not isinstance(self.length, int) or self.length < 1:
             raise ValueError(f"every phase needs at least 1 epoch or step, got {self.length!r}")
+        if self.pattern is not None:
+            if self.kind == "dense":
+                raise ValueError("a dense phase has no pattern; use kind='sparse'")
+            n, m = _checks.pattern(self.pattern)
+            implied = 1 - n / m
+            if self.sparsity is not None and not math.isclose(self.sparsity, implied):
+                raise ValueError(f"sparsity {self.sparsity!r} contradicts pattern {n}:{m}, "
+                                 f"which prunes {implied:g}; give one or the other")
+            object.__setattr__(self, "pattern", f"{n}:{m}")  # frozen: the canonical form
+            object.__setattr__(self, "sparsity", implied)
+        elif self.sparsity is None:
+            object.__setattr__(self, "sparsity", 0.0)
         dsd_kernels.check_sparsity(self.sparsity)
         if self.kind == "dense" and self.sparsity != 0:
             raise ValueError("a dense phase has no sparsity; use kind='sparse'")
@@ -81,9 +102,13 @@ class Plan:
             a list; when given, they replace the default selection.
         exclude: patterns of parameter names never pruned, one string or a list.
 
+    With an N:M `Phase.pattern`, the selected tensors that can take it (2+ dims, dim 1 a
+    multiple of M: `dsd_kernels.nm_eligible`) get N:M masks and the others stay dense.
+
     Raises:
         ValueError: If `phases` is empty or holds something other than `Phase` objects,
-            `unit` or `scope` is unknown, or a pattern is not a non-empty string.
+            `unit` or `scope` is unknown, a pattern is not a non-empty string, or a phase
+            has an N:M pattern while `scope` is ``"global"``.
     """
 
     phases: tuple[Phase, ...]
@@ -105,22 +130,33 @@ class Plan:
             raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}")
         if self.scope not in dsd_kernels.SCOPES:
             raise ValueError(f"scope must be one of {dsd_kernels.SCOPES}, got {self.scope!r}")
+        if self.scope == "global" and self.patterns:
+            raise ValueError(f"pattern {self.patterns[0]} keeps N in every group of M weights, "
+                             "so it has no global ranking; use scope='layer'")
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        """The distinct N:M patterns of the sparse phases, in order ("2:4", ...); empty for
+        unstructured plans."""
+        return tuple(dict.fromkeys(p.pattern for p in self.phases if p.pattern is not None))
 
     @classmethod
-    def dsd(cls, dense: int, sparse: int, redense: int, *, sparsity: float = 0.5,
+    def dsd(cls, dense: int, sparse: int, redense: int, *, sparsity: float | None = None,
             iterations: int = 1, redense_lr_factor: float = 0.1, unit: str = "epochs",
-            scope: str = "layer", include=(), exclude=()) -> "Plan":
+            scope: str = "layer", include=(), exclude=(), pattern=None) -> "Plan":
         """Dense, then `iterations` x (sparse, re-dense): DSD, DSDSD, ...
 
         Args:
             dense: length of the first dense phase.
             sparse: length of each sparse phase.
             redense: length of each re-dense phase.
-            sparsity: fraction of each prunable tensor pruned in the sparse phases, in [0, 1).
+            sparsity: fraction of each prunable tensor pruned in the sparse phases, in [0, 1);
+                None: 0.5, or 1 - N/M with a `pattern`.
             iterations: how many (sparse, re-dense) pairs follow the dense phase; 2 is DSDSD.
             redense_lr_factor: each re-dense phase multiplies the learning rate by this; a
                 sparse phase keeps the rate of the phase before it.
             unit, scope, include, exclude: as in `Plan`.
+            pattern: ``"N:M"`` structured sparsity of the sparse phases, as in `Phase`.
 
         Raises:
             ValueError: If `iterations` is not an int >= 1, or as `Plan.from_lengths`.
@@ -129,24 +165,26 @@ class Plan:
             raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
         return cls.from_lengths([dense] + [sparse, redense] * iterations, sparsity=sparsity,
                                 redense_lr_factor=redense_lr_factor, unit=unit, scope=scope,
-                                include=include, exclude=exclude)
+                                include=include, exclude=exclude, pattern=pattern)
 
     @classmethod
-    def from_lengths(cls, lengths, *, sparsity: float = 0.5, redense_lr_factor: float = 0.1,
-                     unit: str = "epochs", scope: str = "layer", include=(), exclude=(),
-                     first: str = "dense") -> "Plan":
+    def from_lengths(cls, lengths, *, sparsity: float | None = None,
+                     redense_lr_factor: float = 0.1, unit: str = "epochs", scope: str = "layer",
+                     include=(), exclude=(), first: str = "dense", pattern=None) -> "Plan":
         """Phases of alternating kinds: [10, 10, 10] is dense 10, sparse 10, re-dense 10;
         with ``first="sparse"``, [10, 10] is sparse 10, re-dense 10 (S-D on a converged
-        network).
+        network); ``Plan.from_lengths([10], first="sparse")`` is sparse only.
 
         Args:
             lengths: the length of each phase, in order.
-            sparsity: fraction of each prunable tensor pruned in the sparse phases, in [0, 1).
+            sparsity: fraction of each prunable tensor pruned in the sparse phases, in [0, 1);
+                None: 0.5, or 1 - N/M with a `pattern`.
             redense_lr_factor: each re-dense phase (a dense phase after a sparse one)
                 multiplies the learning rate by this; a sparse phase keeps the rate of the
                 phase before it.
             first: kind of the first phase, ``"dense"`` or ``"sparse"``.
             unit, scope, include, exclude: as in `Plan`.
+            pattern: ``"N:M"`` structured sparsity of the sparse phases, as in `Phase`.
 
         Raises:
             ValueError: If `lengths` is not a non-empty list of ints >= 1,
@@ -161,6 +199,8 @@ class Plan:
         lengths = list(lengths)
         if not lengths:
             raise ValueError("a plan needs at least one phase")
+        if sparsity is None and pattern is None:
+            sparsity = 0.5
         phases, lr_scale = [], 1.0
         offset = KINDS.index(first)
         for i, length in enumerate(lengths):
@@ -169,7 +209,8 @@ class Plan:
                     lr_scale *= redense_lr_factor
                 phases.append(Phase("dense", length, lr_scale=lr_scale))
             else:
-                phases.append(Phase("sparse", length, sparsity=sparsity, lr_scale=lr_scale))
+                phases.append(Phase("sparse", length, sparsity=sparsity, lr_scale=lr_scale,
+                                    pattern=pattern))
         return cls(tuple(phases), unit=unit, scope=scope, include=include, exclude=exclude)
 
     @property

@@ -17,7 +17,7 @@ from torch import nn
 import dsd_kernels
 from dsd_kernels.optim import LR_SCALE, make_masked_
 
-from .plan import Plan, as_patterns
+from .plan import Phase, Plan, as_patterns
 
 # Modules whose `weight`-named parameters are pruned by default (the paper prunes these; biases
 # and normalisation parameters are few and sensitive).
@@ -72,6 +72,39 @@ def prunable_parameters(model: nn.Module, include=(),
     return selected
 
 
+def pattern_refusal(p: torch.Tensor, pattern: str) -> str | None:
+    """Why `p` cannot take the N:M `pattern` (None if it can: `dsd_kernels.nm_eligible`):
+    groups run along dim 1, which a 1-D tensor lacks and whose size must be a multiple of M."""
+    if dsd_kernels.nm_eligible(p.detach(), pattern):
+        return None
+    m = pattern.split(":")[1]
+    if p.dim() < 2:
+        return f"{p.dim()}-D, N:M groups run along dim 1"
+    return f"dim 1 ({p.shape[1]}) is not a multiple of {m}"
+
+
+def pattern_targets(named_params, pattern: str, include=()) -> list[tuple[str, nn.Parameter]]:
+    """The (name, parameter) pairs of `named_params` that get N:M masks under `pattern`; the
+    others stay dense.
+
+    Raises:
+        ValueError: If an `include` pattern that names one parameter exactly (no wildcard)
+            names one that cannot take the pattern, or none of `named_params` can.
+    """
+    named_params = list(named_params)
+    for name, p in named_params:
+        reason = pattern_refusal(p, pattern)
+        if reason and name in as_patterns("include", include):
+            raise ValueError(f"include names {name} (shape {tuple(p.shape)}), which cannot take "
+                             f"pattern {pattern}: {reason}")
+    targets = [(name, p) for name, p in named_params if pattern_refusal(p, pattern) is None]
+    if not targets:
+        shapes = ", ".join(f"{name} {tuple(p.shape)}" for name, p in named_params)
+        raise ValueError(f"no selected parameter can take pattern {pattern} (it needs 2+ dims "
+                         f"and dim 1 a multiple of M): {shapes}")
+    return targets
+
+
 def zero_fractions(named_params) -> dict[str, float]:
     """Fraction of exactly-zero entries of each named tensor."""
     return {name: (p.detach() == 0).sum().item() / p.numel() for name, p in named_params}
@@ -85,6 +118,8 @@ class DSD:
 
     - entering a sparse phase prunes the smallest-magnitude weights of each prunable tensor
       (or globally, ``scope="global"``) with `dsd_kernels.magnitude_masks`, and fixes the mask;
+      a phase with an N:M pattern masks the prunable tensors that can take it
+      (`pattern_targets`) with `dsd_kernels.nm_masks` and leaves the others dense;
     - entering a dense phase lifts the mask: pruned weights restart from 0 with 0 state;
     - each phase's `lr_scale` goes into every param group as `dsd_kernels.optim.LR_SCALE`,
       which the masked step multiplies ``lr`` by: ``lr`` itself stays whatever the user or an
@@ -107,9 +142,10 @@ class DSD:
         TypeError: If `plan` is not a `Plan`, or `optimizer` is not one `make_masked_` takes
             (any torch.optim.Optimizer but SparseAdam) or a masked one.
         ValueError: If the plan's patterns match no parameter or select a frozen one, nothing
-            is left to prune, a prunable parameter is not in the optimizer or has a dtype the
-            masked step does not support, or a phase scales the learning rate of a param
-            group whose lr is not a number (e.g. Adafactor's relative_step).
+            is left to prune, an N:M pattern fits no prunable tensor or one that include
+            names exactly (`pattern_targets`), a prunable parameter is not in the optimizer
+            or has a dtype the masked step does not support, or a phase scales the learning
+            rate of a param group whose lr is not a number (e.g. Adafactor's relative_step).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: Plan):
@@ -119,6 +155,9 @@ class DSD:
             raise TypeError(f"optimizer must be a torch.optim optimizer, got "
                             f"{type(optimizer).__name__}")
         named_prunable = prunable_parameters(model, plan.include, plan.exclude)
+        # The tensors each N:M pattern masks, chosen (and refused) once, before any change.
+        nm_targets = {pattern: pattern_targets(named_prunable, pattern, plan.include)
+                      for pattern in plan.patterns}
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [name for name, p in named_prunable if id(p) not in in_optimizer]
         if missing:
@@ -133,6 +172,7 @@ class DSD:
         self.model = model
         self.plan = plan
         self.named_prunable = named_prunable
+        self._nm_targets = nm_targets
         self.optimizer = make_masked_(optimizer)
         self.phase_index: int | None = None  # None until the first epoch_start/step_start
 
@@ -191,16 +231,27 @@ class DSD:
         for group in self.optimizer.param_groups:
             group[LR_SCALE] = phase.lr_scale
         if phase.kind == "sparse":
-            params = [p for _, p in self.named_prunable]
-            self.optimizer.set_masks(dict(zip(params, self._magnitude_masks(phase))))
+            self.optimizer.set_masks(self._masks(phase))
         else:
             self.optimizer.clear_masks()
         self.phase_index = index
 
-    def _magnitude_masks(self, phase) -> list:
-        return dsd_kernels.magnitude_masks([p.detach() for _, p in self.named_prunable],
-                                           phase.sparsity, self.plan.scope,
-                                           names=[name for name, _ in self.named_prunable])
+    def masked_parameters(self, phase: Phase) -> list[tuple[str, nn.Parameter]]:
+        """The (name, parameter) pairs that sparse `phase` masks: every prunable one, or
+        under an N:M pattern those that can take it."""
+        return self._nm_targets[phase.pattern] if phase.pattern else self.named_prunable
+
+    def _masks(self, phase: Phase) -> dict:
+        """{parameter: mask} of sparse `phase` on the current weights."""
+        named = self.masked_parameters(phase)
+        weights, names = [p.detach() for _, p in named], [name for name, _ in named]
+        if phase.pattern:  # groups run along dim 1, inside the dim-0 shard of a DTensor
+            masks = dsd_kernels.nm_masks([dsd_kernels.local_tensor(w) for w in weights],
+                                         phase.pattern, names=names)
+        else:
+            masks = dsd_kernels.magnitude_masks(weights, phase.sparsity, self.plan.scope,
+                                                names=names)
+        return dict(zip((p for _, p in named), masks))
 
     def resume(self, done: int) -> None:
         """Take up a run whose model and optimizer were restored from a checkpoint taken after
@@ -212,7 +263,8 @@ class DSD:
         The masks travel in a masked optimizer's state_dict. If they were lost (the
         checkpoint was loaded into a plain torch.optim optimizer, which drops them), they are
         recovered from the weights: the phase's magnitude masks on the restored weights must
-        prune exactly the weights that are zero.
+        prune exactly the weights that are zero (under an N:M pattern: only weights that are
+        zero; a group with fewer than N non-zeros keeps zeros by the position rule).
 
         Args:
             done: epochs or steps the checkpoint had finished; 0 starts from the beginning.
@@ -230,15 +282,21 @@ class DSD:
         index = self.plan.phase_at(done - 1)
         phase = self.plan.phases[index]
         masks = self.optimizer.masks
-        if phase.kind == "sparse" and not all(p in masks for _, p in self.named_prunable):
-            masks = dict(zip((p for _, p in self.named_prunable), self._magnitude_masks(phase)))
-            for name, p in self.named_prunable:
-                if not torch.equal(masks[p], dsd_kernels.local_tensor(p.detach()) != 0):
+        if phase.kind == "sparse" and \
+                not all(p in masks for _, p in self.masked_parameters(phase)):
+            masks = self._masks(phase)
+            for name, p in self.masked_parameters(phase):
+                nonzero = dsd_kernels.local_tensor(p.detach()) != 0
+                # An N:M mask keeps N in every group, zeros too where a group has fewer
+                # non-zeros (an embedding's padding row): it need only keep every non-zero.
+                if not (torch.equal(masks[p] | nonzero, masks[p]) if phase.pattern
+                        else torch.equal(masks[p], nonzero)):
+                    pruned = f"pattern {phase.pattern}" if phase.pattern else \
+                        f"the {phase.sparsity:g} smallest-magnitude weights"
                     raise ValueError(
                         f"cannot recover the masks of sparse phase {index}: the zeros of {name} "
-                        f"are not the {phase.sparsity:g} smallest-magnitude weights; restore "
-                        "the checkpoint into a dsd_kernels masked optimizer, whose state_dict "
-                        "carries the masks")
+                        f"are not those of {pruned}; restore the checkpoint into a dsd_kernels "
+                        "masked optimizer, whose state_dict carries the masks")
             self.optimizer.set_masks(masks)
         elif phase.kind == "dense":
             self.optimizer.clear_masks()

@@ -34,6 +34,7 @@ class DSDCallback(pl.Callback):
 
     Args:
         plan: the `dsd.Plan` to carry out; its unit (epochs or steps) says when phases switch.
+            A plan with an N:M pattern (``Plan.dsd(..., pattern="2:4")``) masks N:M.
 
     Raises:
         TypeError: If `plan` is not a `dsd.Plan`; at fit start, as `dsd.DSD` for an optimizer

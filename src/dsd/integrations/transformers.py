@@ -58,6 +58,7 @@ class DSDCallback(transformers.TrainerCallback):
 
     Args:
         plan: the `dsd.Plan` to carry out; its unit (epochs or steps) says when phases switch.
+            A plan with an N:M pattern (``Plan.dsd(..., pattern="2:4")``) masks N:M.
 
     Raises:
         TypeError: If `plan` is not a `dsd.Plan`; at train begin, if the optimizer cannot be
@@ -131,9 +132,11 @@ class DSDCallback(transformers.TrainerCallback):
         state.log_history.append({**metrics, "epoch": state.epoch, "step": state.global_step})
         if state.is_world_process_zero:
             phase = self.dsd.phase
-            logger.info("DSD %s phase %d (%s, sparsity %g, LR x %g) at step %d, epoch %.2f",
-                        event, self.dsd.phase_index, phase.kind, phase.sparsity,
-                        phase.lr_scale, state.global_step, state.epoch)
+            pruning = f"pattern {phase.pattern}" if phase.pattern else \
+                f"sparsity {phase.sparsity:g}"
+            logger.info("DSD %s phase %d (%s, %s, LR x %g) at step %d, epoch %.2f",
+                        event, self.dsd.phase_index, phase.kind, pruning, phase.lr_scale,
+                        state.global_step, state.epoch)
 
 
 def _refuse_updates_outside_the_step(optimizer) -> None:

@@ -42,7 +42,10 @@ def read(path: Path, config: RunConfig, arm_names: list[str]) -> dict:
     if state["format"] != FORMAT:
         raise RunError(f"cannot resume: {path} has checkpoint format {state['format']!r}; "
                        f"this dsd reads format {FORMAT}")
-    if state.get("config") != config.to_dict():
+    saved = state.get("config")
+    if isinstance(saved, dict):  # checkpoints from before the pattern option lack its key
+        saved = {"pattern": "", **saved}
+    if saved != config.to_dict():
         raise RunError(f"cannot resume: {path} belongs to another config")
     missing = sorted(set(KEYS) - set(state))
     if missing or state["arm"] not in (*arm_names, "done"):

@@ -289,9 +289,12 @@ class Run:
             "first_epoch": self.plan.starts[index] + 1,
             "last_epoch": self.plan.starts[index] + phase.length,
             "lr_scale": phase.lr_scale, "start": sparsity, "end": None})
-        what = (f"pruned {phase.sparsity:.0%} ({self.plan.scope} scope)" if phase.kind == "sparse"
-                else "dense" + (", mask lifted" if index and arm.dsd.plan.phases[index - 1].kind
-                                == "sparse" else ""))
+        if phase.kind == "sparse":
+            what = (f"pruned {phase.pattern} ({phase.sparsity:.0%} of the tensors that take it)"
+                    if phase.pattern else f"pruned {phase.sparsity:.0%} ({self.plan.scope} scope)")
+        else:
+            what = "dense" + (", mask lifted" if index and arm.dsd.plan.phases[index - 1].kind
+                              == "sparse" else "")
         self._say(f"{arm.name:8s} phase {index + 1}/{len(self.plan.phases)} from epoch "
                   f"{epoch + 1}: {what}, lr x{phase.lr_scale:g}")
 
@@ -306,7 +309,7 @@ class Run:
         if self.world.main:
             png = report.plot(self.plan, self.history, branch_epoch=self.branch_epoch,
                               title=f"DSD on {self.config.task} / {summary['model']} "
-                                    f"(sparsity {self.config.sparsity:g}, seed "
+                                    f"({_pruning(self.config)}, seed "
                                     f"{self.config.seed})")
             outputs.write_final(self.run_dir, summary, self.sparsity, png)
         return summary
@@ -319,3 +322,7 @@ class Run:
 def _overall_sparsity(arm: Arm) -> float:
     zeros = sum((p.detach() == 0).sum().item() for _, p in arm.dsd.named_prunable)
     return zeros / sum(p.numel() for _, p in arm.dsd.named_prunable)
+
+
+def _pruning(config: RunConfig) -> str:
+    return f"pattern {config.pattern}" if config.pattern else f"sparsity {config.sparsity:g}"

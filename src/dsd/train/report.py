@@ -28,7 +28,7 @@ def epoch_line(row: dict, total: int) -> str:
 def _phase_name(plan, index: int) -> str:
     phase = plan.phases[index]
     if phase.kind == "sparse":
-        return f"sparse {phase.sparsity:.0%}"
+        return f"sparse {phase.pattern or f'{phase.sparsity:.0%}'}"
     return "re-dense" if index > 0 else "dense"
 
 
@@ -91,8 +91,11 @@ def table(result: dict) -> str:
     metric, name = (f"{split}_bpc", "bpc") if text else (f"{split}_acc", "acc")
     shown = (lambda v: f"{v:.4f}") if text else (lambda v: f"{v:.2%}")
     lines = [f"DSD on {config['task']} / {result['model']}, seed {config['seed']}: phases "
-             f"{','.join(map(str, config['phases']))} epochs, sparsity {config['sparsity']:.0%} "
-             f"({config['scope']} scope), {config['optimizer']} lr {config['lr']:g}"]
+             f"{','.join(map(str, config['phases']))} epochs, "
+             + (f"pattern {config['pattern']} (sparsity {config['sparsity']:.0%})"
+                if config.get("pattern") else  # summaries from before --pattern lack the key
+                f"sparsity {config['sparsity']:.0%} ({config['scope']} scope)")
+             + f", {config['optimizer']} lr {config['lr']:g}"]
     header = ["phase", "epochs", "lr", f"DSD {split} {name}", f"DSD {split} loss"]
     if "baseline" in arms:
         header += [f"dense {split} {name}", f"dense {split} loss"]
