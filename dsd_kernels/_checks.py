@@ -9,6 +9,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCOPES = ("layer", "global")
+MAX_GROUP = 64  # the largest M of an N:M pattern
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -75,6 +76,13 @@ def float_tensors(xs: list, label: Names) -> None:
                              "one call takes tensors on one device")
 
 
+def _extremes(xs: list) -> torch.Tensor:
+    """Each tensor's (min, max), one row per tensor: NaN where it holds a NaN (aminmax
+    propagates it), infinite where it holds an Inf and no NaN."""
+    extremes = [e for x in xs for e in (torch.aminmax(x) if x.numel() else (x.new_zeros(()),) * 2)]
+    return torch.stack(extremes).view(-1, 2)
+
+
 def non_finite(xs: list) -> torch.Tensor:
     """One bool per tensor: does it hold a NaN or Inf? (On the tensors' device, no sync.)
 
@@ -83,8 +91,7 @@ def non_finite(xs: list) -> torch.Tensor:
     One aminmax per tensor and three ops for the whole list: per-tensor ops cost more than
     the reads on lists of many small tensors.
     """
-    extremes = [e for x in xs for e in (torch.aminmax(x) if x.numel() else (x.new_zeros(()),) * 2)]
-    return ~torch.isfinite(torch.stack(extremes).view(-1, 2)).all(1)
+    return ~torch.isfinite(_extremes(xs)).all(1)
 
 
 def finite(xs: list, label: Names) -> None:
@@ -95,6 +102,49 @@ def finite(xs: list, label: Names) -> None:
     bad = non_finite(xs).nonzero()
     if bad.numel():
         raise ValueError(f"{label(int(bad[0]))} contains NaN or Inf; magnitudes are undefined")
+
+
+def no_nan(xs: list, label: Names) -> None:
+    """No NaN anywhere (Inf allowed; one device sync for the whole list; meta tensors hold
+    no values)."""
+    if xs[0].device.type == "meta":
+        return
+    bad = torch.isnan(_extremes(xs)).any(1).nonzero()
+    if bad.numel():
+        raise ValueError(f"{label(int(bad[0]))} contains NaN; magnitudes are undefined")
+
+
+def pattern(value) -> tuple[int, int]:
+    """An N:M pattern, from "N:M" or an (n, m) pair of ints: 1 <= n < m <= MAX_GROUP."""
+    n = m = None
+    if isinstance(value, str):
+        parts = value.split(":")
+        if len(parts) == 2 and all(p.isascii() and p.isdigit() for p in parts):
+            n, m = int(parts[0]), int(parts[1])
+    elif (isinstance(value, (list, tuple)) and len(value) == 2
+          and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)):
+        n, m = int(value[0]), int(value[1])
+    if n is None or not 1 <= n < m <= MAX_GROUP:
+        raise ValueError(f"pattern must be 'N:M' or an (n, m) pair with 1 <= n < m <= "
+                         f"{MAX_GROUP}, got {value!r}")
+    return n, m
+
+
+def nm_eligible(x: torch.Tensor, m: int) -> bool:
+    """Can `x` take an N:M pattern: 2+ dims, its dim-1 size (the reduction dim) a multiple
+    of m."""
+    return x.dim() >= 2 and x.shape[1] % m == 0
+
+
+def nm_shapes(xs: list, m: int, label: Names) -> None:
+    """Every tensor can take an N:M pattern with groups of m (see nm_eligible)."""
+    for i, x in enumerate(xs):
+        if x.dim() < 2:
+            raise ValueError(f"{label(i)} has shape {_shape(x)}; N:M patterns need 2+ dims "
+                             "(they group along dim 1)")
+        if x.shape[1] % m:
+            raise ValueError(f"{label(i)} has shape {_shape(x)}; its dim 1 ({x.shape[1]}) is "
+                             f"not a multiple of M={m}")
 
 
 def like(t: torch.Tensor, ref: torch.Tensor, what: str, ref_what: str) -> None:

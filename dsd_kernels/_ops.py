@@ -10,6 +10,9 @@ Semantics every backend shares (docs/design.md):
 - `magnitude_masks` prunes the ks[i] smallest |x| of each segment (a tensor for scope
   "layer", all of them for "global"; the public function computes ks), ties broken by
   position (lower flat index, then earlier tensor, pruned first); masks are True where kept;
+- `nm_masks` keeps, in every group of m consecutive entries along dim 1 (the reduction
+  dimension of Linear and Conv weights), the n largest |x|, ties broken by position (the
+  lower index along dim 1 pruned first); every tensor has 2+ dims and dim 1 a multiple of m;
 - a pruned position is written as +0.0 in the weight and in every optimizer state tensor;
 - optimizer math runs in fp32 and is cast once on store; `grad_scale` (GradScaler's scale)
   divides the gradient inside the update.
@@ -31,6 +34,8 @@ SCHEMAS = {
     # ks: entries to prune per segment (one per tensor for "layer", one for "global"), each in
     # [0, the segment's numel].
     "magnitude_masks": "(Tensor[] xs, int[] ks, str scope) -> Tensor[]",
+    # 1 <= n < m; every xs[i] has 2+ dims, its dim-1 size a multiple of m, and no NaN.
+    "nm_masks": "(Tensor[] xs, int n, int m) -> Tensor[]",
     "apply_masks_": "(Tensor(a!)[] xs, Tensor[] masks) -> ()",
     # values[i] (rounded to xs[i]'s dtype as torch's fill rounds it) at the pruned entries.
     "fill_pruned_": "(Tensor(a!)[] xs, Tensor[] masks, float[] values) -> ()",
@@ -77,6 +82,11 @@ def _magnitude_histogram_fake(xs, rows, prefixes, shift, bits):
 
 @torch.library.register_fake(f"{NAMESPACE}::magnitude_masks")
 def _magnitude_masks_fake(xs, ks, scope):
+    return [torch.empty(x.shape, dtype=torch.bool, device=x.device) for x in xs]
+
+
+@torch.library.register_fake(f"{NAMESPACE}::nm_masks")
+def _nm_masks_fake(xs, n, m):
     return [torch.empty(x.shape, dtype=torch.bool, device=x.device) for x in xs]
 
 

@@ -16,8 +16,9 @@ from . import _checks, _ops, distributed  # noqa: F401  (_ops defines the ops)
 from ._checks import SCOPES
 from .backends import ensure_selected as _ensure_selected
 
-__all__ = ["kth_smallest_abs", "magnitude_masks", "apply_masks_", "fill_pruned_", "masked_sgd_",
-           "masked_adam_", "pruned_count", "check_sparsity", "SCOPES"]
+__all__ = ["kth_smallest_abs", "magnitude_masks", "nm_masks", "nm_eligible", "apply_masks_",
+           "fill_pruned_", "masked_sgd_", "masked_adam_", "pruned_count", "check_sparsity",
+           "SCOPES"]
 
 
 def check_sparsity(value) -> float:
@@ -137,6 +138,59 @@ def magnitude_masks(xs, sparsity: float | None = None, scope: str = "layer", *,
     with torch.no_grad():
         masks = _ops_.magnitude_masks(xs, ks, scope)
     return masks[0] if single else list(masks)
+
+
+def nm_masks(xs, pattern, *, names: Sequence[str] | None = None):
+    """N:M masks (True = kept): in every group of M consecutive entries along dim 1, the N
+    largest |x| are kept.
+
+    Dim 1 is the dimension a weight's GEMM reduces over: in_features of a Linear weight
+    (out, in), in_channels of a Conv weight (out, in, kh, kw), as NVIDIA's ASP groups conv
+    weights and as torch's semi-structured layout groups the rows of a 2-D weight. Among
+    equal |x| the lower index along dim 1 is pruned first, as `magnitude_masks` prunes ties
+    in position order. Inf is the largest magnitude.
+
+    Args:
+        xs: a float32/float16/bfloat16 tensor, or a list of them on one device, each with 2+
+            dims and its dim-1 size a multiple of M.
+        pattern: "N:M" (e.g. "2:4") or an (n, m) pair, 1 <= N < M <= 64.
+        names: one name per tensor, used only by error messages.
+
+    Returns:
+        A mask for a tensor, a list of masks (bool, contiguous, shaped like each tensor) for a
+        list.
+
+    Raises:
+        ValueError: a malformed pattern; `xs` empty, not tensors, or of an unsupported dtype,
+            layout or device; a tensor with fewer than 2 dims or whose dim-1 size is not a
+            multiple of M (see `nm_eligible`); a tensor holds NaN.
+    """
+    n, m = _checks.pattern(pattern)
+    single = isinstance(xs, torch.Tensor)
+    xs, label = _checks.weights(xs, names)
+    _checks.nm_shapes(xs, m, label)
+    _checks.no_nan(xs, label)
+    _ensure_selected()
+    with torch.no_grad():
+        masks = _ops_.nm_masks(xs, n, m)
+    return masks[0] if single else list(masks)
+
+
+def nm_eligible(x: torch.Tensor, pattern) -> bool:
+    """Whether `nm_masks(x, pattern)` accepts x's shape: 2+ dims and its dim-1 size a multiple
+    of M (whole-model pruning leaves the others dense).
+
+    Args:
+        x: a tensor (only its shape is read).
+        pattern: "N:M" or an (n, m) pair, as `nm_masks` takes it.
+
+    Raises:
+        ValueError: a malformed pattern, or `x` is not a tensor.
+    """
+    _, m = _checks.pattern(pattern)
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a tensor, not {type(x).__name__}")
+    return _checks.nm_eligible(x, m)
 
 
 def apply_masks_(xs, masks) -> None:

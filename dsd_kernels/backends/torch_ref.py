@@ -59,6 +59,19 @@ def magnitude_masks(xs, ks, scope):
     return _prune_masks(xs, ks[0])
 
 
+def nm_masks(xs, n, m):
+    masks = []
+    for x in xs:
+        moved = x.movedim(1, -1)  # the groups' dimension last (docs/design.md, N:M masks)
+        keys = _magnitudes(moved).view(torch.int32).long().view(-1, m)
+        # Unique ranks: the magnitude, then the position, so a lower index ranks lower.
+        ranks = keys * m + torch.arange(m, device=x.device)
+        kept = torch.zeros(ranks.shape, dtype=torch.bool, device=x.device)
+        kept.scatter_(1, ranks.topk(n, dim=1).indices, True)
+        masks.append(kept.view(moved.shape).movedim(-1, 1).contiguous())
+    return masks
+
+
 def fill_pruned_(xs, masks, values):
     for x, mask, value in zip(xs, masks, values):
         x.masked_fill_(~mask, value)
@@ -123,6 +136,7 @@ KERNELS = {
     "kth_smallest_abs_per_tensor": kth_smallest_abs_per_tensor,
     "magnitude_histogram": magnitude_histogram,
     "magnitude_masks": magnitude_masks,
+    "nm_masks": nm_masks,
     "apply_masks_": apply_masks_,
     "fill_pruned_": fill_pruned_,
     "masked_sgd_": masked_sgd_,
