@@ -5,10 +5,11 @@
 For every backend that loads and every device it serves here (CPU; CUDA when visible; Triton
 on CPU tensors only under TRITON_INTERPRET=1), each op runs on small adversarial inputs
 (heavy ties, signed zeros, denormals, odd sizes, an empty tensor, each dtype, a list of mixed
-dtypes, a list large enough for the bracket, and the same list with the bracket forced to miss)
-and is compared with the answer computed on CPU: a sort of the magnitudes for thresholds and
-masks, `torch.where` for applied masks, `masked_fill` for filled pruned entries, the pure-torch
-reference for histograms and optimizer steps. Thresholds, masks, applied masks and fills must
+dtypes, a list large enough for the bracket, and the same list with the bracket forced to miss;
+Linear and Conv weights for N:M masks) and is compared with the answer computed on CPU: a sort
+of the magnitudes for thresholds and masks (of each group's for N:M), `torch.where` for
+applied masks, `masked_fill` for filled pruned entries, the pure-torch reference for
+histograms and optimizer steps. Thresholds, masks, applied masks and fills must
 match bit for bit; optimizer steps within the tests' tolerances, with pruned entries exactly
 +0.0. Each backend's kernels are called directly, not through the selected backend. Exit
 status: 0 all passed, 1 a check failed, 2 bad arguments.
@@ -138,6 +139,23 @@ SELECT_CASES = {
 ONE_DTYPE = ("mixed dtypes",)  # cases whose tensors bring their own dtypes
 
 
+def _nm_weights(dtype):
+    """A Linear weight of tied magnitudes (both zeros, Inf), a Conv weight with subnormals,
+    a channels_last Conv weight and an empty one: the N:M cases of a dtype."""
+    values = torch.tensor([0.0, -0.0, 0.5, -0.5, 1.0, float("inf"), -float("inf")])
+    linear = values[torch.randint(0, 7, (6, 24), generator=_generator(8))]
+    tiny = torch.finfo(dtype).smallest_normal
+    conv = torch.randint(0, 8, (3, 16, 2, 3), generator=_generator(9)).float() * (tiny / 8)
+    conv[:, ::5] = -0.0
+    strided = torch.randn(4, 8, 3, 3, generator=_generator(10))
+    strided = strided.to(memory_format=torch.channels_last)
+    return [linear.to(dtype), _signs(conv, 11).to(dtype), strided.to(dtype),
+            torch.empty(0, 8, dtype=dtype)]
+
+
+NM_PATTERNS = ((2, 4), (1, 4), (4, 8), (3, 8))
+
+
 def _ranks(total: int) -> list[int]:
     """The first, a middle and the last rank; past the bracket's size, the middle and the last
     (each rank of a large list costs seconds in Triton's interpreter)."""
@@ -236,6 +254,25 @@ def _check_masks(kernels, xs, case):
     every = [int(0.9 * sum(numels))]
     yield "magnitude_masks", f"global 0.9: {case}", lambda: _same_masks(
         kernels["magnitude_masks"](xs, every, "global"), _known_masks(host, every, "global"))
+
+
+def _known_nm_masks(xs, n, m):
+    """Keep-masks of the n largest |x| in each group of m along dim 1: a stable sort of each
+    group's magnitudes puts equal ones in position order, and its first m - n are pruned."""
+    masks = []
+    for x in xs:
+        groups = x.float().abs().movedim(1, -1).reshape(-1, m)
+        keep = torch.ones(groups.shape, dtype=torch.bool)
+        keep.scatter_(1, torch.argsort(groups, dim=1, stable=True)[:, :m - n], False)
+        masks.append(keep.reshape(x.movedim(1, -1).shape).movedim(-1, 1))
+    return masks
+
+
+def _check_nm(kernels, xs, case):
+    host = _cpu(xs)
+    for n, m in NM_PATTERNS:
+        yield "nm_masks", f"{n}:{m}: {case}", lambda n=n, m=m: _same_masks(
+            kernels["nm_masks"](xs, n, m), _known_nm_masks(host, n, m))
 
 
 def _same_masks(got, want):
@@ -430,6 +467,11 @@ def _checks(name, kernels, device):
             for generator in generators:
                 for op, what, check in generator:
                     yield op, label, what, check, case == MISSED
+    for label, dtype in DTYPES.items():
+        xs = [x.to(device) for x in _nm_weights(dtype)]
+        case = "ties, zeros, Inf, subnormals, channels_last, empty"
+        for op, what, check in _check_nm(kernels, xs, case):
+            yield op, label, what, check, False
     if name == "torch" and device == "cpu":
         return  # the optimizer steps' known answer is this reference itself
     for case, nonfinite in (("odd sizes 1, 7, 1023, 2049", False),

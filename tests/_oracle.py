@@ -53,3 +53,18 @@ def counts(xs, sparsity, scope):
     for all of them ("global")."""
     numels = [x.numel() for x in xs]
     return [math.floor(sparsity * n) for n in (numels if scope == "layer" else [sum(numels)])]
+
+
+def nm_masks(x, n, m):
+    """Keep-masks of the n largest |x| in each group of m consecutive entries along dim 1,
+    computed in numpy: dim 1 moved last, groups as rows, a stable argsort of each row's
+    magnitudes (equal ones stay in position order, so the lower index is pruned first)."""
+    import numpy as np
+
+    mags = np.abs(x.detach().cpu().float().numpy())
+    moved = np.moveaxis(mags, 1, -1)
+    groups = moved.reshape(-1, m)
+    pruned = np.argsort(groups, axis=1, kind="stable")[:, :m - n]
+    keep = np.ones(groups.shape, dtype=bool)
+    np.put_along_axis(keep, pruned, False, axis=1)
+    return torch.from_numpy(np.moveaxis(keep.reshape(moved.shape), -1, 1).copy())
