@@ -19,7 +19,7 @@ N:M structured pruning (2:4 and others), with the same module state:
 
     prune.nm_structured(model.fc, "weight", pattern="2:4")
     dense = prune.nm_structured_model(model, "2:4")   # every eligible weight, in one pass
-    NMStructured.apply(module, "weight", pattern="2:4")   # as a pruning_method
+    prune.NMStructured.apply(module, "weight", pattern="2:4")  # as a pruning method
 
 In every group of M consecutive weights along dim 1 (the dimension a Linear or convolution
 reduces over) the N largest |w| are kept (`dsd_kernels.nm_masks`); an earlier mask is kept

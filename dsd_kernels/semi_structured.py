@@ -34,21 +34,29 @@ def _named_tensors(model_or_named_tensors, pattern) -> list[tuple[str, torch.Ten
     n, m = pattern
     if isinstance(model_or_named_tensors, nn.Module):
         eligible, _ = nm_layers(model_or_named_tensors, pattern)
-        return [(label, _masked_weight(module, "weight")) for label, module in eligible]
+        return [(label, _masked_weight(module, "weight")) for label, module in eligible
+                if not _converted(module.weight)]
     items = model_or_named_tensors
     items = list(items.items() if isinstance(items, dict) else items)
     pairs = []
     for item in items:
-        if (not isinstance(item, (tuple, list)) or len(item) != 2
-                or not isinstance(item[1], torch.Tensor)):
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise TypeError("check_nm takes an nn.Module, a dict {name: tensor} or "
                             f"(name, tensor) pairs, got an item {type(item).__name__}")
+        if not isinstance(item[1], torch.Tensor):
+            raise TypeError(f"check_nm: {item[0]!s:.80} is a {type(item[1]).__name__}, "
+                            "not a tensor")
         name, tensor = str(item[0]), item[1].detach()
         if tensor.dim() < 2 or tensor.shape[1] % m:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}: it cannot be {n}:{m}, "
                              f"which groups along dim 1 in groups of {m}")
         pairs.append((name, tensor))
     return pairs
+
+
+def _converted(weight: torch.Tensor) -> bool:
+    """Already a semi-structured tensor (2:4 by construction)."""
+    return isinstance(weight, torch.sparse.SparseSemiStructuredTensor)
 
 
 def _first_dense_group(name: str, t: torch.Tensor, n: int, m: int) -> str | None:
@@ -73,7 +81,8 @@ def check_nm(model_or_named_tensors, pattern="2:4") -> list[str]:
     Args:
         model_or_named_tensors: a model (the weights of its Linear and convolution layers
             whose dim 1 is a multiple of M, as `prune.nm_structured_model` prunes them; a
-            pruned layer's weight as its mask leaves it), a dict {name: tensor} or
+            pruned layer's weight as its mask leaves it; weights already semi-structured
+            are 2:4 and skipped), a dict {name: tensor} or
             (name, tensor) pairs (each must have 2+ dims and dim 1 a multiple of M).
         pattern: "N:M" (e.g. "2:4") or an (n, m) pair, 1 <= N < M <= 64.
 
@@ -151,7 +160,8 @@ def to_semi_structured_(model: nn.Module, pattern="2:4") -> SemiStructuredReport
     Every check runs before any change: each Linear weight is eligible when it is on CUDA,
     of a dtype the backend takes (float16, bfloat16, int8; `SEMI_STRUCTURED_DTYPES`) and of a
     shape it takes (rows and columns multiples of its minimums); the others stay dense and
-    are reported. The eligible ones must then pass `check_nm(..., pattern)`.
+    are reported. The eligible ones must then pass `check_nm(..., pattern)`. Weights already
+semi-structured (an earlier call's) are left as they are and not reported.
 
     Args:
         model: the model, pruned to an N:M pattern that is also 2:4 (2:4, 1:4, 1:2, 2:8,
@@ -180,6 +190,8 @@ def to_semi_structured_(model: nn.Module, pattern="2:4") -> SemiStructuredReport
         if not isinstance(module, nn.Linear):
             continue
         label = f"{prefix}.weight" if prefix else "weight"
+        if _converted(module.weight):
+            continue
         if hasattr(module, "weight_orig"):
             raise ValueError(f"{label} is reparametrised by torch.nn.utils.prune; call "
                              f"prune.remove(model.{prefix or '<module>'}, 'weight') first "

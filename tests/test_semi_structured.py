@@ -70,6 +70,7 @@ def test_check_nm_names_the_first_group_with_more_than_n_non_zeros():
     ([torch.zeros(4, 4)], TypeError, "check_nm takes"),
     (torch.zeros(4, 4), TypeError, "check_nm takes"),
     ({"w": torch.zeros(4, 4)}, ValueError, "pattern"),  # with the pattern "4:4" below
+    ({"w": 3}, TypeError, "check_nm: w is a int, not a tensor"),
 ])
 def test_check_nm_refuses_what_cannot_take_the_pattern(given, error, message):
     pattern = "4:4" if message == "pattern" else "2:4"
@@ -135,6 +136,24 @@ def test_weights_that_are_not_nm_are_refused_before_any_conversion(monkeypatch):
     with pytest.raises(ValueError, match=r"^2.weight is not 2:4: the group 2.weight\[5, 8:12\]"):
         to_semi_structured_(model)
     assert_unchanged(model, before)
+
+
+def test_weights_already_semi_structured_are_left_as_they_are():
+    """A second export, or a model converted by hand: nothing to check or convert there."""
+    model = nn.Sequential(nn.Linear(16, 16).half(), nn.Linear(16, 16).half())
+    converted = torch.sparse.SparseSemiStructuredTensorCUTLASS(
+        torch.Size([16, 16]), packed=torch.zeros(16, 8, dtype=torch.half),
+        meta=torch.zeros(16, 1, dtype=torch.int16), packed_t=None, meta_t=None,
+        compressed_swizzled_bitmask=None, requires_grad=False)
+    model[0].weight = nn.Parameter(converted, requires_grad=False)
+    with pytest.raises(ValueError, match="^1.weight is not 2:4"):  # the dense one only
+        check_nm(model, "2:4")
+    prune.nm_structured_model(model[1])
+    prune.remove(model[1], "weight")
+    assert check_nm(model, "2:4") == ["1.weight"]
+    report = to_semi_structured_(model)
+    assert report.converted == [] and list(report.dense) == ["1.weight"]
+    assert model[0].weight is not None and isinstance(model[0].weight, type(converted))
 
 
 @pytest.mark.parametrize("capability, cusparselt, message", [
