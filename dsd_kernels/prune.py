@@ -332,7 +332,7 @@ def nm_structured(module: nn.Module, name: str, pattern="2:4", importance_scores
         AttributeError: the module has no parameter `name`.
     """
     n_m = _checks.pattern(pattern)
-    pairs, scores, masks, labels = _scores(
+    _, scores, masks, labels = _scores(
         [(module, name)],
         None if importance_scores is None else {(module, name): importance_scores})
     # Checked before torch's apply, which removes an earlier pruning's hook before it ranks.
@@ -346,7 +346,7 @@ def nm_structured(module: nn.Module, name: str, pattern="2:4", importance_scores
     return module
 
 
-def nm_layers(model: nn.Module, pattern, layers=PRUNABLE_LAYERS):
+def _nm_layers(model: nn.Module, pattern, layers=PRUNABLE_LAYERS):
     """The weights of `model`'s `layers` that can take the pattern, and the others.
 
     Returns:
@@ -391,7 +391,7 @@ def nm_structured_model(model: nn.Module, pattern="2:4", layers=PRUNABLE_LAYERS
             among its unpruned entries. The model is left as it was.
     """
     n_m = _checks.pattern(pattern)
-    eligible, dense = nm_layers(model, n_m, layers)
+    eligible, dense = _nm_layers(model, n_m, layers)
     if not eligible:
         return dense
     with torch.no_grad():

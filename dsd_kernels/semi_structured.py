@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from .prune import _masked_weight, nm_layers
+from .prune import _masked_weight, _nm_layers
 
 __all__ = ["check_nm", "to_semi_structured_", "SemiStructuredReport", "SEMI_STRUCTURED_DTYPES"]
 
@@ -33,7 +33,7 @@ def _named_tensors(model_or_named_tensors, pattern) -> list[tuple[str, torch.Ten
     masks leave them), or the given pairs, each of which must take the pattern."""
     n, m = pattern
     if isinstance(model_or_named_tensors, nn.Module):
-        eligible, _ = nm_layers(model_or_named_tensors, pattern)
+        eligible, _ = _nm_layers(model_or_named_tensors, pattern)
         return [(label, _masked_weight(module, "weight")) for label, module in eligible
                 if not _converted(module.weight)]
     items = model_or_named_tensors
