@@ -4,6 +4,7 @@ and the run goes on, what was written before an interruption stays, and the goal
 from the rows as docs/gpu.md says.
 """
 
+import argparse
 import contextlib
 import json
 import os
@@ -15,8 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from dsd_kernels.semi_structured import SemiStructuredReport
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_semi_structured  # noqa: E402
 
 import gpu_check  # noqa: E402
 from _goals import judge  # noqa: E402
@@ -195,3 +200,18 @@ def test_test_counts_from_junit_or_from_the_log_of_a_stopped_run(tmp_path):
     counts = gpu_check._tests(tmp_path / "none.xml", log)
     assert counts["outcomes"] == {"PASSED": 1, "FAILED": 1}
     assert counts["failed"] == ["tests/test_mask.py::test_b[cuda] (failed)"]
+
+
+def test_the_semi_structured_bench_without_a_gpu(monkeypatch, capsys):
+    """Its rows from a stand-in conversion (the kernels need CUDA), and its one-line skip."""
+    bench = bench_semi_structured
+    monkeypatch.setattr(bench, "to_semi_structured_",
+                        lambda model: SemiStructuredReport(["weight"], {}))
+    args = argparse.Namespace(device="cpu", tokens=8, min_time=0.0)
+    rows = bench.measure("small", 16, 32, args, {"device": "cpu"})
+    assert [(r["case"], r["impl"]) for r in rows] == [("small", "dense"),
+                                                      ("small", "2:4 semi-structured")]
+    assert rows[1]["max_abs_diff"] == 0 and rows[1]["speedup"] > 0
+    assert bench.main(["--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith(
+        "skipped: torch's semi-structured kernels run on CUDA only")
