@@ -3,7 +3,9 @@
 //
 // A tensor is read row-major as (A, C, B): A the size of dim 0, C of dim 1, B the product of
 // the rest. A row (a, c / m) holds m * B entries: B groups whose m entries lie B apart. When
-// B == 1 (Linear weights) a row is one group of m adjacent entries, and rows are batched.
+// B == 1 (Linear weights) a row is one group of m adjacent entries. Each entry counts the
+// entries of its group that rank above it (m - 1 comparisons) and is kept when fewer than n
+// do; the loops are written so that the compiler vectorizes them over entries.
 //
 // Keys are the magnitude bits of the tensor's own dtype (fp32: x & 0x7FFFFFFF; fp16 and bf16:
 // x & 0x7FFF). Within one dtype they order and tie exactly as the fp32 keys of the other
@@ -13,6 +15,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <type_traits>
 
 namespace dsd_cpp {
 namespace {
@@ -25,62 +28,101 @@ constexpr bits_t magnitude_bits() {
   return static_cast<bits_t>(std::numeric_limits<bits_t>::max() >> 1);
 }
 
-// keep[i] for one group of M keys: fewer than n keys rank above key i (a larger key, or an
-// equal key at a higher index).
+// Whether `other`, at position j of the group, ranks above `key` at position i: a larger key,
+// or an equal one at a higher index.
 template <typename bits_t>
-inline bool kept(const bits_t* keys, int i, int m, int n) {
-  int above = 0;
-  for (int j = 0; j < m; ++j) {
-    above += (keys[j] > keys[i]) | ((keys[j] == keys[i]) & (j > i));
-  }
-  return above < n;
+inline int ranks_above(bits_t other, bits_t key, bool later) {
+  return (other > key) | ((other == key) & later);
 }
 
-// Rows of adjacent groups (B == 1): `groups` groups of M entries from x to out. M is a
-// compile-time constant for the common patterns so the compiler unrolls and vectorizes.
-template <int M, typename bits_t>
-void adjacent_groups(const bits_t* __restrict x, uint8_t* __restrict out, int64_t groups,
-                     int n) {
-  constexpr bits_t kMask = magnitude_bits<bits_t>();
-  for (int64_t g = 0; g < groups; ++g) {
-    bits_t keys[M];
-    for (int j = 0; j < M; ++j) keys[j] = x[g * M + j] & kMask;
-    for (int i = 0; i < M; ++i) {
-      int above = 0;
-      for (int j = 0; j < M; ++j) above += (keys[j] > keys[i]) | ((keys[j] == keys[i]) & (j > i));
-      out[g * M + i] = above < n;
-    }
-  }
-}
-
-// Any M (<= 64), B == 1.
+// One group of m adjacent entries, any m (<= 64).
 template <typename bits_t>
-void adjacent_groups_any(const bits_t* x, uint8_t* out, int64_t groups, int m, int n) {
-  constexpr bits_t kMask = magnitude_bits<bits_t>();
-  bits_t keys[64];
-  for (int64_t g = 0; g < groups; ++g) {
-    for (int j = 0; j < m; ++j) keys[j] = x[g * m + j] & kMask;
-    for (int i = 0; i < m; ++i) out[g * m + i] = kept(keys, i, m, n);
-  }
-}
-
-// One row of strided groups (B > 1): entry j of group b at x[j * B + b]. The loop over b
-// reads each of the m lines of the row contiguously.
-template <typename bits_t>
-void strided_row(const bits_t* __restrict x, uint8_t* __restrict out, int64_t B, int m,
-                 int n) {
+void adjacent_group(const bits_t* x, uint8_t* out, int m, int n) {
   constexpr bits_t kMask = magnitude_bits<bits_t>();
   for (int i = 0; i < m; ++i) {
-    const bits_t* xi = x + i * B;
-    uint8_t* oi = out + i * B;
+    int above = 0;
+    for (int j = 0; j < m; ++j) above += ranks_above<bits_t>(x[j] & kMask, x[i] & kMask, j > i);
+    out[i] = above < n;
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+// 64-byte vectors of signed keys (GCC's vector extensions: one AVX-512 register, two AVX2
+// ones), and the bytes of one vector's mask.
+template <typename key_t>
+struct KeyVector;
+template <>
+struct KeyVector<int32_t> {
+  typedef int32_t type __attribute__((vector_size(64)));
+  typedef uint8_t bytes __attribute__((vector_size(16)));
+};
+template <>
+struct KeyVector<int16_t> {
+  typedef int16_t type __attribute__((vector_size(64)));
+  typedef uint8_t bytes __attribute__((vector_size(32)));
+};
+
+// Groups of M adjacent entries, a vector of them at a time (M divides the lane count, so no
+// group straddles two vectors); `count` is a multiple of the lane count. For each rotation r,
+// every lane meets its partner j = (i + r) % M by a shuffle. Keys are < 2^(bits - 1), so
+// signed compares order them, and "other ranks above key" (larger, or equal and later) is
+// other > key - later.
+template <int M, typename bits_t>
+void adjacent_vectors(const bits_t* x, uint8_t* out, int64_t count, int n) {
+  using key_t = std::make_signed_t<bits_t>;
+  using V = typename KeyVector<key_t>::type;
+  using Bytes = typename KeyVector<key_t>::bytes;
+  constexpr int kLanes = 64 / sizeof(key_t);
+  constexpr key_t kMask = static_cast<key_t>(magnitude_bits<bits_t>());
+  V partner[M], later[M];
+  for (int r = 1; r < M; ++r) {
+    for (int l = 0; l < kLanes; ++l) {
+      const int i = l % M;
+      partner[r][l] = static_cast<key_t>(l - i + (i + r) % M);
+      later[r][l] = static_cast<key_t>(i + r < M);
+    }
+  }
+  for (int64_t p = 0; p < count; p += kLanes) {
+    V key;
+    std::memcpy(&key, x + p, sizeof(V));
+    key &= kMask;
+    V above = {};
+    for (int r = 1; r < M; ++r) {
+      const V other = __builtin_shuffle(key, partner[r]);
+      above -= other > key - later[r];  // a true compare is -1
+    }
+    const Bytes keep = __builtin_convertvector((above < static_cast<key_t>(n)) & 1, Bytes);
+    std::memcpy(out + p, &keep, sizeof(Bytes));
+  }
+}
+#endif
+
+// Entries [begin, end) (multiples of M) of a tensor whose groups are M adjacent entries
+// (B == 1): whole vectors of groups, then the groups left one by one.
+template <int M, typename bits_t>
+void adjacent_groups(const bits_t* x, uint8_t* out, int64_t begin, int64_t end, int n) {
+  int64_t done = begin;
+#if defined(__GNUC__) && !defined(__clang__)
+  constexpr int64_t kLanes = 64 / sizeof(bits_t);
+  const int64_t vectors = (end - begin) / kLanes * kLanes;
+  adjacent_vectors<M>(x + begin, out + begin, vectors, n);
+  done += vectors;
+#endif
+  for (int64_t g = done; g < end; g += M) adjacent_group(x + g, out + g, M, n);
+}
+
+// One row of strided groups (B > 1): entry j of group b at x[j * B + b]. The loop over b reads
+// each of the M lines of the row contiguously; M a compile-time constant, or 0 for any (m).
+template <int M, typename bits_t>
+void strided_row(const bits_t* __restrict x, uint8_t* __restrict out, int64_t B, int m, int n) {
+  constexpr bits_t kMask = magnitude_bits<bits_t>();
+  const int size = M ? M : m;
+  for (int i = 0; i < size; ++i) {
     for (int64_t b = 0; b < B; ++b) {
-      const bits_t key = xi[b] & kMask;
+      const bits_t key = x[i * B + b] & kMask;
       int above = 0;
-      for (int j = 0; j < m; ++j) {
-        const bits_t other = x[j * B + b] & kMask;
-        above += (other > key) | ((other == key) & (j > i));
-      }
-      oi[b] = above < n;
+      for (int j = 0; j < size; ++j) above += ranks_above<bits_t>(x[j * B + b] & kMask, key, j > i);
+      out[i * B + b] = above < n;
     }
   }
 }
@@ -103,22 +145,28 @@ struct Work {
 
 template <typename bits_t>
 void write_rows(const Rows& t, int64_t begin, int64_t end, int m, int n) {
-  const bits_t* x = static_cast<const bits_t*>(t.data) + begin * t.row_numel;
-  uint8_t* out = t.mask + begin * t.row_numel;
-  if (t.inner == 1) {
-    const int64_t groups = end - begin;
+  const bits_t* x = static_cast<const bits_t*>(t.data);
+  if (t.inner == 1) {  // a row is one group: entries [begin * m, end * m)
+    const int64_t from = begin * m, to = end * m;
     switch (m) {
-      case 2: return adjacent_groups<2>(x, out, groups, n);
-      case 4: return adjacent_groups<4>(x, out, groups, n);
-      case 8: return adjacent_groups<8>(x, out, groups, n);
-      case 16: return adjacent_groups<16>(x, out, groups, n);
-      default: return adjacent_groups_any(x, out, groups, m, n);
+      case 2: return adjacent_groups<2>(x, t.mask, from, to, n);
+      case 4: return adjacent_groups<4>(x, t.mask, from, to, n);
+      case 8: return adjacent_groups<8>(x, t.mask, from, to, n);
+      case 16: return adjacent_groups<16>(x, t.mask, from, to, n);
+      default:
+        for (int64_t g = from; g < to; g += m) adjacent_group(x + g, t.mask + g, m, n);
+        return;
     }
   }
   for (int64_t r = begin; r < end; ++r) {
-    strided_row(x, out, t.inner, m, n);
-    x += t.row_numel;
-    out += t.row_numel;
+    const bits_t* row = x + r * t.row_numel;
+    uint8_t* out = t.mask + r * t.row_numel;
+    switch (m) {
+      case 2: strided_row<2>(row, out, t.inner, m, n); break;
+      case 4: strided_row<4>(row, out, t.inner, m, n); break;
+      case 8: strided_row<8>(row, out, t.inner, m, n); break;
+      default: strided_row<0>(row, out, t.inner, m, n); break;
+    }
   }
 }
 
