@@ -20,6 +20,9 @@ HOST_ROWS = ("dsd MaskedAdamW (real step, host time)", "dsd MaskedAdamW, cached,
 # step, the general path (the other element-wise optimizers) against the optimizer's own
 # foreach step.
 MASKED_STEP_LIMITS = {"fused": 1.1, "general": 1.3}
+# bench_mask.py's N:M rows: dsd's 2:4 masks and the torch ops users write for them.
+DSD_NM = "dsd nm_masks 2:4"
+TORCH_NM_TOPK = "torch reshape + topk + scatter"
 
 
 def _row(rows, numel, impl):
@@ -45,6 +48,14 @@ def _over_one_read(impl):
     def measure(rows, numel):
         row = _row(rows, numel, impl)
         return (row["x_one_read"] if row else None), impl
+    return measure
+
+
+def _speedup_over(impl, reference):
+    def measure(rows, numel):
+        dsd, other = _row(rows, numel, impl), _row(rows, numel, reference)
+        ratio = other["seconds"] / dsd["seconds"] if dsd and other else None
+        return ratio, f"against {reference}"
     return measure
 
 
@@ -90,6 +101,10 @@ GOALS = (
          _over_one_read("dsd masks global")),
     Goal("masks, per layer / one read", "mask.json", 2.5, False, "x one read",
          _over_one_read("dsd masks layer")),
+    Goal("N:M masks (2:4) / one read", "mask.json", 1.5, False, "x one read",
+         _over_one_read(DSD_NM)),
+    Goal("N:M masks (2:4) vs torch reshape + topk + scatter", "mask.json", 10.0, True,
+         "x faster", _speedup_over(DSD_NM, TORCH_NM_TOPK)),
     Goal("host work per ResNet-50 step / torch fused AdamW's", "step_overhead.json", 1.0,
          False, "x torch's", _host_work),
 )

@@ -127,12 +127,24 @@ void strided_row(const bits_t* __restrict x, uint8_t* __restrict out, int64_t B,
   }
 }
 
+// The largest magnitude key of x[0, count): a NaN's is above Inf's. Run on a work unit just
+// before its masks, so that it brings the unit into cache rather than reading memory twice.
+template <typename bits_t>
+bits_t largest_key(const bits_t* x, int64_t count) {
+  constexpr bits_t kMask = magnitude_bits<bits_t>();
+  bits_t largest = 0;
+  for (int64_t p = 0; p < count; ++p) largest = std::max<bits_t>(largest, x[p] & kMask);
+  return largest;
+}
+
 // One tensor, viewed as (A, C, B) and cut into rows of m * B entries.
 struct Rows {
   const void* data;
   uint8_t* mask;
   int64_t row_numel;  // m * B
   int64_t inner;      // B
+  int64_t index;      // in xs
+  uint32_t inf_key;   // the key of Inf in the tensor's dtype
   size_t width;       // bytes per entry
 };
 
@@ -143,20 +155,24 @@ struct Work {
   int64_t end;
 };
 
+// The masks of rows [begin, end) of a tensor; false if they hold a NaN (masks unwritten).
 template <typename bits_t>
-void write_rows(const Rows& t, int64_t begin, int64_t end, int m, int n) {
+bool write_rows(const Rows& t, int64_t begin, int64_t end, int m, int n) {
   const bits_t* x = static_cast<const bits_t*>(t.data);
+  if (largest_key(x + begin * t.row_numel, (end - begin) * t.row_numel) > t.inf_key) {
+    return false;
+  }
   if (t.inner == 1) {  // a row is one group: entries [begin * m, end * m)
     const int64_t from = begin * m, to = end * m;
     switch (m) {
-      case 2: return adjacent_groups<2>(x, t.mask, from, to, n);
-      case 4: return adjacent_groups<4>(x, t.mask, from, to, n);
-      case 8: return adjacent_groups<8>(x, t.mask, from, to, n);
-      case 16: return adjacent_groups<16>(x, t.mask, from, to, n);
+      case 2: adjacent_groups<2>(x, t.mask, from, to, n); break;
+      case 4: adjacent_groups<4>(x, t.mask, from, to, n); break;
+      case 8: adjacent_groups<8>(x, t.mask, from, to, n); break;
+      case 16: adjacent_groups<16>(x, t.mask, from, to, n); break;
       default:
         for (int64_t g = from; g < to; g += m) adjacent_group(x + g, t.mask + g, m, n);
-        return;
     }
+    return true;
   }
   for (int64_t r = begin; r < end; ++r) {
     const bits_t* row = x + r * t.row_numel;
@@ -168,6 +184,11 @@ void write_rows(const Rows& t, int64_t begin, int64_t end, int m, int n) {
       default: strided_row<0>(row, out, t.inner, m, n); break;
     }
   }
+  return true;
+}
+
+uint32_t inf_key(at::ScalarType dtype) {
+  return dtype == at::kFloat ? 0x7F800000u : dtype == at::kHalf ? 0x7C00u : 0x7F80u;
 }
 
 std::vector<at::Tensor> nm_masks(at::TensorList xs, int64_t n, int64_t m) {
@@ -188,21 +209,25 @@ std::vector<at::Tensor> nm_masks(at::TensorList xs, int64_t n, int64_t m) {
     const int64_t rows = x.numel() / (m * inner);
     const int64_t t = static_cast<int64_t>(tensors.size());
     tensors.push_back({xc.data_ptr(), reinterpret_cast<uint8_t*>(masks.back().data_ptr<bool>()),
-                       m * inner, inner, static_cast<size_t>(xc.element_size())});
+                       m * inner, inner, static_cast<int64_t>(i), inf_key(x.scalar_type()),
+                       static_cast<size_t>(xc.element_size())});
     const int64_t per_task = std::max<int64_t>(1, kChunk / (m * inner));
     for (int64_t r = 0; r < rows; r += per_task) {
       work.push_back({t, r, std::min(rows, r + per_task)});
     }
   }
+  std::vector<char> written(work.size());
   parallel_dynamic(static_cast<int64_t>(work.size()), [&](int64_t w) {
     const Work& unit = work[w];
     const Rows& t = tensors[unit.tensor];
-    if (t.width == 4) {
-      write_rows<uint32_t>(t, unit.begin, unit.end, static_cast<int>(m), static_cast<int>(n));
-    } else {
-      write_rows<uint16_t>(t, unit.begin, unit.end, static_cast<int>(m), static_cast<int>(n));
-    }
+    const int mi = static_cast<int>(m), ni = static_cast<int>(n);
+    written[w] = t.width == 4 ? write_rows<uint32_t>(t, unit.begin, unit.end, mi, ni)
+                              : write_rows<uint16_t>(t, unit.begin, unit.end, mi, ni);
   });
+  for (size_t w = 0; w < work.size(); ++w) {
+    TORCH_CHECK_VALUE(written[w], "xs[", tensors[work[w].tensor].index,
+                      "] contains NaN; magnitudes are undefined");
+  }
   return masks;
 }
 

@@ -34,7 +34,8 @@ SCHEMAS = {
     # ks: entries to prune per segment (one per tensor for "layer", one for "global"), each in
     # [0, the segment's numel].
     "magnitude_masks": "(Tensor[] xs, int[] ks, str scope) -> Tensor[]",
-    # 1 <= n < m; every xs[i] has 2+ dims, its dim-1 size a multiple of m, and no NaN.
+    # 1 <= n < m; every xs[i] has 2+ dims and its dim-1 size a multiple of m. A NaN raises
+    # ValueError("xs[i] contains NaN; ..."): the kernel finds it in the pass that ranks.
     "nm_masks": "(Tensor[] xs, int n, int m) -> Tensor[]",
     "apply_masks_": "(Tensor(a!)[] xs, Tensor[] masks) -> ()",
     # values[i] (rounded to xs[i]'s dtype as torch's fill rounds it) at the pruned entries.

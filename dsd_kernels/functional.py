@@ -169,10 +169,15 @@ def nm_masks(xs, pattern, *, names: Sequence[str] | None = None):
     single = isinstance(xs, torch.Tensor)
     xs, label = _checks.weights(xs, names)
     _checks.nm_shapes(xs, m, label)
-    _checks.no_nan(xs, label)
     _ensure_selected()
     with torch.no_grad():
-        masks = _ops_.nm_masks(xs, n, m)
+        try:
+            masks = _ops_.nm_masks(xs, n, m)
+        except ValueError:
+            # The kernels find a NaN while they rank (no pass of its own); the message names
+            # the tensor as the caller does.
+            _checks.no_nan(xs, label)
+            raise
     return masks[0] if single else list(masks)
 
 

@@ -14,6 +14,16 @@ tensors where they are instead of concatenating scores and masks. Repeated pruni
 entries still unpruned and keeps the old mask, as torch does; the count is torch's (an int
 amount, or round(amount * unpruned)). `L1Unstructured` plugs the same masks into code that
 takes a `pruning_method=` (torch's global_unstructured, Lightning's ModelPruning).
+
+N:M structured pruning (2:4 and others), with the same module state:
+
+    prune.nm_structured(model.fc, "weight", pattern="2:4")
+    dense = prune.nm_structured_model(model, "2:4")   # every eligible weight, in one pass
+    prune.NMStructured.apply(module, "weight", pattern="2:4")  # as a pruning method
+
+In every group of M consecutive weights along dim 1 (the dimension a Linear or convolution
+reduces over) the N largest |w| are kept (`dsd_kernels.nm_masks`); an earlier mask is kept
+and the pattern is computed on the weight as that mask leaves it.
 """
 
 import numbers
@@ -40,8 +50,11 @@ from torch.nn.utils.prune import (  # noqa: F401  (the rest of torch's module, a
 )
 
 from . import _checks
-from .functional import magnitude_masks
+from .functional import magnitude_masks, nm_eligible, nm_masks
 from .optim import make_masked_
+
+# The layers whose weight is a GEMM operand reducing over dim 1: the ones N:M pruning takes.
+PRUNABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 # torch's own class, as it is before anything replaces torch's name with this module's (the
 # drop-in): global_unstructured accepts it whatever the name points at later.
@@ -49,6 +62,7 @@ _TORCH_L1_UNSTRUCTURED = _torch_prune.L1Unstructured
 
 __all__ = [
     "L1Unstructured", "l1_unstructured", "global_unstructured", "mask_optimizer_",
+    "NMStructured", "nm_structured", "nm_structured_model", "PRUNABLE_LAYERS",
     "BasePruningMethod", "CustomFromMask", "Identity", "LnStructured", "PruningContainer",
     "RandomStructured", "RandomUnstructured", "custom_from_mask", "identity", "is_pruned",
     "ln_structured", "random_structured", "random_unstructured", "remove",
@@ -249,6 +263,145 @@ def l1_unstructured(module: nn.Module, name: str, amount, importance_scores=None
         _checks.finite(xs, label)
     L1Unstructured.apply(module, name, amount=amount, importance_scores=importance_scores)
     return module
+
+
+def _masked_weight(module: nn.Module, name: str) -> torch.Tensor:
+    """module.name as its prune mask leaves it (pruned entries 0, whatever `name_orig` holds
+    there), detached; the tensor itself when it is not pruned."""
+    mask = getattr(module, name + "_mask", None)
+    if mask is None:
+        return getattr(module, name).detach()
+    return getattr(module, name + "_orig").detach().masked_fill(mask == 0, 0)
+
+
+class NMStructured(BasePruningMethod):
+    """N:M structured pruning: in every group of M consecutive entries along dim 1 (in_features
+    of a Linear weight, in_channels of a convolution's), keep the N largest |t|, ties pruned
+    at the lower index (`dsd_kernels.nm_masks`).
+
+    Composes with torch's methods through PruningContainer: PRUNING_TYPE "global" hands it
+    the whole tensor and the mask so far ("unstructured" would hand it the unpruned entries
+    flattened, which have no groups). The pattern is computed on the tensor as the earlier
+    mask leaves it (its pruned entries count as 0, as torch's iterative pruning ranks only
+    what is left), and the earlier mask is kept: every group ends with at most N unpruned
+    entries, exactly N where it had N or more non-zero ones.
+
+    Args:
+        pattern: "N:M" (e.g. "2:4") or an (n, m) pair, 1 <= N < M <= 64.
+
+    Raises:
+        ValueError: a malformed pattern; when a mask is computed, what `nm_masks` refuses
+            (dim 1 not a multiple of M, fewer than 2 dims, NaN, an unsupported dtype).
+    """
+
+    PRUNING_TYPE = "global"
+
+    def __init__(self, pattern="2:4"):
+        self.pattern = _checks.pattern(pattern)
+
+    def compute_mask(self, t, default_mask):
+        keep = nm_masks(t.detach().masked_fill(default_mask == 0, 0), self.pattern)
+        return default_mask.clone(memory_format=torch.contiguous_format).masked_fill_(~keep, 0)
+
+    @classmethod
+    def apply(cls, module, name, pattern="2:4", importance_scores=None):
+        """Prune module.name to the pattern, with torch's module state (see
+        BasePruningMethod.apply)."""
+        return super().apply(module, name, pattern=pattern, importance_scores=importance_scores)
+
+
+def nm_structured(module: nn.Module, name: str, pattern="2:4", importance_scores=None
+                  ) -> nn.Module:
+    """Prune module.name to an N:M pattern (see `NMStructured`), as torch's l1_unstructured
+    prunes: `name_orig`, `name_mask`, the forward pre-hook; an earlier pruning is kept.
+
+    Args:
+        module: the module holding the parameter.
+        name: the parameter's name ("weight").
+        pattern: "N:M" (e.g. "2:4") or an (n, m) pair, 1 <= N < M <= 64.
+        importance_scores: a tensor shaped like the parameter, ranked instead of it.
+
+    Returns:
+        The module.
+
+    Raises:
+        TypeError: `module` is not an nn.Module.
+        ValueError: a malformed pattern; a tensor with fewer than 2 dims or whose dim 1 is
+            not a multiple of M; scores of another shape or an unsupported dtype; NaN among
+            the unpruned entries. The module is left as it was.
+        AttributeError: the module has no parameter `name`.
+    """
+    n_m = _checks.pattern(pattern)
+    _, scores, masks, labels = _scores(
+        [(module, name)],
+        None if importance_scores is None else {(module, name): importance_scores})
+    # Checked before torch's apply, which removes an earlier pruning's hook before it ranks.
+    score = scores[0].detach()
+    if masks[0] is not None:
+        score = score.masked_fill(masks[0] == 0, 0)
+    xs, label = _checks.weights([score], labels)
+    _checks.nm_shapes(xs, n_m[1], label)
+    _checks.no_nan(xs, label)
+    NMStructured.apply(module, name, pattern=n_m, importance_scores=importance_scores)
+    return module
+
+
+def _nm_layers(model: nn.Module, pattern, layers=PRUNABLE_LAYERS):
+    """The weights of `model`'s `layers` that can take the pattern, and the others.
+
+    Returns:
+        ([(qualified name of the weight, module)], {qualified name: why it cannot}).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _, m = _checks.pattern(pattern)
+    eligible, dense = [], {}
+    for prefix, module in model.named_modules():
+        if not isinstance(module, layers):
+            continue
+        label = f"{prefix}.weight" if prefix else "weight"
+        weight = module.weight
+        if nm_eligible(weight, pattern):
+            eligible.append((label, module))
+        else:
+            dense[label] = (f"shape {tuple(weight.shape)}: dim 1 ({weight.shape[1]}) is not a "
+                            f"multiple of {m}")
+    return eligible, dense
+
+
+def nm_structured_model(model: nn.Module, pattern="2:4", layers=PRUNABLE_LAYERS
+                        ) -> dict[str, str]:
+    """Prune the weight of every Linear and convolution of `model` (or of `layers`) to an
+    N:M pattern, the masks computed in one pass over all of them (`nm_masks`), leaving each
+    module as torch's global_unstructured does (a CustomFromMask hook, combined with an
+    earlier pruning as `NMStructured` combines). Weights whose dim 1 is not a multiple of M
+    are left dense and returned.
+
+    Args:
+        model: the model.
+        pattern: "N:M" (e.g. "2:4") or an (n, m) pair, 1 <= N < M <= 64.
+        layers: the module types whose `weight` is pruned (default `PRUNABLE_LAYERS`).
+
+    Returns:
+        {qualified weight name: why it was left dense}.
+
+    Raises:
+        TypeError: `model` is not an nn.Module.
+        ValueError: a malformed pattern; a weight of an unsupported dtype or holding NaN
+            among its unpruned entries. The model is left as it was.
+    """
+    n_m = _checks.pattern(pattern)
+    eligible, dense = _nm_layers(model, n_m, layers)
+    if not eligible:
+        return dense
+    with torch.no_grad():
+        keep = nm_masks([_masked_weight(module, "weight") for _, module in eligible], n_m,
+                        names=[label for label, _ in eligible])
+    for i, (_, module) in enumerate(eligible):
+        mask, keep[i] = keep[i], None  # freed once it is the module's buffer
+        custom_from_mask(module, "weight", mask=mask)
+        _last_method(module, "weight").mask = module.weight_mask
+    return dense
 
 
 def mask_optimizer_(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:

@@ -4,6 +4,7 @@ and the run goes on, what was written before an interruption stays, and the goal
 from the rows as docs/gpu.md says.
 """
 
+import argparse
 import contextlib
 import json
 import os
@@ -15,8 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from dsd_kernels.semi_structured import SemiStructuredReport
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_semi_structured  # noqa: E402
 
 import gpu_check  # noqa: E402
 from _goals import judge  # noqa: E402
@@ -34,7 +39,7 @@ def test_the_steps_cover_every_kernel_family_within_the_budget(steps):
     names = [step.name for step in steps]
     assert names[:3] == ["environment", "cpp-build", "selftest"]
     assert {"tests-ops", "tests-triton", "bench-threshold", "bench-mask", "bench-optim",
-            "bench-step-overhead"} <= set(names)
+            "bench-step-overhead", "bench-semi-structured"} <= set(names)
     triton = next(step for step in steps if step.name == "tests-triton")
     # The stream test runs wherever the checkout holds it.
     assert "tests/test_triton_streams.py" in triton.command + list(triton.missing)
@@ -54,6 +59,27 @@ def test_cuda_steps_select_cuda_cases_and_goal_sizes(tmp_path):
         assert command[command.index("--sizes") + 1].split(",")[0] == "1e8"  # goals first
     assert steps["selftest"].command[2:] == [
         "dsd_kernels.selftest", "--device", "cuda", "--json", str(tmp_path / "out/selftest.json")]
+
+
+def test_the_semi_structured_step_runs_on_cuda_and_is_skipped_in_a_rehearsal(tmp_path, capsys):
+    for device, skip in (("cuda", None), ("cpu", "torch's semi-structured kernels run on CUDA "
+                                                  "only")):
+        step = next(s for s in gpu_check.plan(device, tmp_path / "out", tmp_path / "work")
+                    if s.name == "bench-semi-structured")
+        assert step.skip == skip and step.command[1] == "bench/bench_semi_structured.py"
+        assert step.command[step.command.index("--device") + 1] == device
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "semi_structured.json").write_text("[]")  # an earlier run's
+    run = gpu_check.run_steps([gpu_check.Step("never", _python("raise SystemExit(3)"), 5,
+                                              fresh=(out / "semi_structured.json",),
+                                              skip="no such device")],
+                              "cpu", out, tmp_path / "work")
+    assert [(s["name"], s["status"], s["reason"]) for s in run.summary["steps"]] == [
+        ("never", "skipped", "no such device")]
+    assert "never: skipped: no such device" in (out / "log.txt").read_text()
+    assert not (out / "semi_structured.json").exists()
+    assert "never                  skipped: no such device" in capsys.readouterr().out
 
 
 def test_dry_run_prints_every_step_and_runs_nothing(tmp_path, capsys):
@@ -174,3 +200,18 @@ def test_test_counts_from_junit_or_from_the_log_of_a_stopped_run(tmp_path):
     counts = gpu_check._tests(tmp_path / "none.xml", log)
     assert counts["outcomes"] == {"PASSED": 1, "FAILED": 1}
     assert counts["failed"] == ["tests/test_mask.py::test_b[cuda] (failed)"]
+
+
+def test_the_semi_structured_bench_without_a_gpu(monkeypatch, capsys):
+    """Its rows from a stand-in conversion (the kernels need CUDA), and its one-line skip."""
+    bench = bench_semi_structured
+    monkeypatch.setattr(bench, "to_semi_structured_",
+                        lambda model: SemiStructuredReport(["weight"], {}))
+    args = argparse.Namespace(device="cpu", tokens=8, min_time=0.0)
+    rows = bench.measure("small", 16, 32, args, {"device": "cpu"})
+    assert [(r["case"], r["impl"]) for r in rows] == [("small", "dense"),
+                                                      ("small", "2:4 semi-structured")]
+    assert rows[1]["max_abs_diff"] == 0 and rows[1]["speedup"] > 0
+    assert bench.main(["--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith(
+        "skipped: torch's semi-structured kernels run on CUDA only")

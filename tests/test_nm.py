@@ -131,6 +131,10 @@ def test_nan_refused_inf_allowed(backend, device):
         xs = [torch.ones(2, 4, device=device), x.to(dtype)]
         with pytest.raises(ValueError, match=r"^xs\[1\] contains NaN; magnitudes are undefined$"):
             dk.nm_masks(xs, "2:4")
+        with pytest.raises(ValueError, match=r"xs\[1\] contains NaN"):  # the kernel finds it
+            torch.ops.dsd.nm_masks(xs, 2, 4)
+    with pytest.raises(ValueError, match=r"^xs\[0\] \('fc.weight'\) contains NaN"):
+        dk.nm_masks([x], "2:4", names=["fc.weight"])
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -2,6 +2,7 @@
 function, the same masks where magnitudes are untied, our tie rule where they are tied, and
 the optimizer trap (state alive at pruned weights) closed by mask_optimizer_."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -305,3 +306,151 @@ def test_lightning_model_pruning_with_our_method(tmp_path):
     expected = _stable_ranking_masks(tensors, round(0.5 * sum(t.numel() for t in tensors)))
     for (m, n), keep in zip(layers, expected):
         assert torch.equal(getattr(m, n + "_mask").bool(), keep)
+
+
+# N:M structured pruning.
+
+def _nm_oracle(t: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Independent N:M keep-mask: numpy over groups of m along dim 1; a stable ascending sort
+    of |t| puts the lower index first among ties, and the first m - n are pruned."""
+    a = np.moveaxis(np.abs(t.detach().float().numpy()), 1, -1)
+    groups = a.reshape(*a.shape[:-1], -1, m)
+    keep = np.ones(groups.shape, dtype=bool)
+    np.put_along_axis(keep, np.argsort(groups, axis=-1, kind="stable")[..., :m - n], False,
+                      axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(keep.reshape(a.shape), -1, 1)))
+
+
+def _kept_per_group(mask: torch.Tensor, m: int) -> torch.Tensor:
+    moved = (mask != 0).movedim(1, -1)
+    return moved.reshape(*moved.shape[:-1], -1, m).sum(-1)
+
+
+def _tied(module: nn.Module) -> nn.Module:
+    """Weights of few values (ties in most groups, signed zeros among them)."""
+    with torch.no_grad():
+        module.weight.copy_(torch.randint(-2, 3, module.weight.shape) * 0.5)
+    return module
+
+
+@pytest.mark.parametrize("pattern, n, m", [("2:4", 2, 4), ((1, 4), 1, 4), ("4:8", 4, 8)])
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+def test_nm_structured_leaves_torchs_state_with_the_oracles_mask(pattern, n, m, layer):
+    torch.manual_seed(0)
+    make = {"linear": lambda: nn.Linear(16, 6), "conv2d": lambda: nn.Conv2d(8, 3, 2)}[layer]
+    ours, theirs = _tied(make()), make()
+    theirs.load_state_dict(ours.state_dict())
+    weight = ours.weight.detach().clone()
+    assert prune.nm_structured(ours, "weight", pattern=pattern) is ours
+    torch_prune.l1_unstructured(theirs, "weight", amount=0.5)  # torch's state, another mask
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert ours.weight_mask.dtype == theirs.weight_mask.dtype
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert _hooks(ours) == [("NMStructured", "weight")]
+    keep = _nm_oracle(weight, n, m)
+    assert torch.equal(ours.weight_mask.bool(), keep)
+    assert (_kept_per_group(ours.weight_mask, m) == n).all()
+    assert torch.equal(ours.weight, weight * keep)
+    x = torch.randn(2, *((16,) if layer == "linear" else (8, 3, 3)))
+    reference = (nn.functional.linear(x, weight * keep, ours.bias) if layer == "linear" else
+                 nn.functional.conv2d(x, weight * keep, ours.bias))
+    torch.testing.assert_close(ours(x), reference, rtol=0, atol=0)
+    prune.remove(ours, "weight")
+    torch_prune.remove(theirs, "weight")
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert not ours._forward_pre_hooks
+    assert torch.equal(ours.weight.detach(), weight * keep)
+
+
+def test_nm_structured_composes_with_torchs_pruning_on_the_masked_weight():
+    """After an L1 mask the pattern is computed on the weight as that mask leaves it and
+    the old mask is kept: at most N per group; later torch pruning keeps it at most N."""
+    torch.manual_seed(1)
+    linear = _tied(nn.Linear(16, 8))
+    weight = linear.weight.detach().clone()
+    torch_prune.l1_unstructured(linear, "weight", amount=0.4)
+    old = linear.weight_mask.bool()
+    prune.nm_structured(linear, "weight", "2:4")
+    hook = next(iter(linear._forward_pre_hooks.values()))
+    assert isinstance(hook, torch_prune.PruningContainer)
+    assert [type(p).__name__ for p in hook._pruning_methods] == ["L1Unstructured",
+                                                                 "NMStructured"]
+    expected = old & _nm_oracle(weight * old, 2, 4)
+    assert torch.equal(linear.weight_mask.bool(), expected)
+    assert (_kept_per_group(linear.weight_mask, 4) <= 2).all()
+    groups_with_two = _kept_per_group(old & (weight != 0), 4) >= 2
+    assert (_kept_per_group(linear.weight_mask, 4)[groups_with_two] == 2).all()
+    torch_prune.random_unstructured(linear, "weight", amount=0.3)
+    assert (_kept_per_group(linear.weight_mask, 4) <= 2).all()
+    assert not (linear.weight_mask.bool() & ~expected).any()
+    # The class itself, as a pruning_method of torch's apply and containers.
+    other = nn.Linear(8, 4)
+    prune.NMStructured.apply(other, "weight", pattern="1:4")
+    assert torch.equal(other.weight_mask.bool(), _nm_oracle(other.weight_orig, 1, 4))
+    with pytest.raises(TypeError, match="unstructured"):  # torch's own refusal
+        torch_prune.global_unstructured([(other, "weight")], pruning_method=prune.NMStructured,
+                                        pattern="2:4")
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda net: prune.nm_structured(net[2], "weight"), ValueError, r"\(3, 1, 5\).*dim 1"),
+    (lambda net: prune.nm_structured(net[0], "weight", "4:2"), ValueError, "pattern"),
+    (lambda net: prune.nm_structured(net[0], "weight", "2:4",
+                                     importance_scores=torch.ones(20, 12, dtype=torch.float64)),
+     ValueError, "dtype"),
+    (lambda net: prune.nm_structured(net[0], "bias"), ValueError, "2\\+ dims"),
+    (lambda net: prune.nm_structured(net[0], "nope"), AttributeError, "nope"),
+    (lambda net: prune.nm_structured_model(net, "2:3"), ValueError, "NaN"),
+])
+def test_nm_bad_input_leaves_the_module_unmodified(call, error, message):
+    net = _net(2)
+    prune.l1_unstructured(net[4], "weight", amount=0.25)
+    net[0].weight.data[0, 0] = float("nan")
+    before = _snapshot(net)
+    with pytest.raises(error, match=message):
+        call(net)
+    assert_unchanged(net, before)
+
+
+def test_nm_nan_is_refused_unless_an_earlier_mask_pruned_it():
+    net = _net(3)
+    net[0].weight.data[1, 2] = float("nan")
+    before = _snapshot(net)
+    for call in (lambda: prune.nm_structured(net[0], "weight"),
+                 lambda: prune.nm_structured_model(net)):
+        with pytest.raises(ValueError, match="NaN"):
+            call()
+        assert_unchanged(net, before)
+    mask = torch.ones(20, 12)
+    mask[1, 2] = 0
+    prune.custom_from_mask(net[0], "weight", mask)
+    prune.nm_structured(net[0], "weight")
+    assert net[0].weight_mask[1, 2] == 0 and (_kept_per_group(net[0].weight_mask, 4) <= 2).all()
+
+
+def test_nm_structured_model_prunes_every_eligible_weight_in_one_pass(monkeypatch):
+    ours, theirs = _net(4), _net(4)
+    for net in (ours, theirs):
+        torch.manual_seed(4)
+        _tied(net[0])
+        _tied(net[4])
+        prune.l1_unstructured(net[4], "weight", amount=0.5)  # composed with, as nm_structured
+    calls = []
+    real = prune.nm_masks
+    monkeypatch.setattr(prune, "nm_masks", lambda *a, **k: calls.append(a) or real(*a, **k))
+    dense = prune.nm_structured_model(ours, "2:4")
+    assert len(calls) == 1 and len(calls[0][0]) == 2  # both eligible weights, one call
+    assert list(dense) == ["2.weight"] and "dim 1 (1) is not a multiple of 4" in dense["2.weight"]
+    assert not prune.is_pruned(ours[2])
+    monkeypatch.setattr(prune, "nm_masks", real)
+    for i in (0, 4):
+        prune.nm_structured(theirs[i], "weight", "2:4")
+    for i in (0, 4):
+        assert torch.equal(ours[i].weight_mask, theirs[i].weight_mask)
+        assert torch.equal(ours[i].weight, theirs[i].weight)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert _hooks(ours[0]) == [("CustomFromMask", "weight")]  # as global_unstructured's
+    assert _hooks(ours[4]) == [("PruningContainer", "weight")]
+    assert prune.nm_structured_model(nn.Sequential(nn.Linear(3, 2))) == {
+        "0.weight": "shape (2, 3): dim 1 (3) is not a multiple of 4"}

@@ -161,6 +161,8 @@ def _guarded(op: str, key: str, kernel: Callable) -> Callable:
                     else None)
         try:
             result = kernel(*args)
+        except ValueError:
+            raise  # the kernel refused its input (nm_masks: a NaN); the reference would too
         except Exception as error:
             _fail(op, key, error)
             if written and not first:

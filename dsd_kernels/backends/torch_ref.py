@@ -61,7 +61,9 @@ def magnitude_masks(xs, ks, scope):
 
 def nm_masks(xs, n, m):
     masks = []
-    for x in xs:
+    for i, x in enumerate(xs):
+        if torch.isnan(x).any():
+            raise ValueError(f"xs[{i}] contains NaN; magnitudes are undefined")
         moved = x.movedim(1, -1)  # the groups' dimension last (docs/design.md, N:M masks)
         keys = _magnitudes(moved).view(torch.int32).long().view(-1, m)
         # Unique ranks: the magnitude, then the position, so a lower index ranks lower.

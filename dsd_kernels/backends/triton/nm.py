@@ -28,10 +28,11 @@ _COLUMNS = tl.constexpr(3)
 
 
 @triton.jit
-def _nm_kernel(rows_ptr, masks_ptr, chunk_rows_ptr, chunk_starts_ptr, N: tl.constexpr,
+def _nm_kernel(rows_ptr, masks_ptr, nan_ptr, chunk_rows_ptr, chunk_starts_ptr, N: tl.constexpr,
                M: tl.constexpr, M_P2: tl.constexpr, DTYPE: tl.constexpr, FULL: tl.constexpr,
                CHUNK: tl.constexpr, GROUPS: tl.constexpr):
-    """The masks of the CHUNK // M groups that start at element `start` of one tensor."""
+    """The masks of the CHUNK // M groups that start at element `start` of one tensor; a NaN
+    among them (its key is above Inf's) sets the tensor's flag at nan_ptr."""
     chunk = tl.program_id(0)
     tensor = tl.load(chunk_rows_ptr + chunk).to(tl.int64)
     row = rows_ptr + tensor * _COLUMNS
@@ -57,6 +58,8 @@ def _nm_kernel(rows_ptr, masks_ptr, chunk_rows_ptr, chunk_starts_ptr, N: tl.cons
         above = ((other > mine) | ((other == mine) & later)) & member
         count = tl.sum(above.to(tl.int32), axis=2)
         tl.store(mask_ptr + index, (count < N).to(tl.int8), mask=inside)
+        if tl.max(tl.max(key, 1), 0) > 0x7F800000:
+            tl.store(nan_ptr + tensor, 1)
 
 
 _TABLES = tables.Cache()
@@ -89,11 +92,19 @@ def nm_masks(xs, n, m):
         _TABLES.add(key, groups)
     mask_tables, _, _ = tables.address_tables(
         device, groups, tuple(masks[i].data_ptr() for i in work))
+    nan_flags = [torch.zeros(len(group.indices), dtype=torch.int32, device=device)
+                 for group in groups]
     with tables.on_device(device):
-        for group, masks_table in zip(groups, mask_tables):
+        for group, masks_table, flags in zip(groups, mask_tables, nan_flags):
             for full, chunk_rows, chunk_starts in group.launches():
                 _nm_kernel[(chunk_rows.numel(),)](
-                    group.rows, masks_table, chunk_rows, chunk_starts, N=n, M=m, M_P2=m_p2,
-                    DTYPE=group.dtype, FULL=full, CHUNK=chunk, GROUPS=groups_per_block,
-                    num_warps=NUM_WARPS)
+                    group.rows, masks_table, flags, chunk_rows, chunk_starts, N=n, M=m,
+                    M_P2=m_p2, DTYPE=group.dtype, FULL=full, CHUNK=chunk,
+                    GROUPS=groups_per_block, num_warps=NUM_WARPS)
+    # One device sync per call: the op raises on a NaN, as the other backends do.
+    flagged = torch.cat(nan_flags).nonzero()
+    if flagged.numel():
+        positions = [i for group in groups for i in group.indices]
+        raise ValueError(f"xs[{work[positions[int(flagged[0])]]}] contains NaN; magnitudes are "
+                         "undefined")
     return masks
