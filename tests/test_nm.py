@@ -178,3 +178,17 @@ def test_triton_interpreted_matches_the_oracle():
         _check(xs[-1:], "5:6", device)
     finally:
         dk.use_backend("auto")
+
+
+def test_a_guarded_kernel_refusing_nan_is_not_a_failed_kernel():
+    """Under "auto" a Triton kernel's exception switches its device to torch; a NaN refused
+    is the input's fault, so it propagates and the device keeps its kernels."""
+    from dsd_kernels import backends
+
+    def refuses(xs, n, m):
+        raise ValueError("xs[0] contains NaN; magnitudes are undefined")
+
+    run = backends._guarded("nm_masks", "CPU", refuses)
+    with pytest.raises(ValueError, match="contains NaN"):
+        run([torch.ones(2, 4)], 2, 4)
+    assert "CPU" not in backends._failed
