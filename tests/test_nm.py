@@ -172,6 +172,7 @@ def test_triton_interpreted_matches_the_oracle():
         device = "cuda" if torch.cuda.is_available() else "cpu"
         xs = [_adversarial(shape, dtype, "specials", seed)
               for seed, (shape, dtype) in enumerate(zip(SHAPES, DTYPES * 2))]
+        xs.append(torch.randn(40, 1024))  # full chunks of a program, then a tail
         xs.append(torch.randn(3, 12, 2))  # a group size that is not a power of 2
         _check(xs, "2:4", device)
         _check(xs[:-1], "4:8", device)
