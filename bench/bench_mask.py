@@ -9,8 +9,9 @@ Mask rows: per layer and global (prune.global_unstructured ranks the concatenati
 Apply rows: dsd's in-place bool mask against prune's float mask product (what its forward
 pre-hook recomputes on every forward) and an in-place masked_fill_ with a precomputed ~mask.
 N:M rows (case "<size>, 2:4"): the tensors that can take the pattern (a size's one tensor as
-a matrix of rows of 1024 or fewer entries; a model's weights of 2+ dims), dsd's nm_masks
-against reshape(-1, M) + topk or sort + scatter, and NVIDIA ASP's m4n2_1d.
+a matrix of rows of 1024 or fewer entries; a model's weights of 2 or 4 dims), dsd's nm_masks
+(and its op alone: the kernels find NaN themselves) against reshape(-1, M) + topk or argsort
++ scatter, and NVIDIA ASP's m4n2_1d.
 """
 
 from itertools import permutations
@@ -117,7 +118,7 @@ def time_nm(run, case, xs, device):
     nbytes = numel * (ws[0].element_size() + 1)  # read w, write a bool mask
     run.streaming_read(case, ws)
     run.time(case, numel, DSD_NM, lambda: dk.nm_masks(ws, NM), nbytes, DSD_NM)
-    run.time(case, numel, "dsd nm_masks op (no NaN check)",
+    run.time(case, numel, "dsd nm_masks op (no Python checks)",
              lambda: torch.ops.dsd.nm_masks(ws, n, m), nbytes, DSD_NM)
     run.time(case, numel, TORCH_NM_TOPK, lambda: torch_topk_nm(ws, n, m), nbytes, DSD_NM)
     run.time(case, numel, "torch reshape + argsort + scatter",

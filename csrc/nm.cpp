@@ -1,11 +1,13 @@
 // N:M masks: in every group of m consecutive entries along dim 1, keep the n largest |x|, the
 // lower index pruned first among equal magnitudes (docs/design.md, N:M masks).
 //
-// A tensor is read row-major as (A, C, B): A the size of dim 0, C of dim 1, B the product of
-// the rest. A row (a, c / m) holds m * B entries: B groups whose m entries lie B apart. When
-// B == 1 (Linear weights) a row is one group of m adjacent entries. Each entry counts the
-// entries of its group that rank above it (m - 1 comparisons) and is kept when fewer than n
-// do; the loops are written so that the compiler vectorizes them over entries.
+// A tensor is ranked with dim 1 last, as (A * B, C): A the size of dim 0, C of dim 1, B the
+// product of the rest. For a Linear weight (B == 1) that is the tensor itself; another one is
+// copied in that order first (a Conv weight's entries of a group lie B apart in memory, too
+// few in a row to vectorize over), and its mask copied back. Then every group is M adjacent
+// entries. Each entry counts the entries of its group that rank above it (M - 1 comparisons)
+// and is kept when fewer than n do; the loops are written so that the compiler vectorizes
+// them over entries.
 //
 // Keys are the magnitude bits of the tensor's own dtype (fp32: x & 0x7FFFFFFF; fp16 and bf16:
 // x & 0x7FFF). Within one dtype they order and tie exactly as the fp32 keys of the other
@@ -111,22 +113,6 @@ void adjacent_groups(const bits_t* x, uint8_t* out, int64_t begin, int64_t end, 
   for (int64_t g = done; g < end; g += M) adjacent_group(x + g, out + g, M, n);
 }
 
-// One row of strided groups (B > 1): entry j of group b at x[j * B + b]. The loop over b reads
-// each of the M lines of the row contiguously; M a compile-time constant, or 0 for any (m).
-template <int M, typename bits_t>
-void strided_row(const bits_t* __restrict x, uint8_t* __restrict out, int64_t B, int m, int n) {
-  constexpr bits_t kMask = magnitude_bits<bits_t>();
-  const int size = M ? M : m;
-  for (int i = 0; i < size; ++i) {
-    for (int64_t b = 0; b < B; ++b) {
-      const bits_t key = x[i * B + b] & kMask;
-      int above = 0;
-      for (int j = 0; j < size; ++j) above += ranks_above<bits_t>(x[j * B + b] & kMask, key, j > i);
-      out[i * B + b] = above < n;
-    }
-  }
-}
-
 // The largest magnitude key of x[0, count): a NaN's is above Inf's. Run on a work unit just
 // before its masks, so that it brings the unit into cache rather than reading memory twice.
 template <typename bits_t>
@@ -137,52 +123,35 @@ bits_t largest_key(const bits_t* x, int64_t count) {
   return largest;
 }
 
-// One tensor, viewed as (A, C, B) and cut into rows of m * B entries.
-struct Rows {
+// One tensor as groups of m adjacent entries.
+struct Groups {
   const void* data;
   uint8_t* mask;
-  int64_t row_numel;  // m * B
-  int64_t inner;      // B
-  int64_t index;      // in xs
-  uint32_t inf_key;   // the key of Inf in the tensor's dtype
-  size_t width;       // bytes per entry
+  int64_t index;     // in xs
+  uint32_t inf_key;  // the key of Inf in the tensor's dtype
+  size_t width;      // bytes per entry
 };
 
-// A run of rows of one tensor: the unit of work.
+// A run of groups of one tensor: the unit of work.
 struct Work {
   int64_t tensor;
-  int64_t begin;  // first row
+  int64_t begin;  // first group
   int64_t end;
 };
 
-// The masks of rows [begin, end) of a tensor; false if they hold a NaN (masks unwritten).
+// The masks of groups [begin, end) of a tensor; false if they hold a NaN (masks unwritten).
 template <typename bits_t>
-bool write_rows(const Rows& t, int64_t begin, int64_t end, int m, int n) {
+bool write_groups(const Groups& t, int64_t begin, int64_t end, int m, int n) {
   const bits_t* x = static_cast<const bits_t*>(t.data);
-  if (largest_key(x + begin * t.row_numel, (end - begin) * t.row_numel) > t.inf_key) {
-    return false;
-  }
-  if (t.inner == 1) {  // a row is one group: entries [begin * m, end * m)
-    const int64_t from = begin * m, to = end * m;
-    switch (m) {
-      case 2: adjacent_groups<2>(x, t.mask, from, to, n); break;
-      case 4: adjacent_groups<4>(x, t.mask, from, to, n); break;
-      case 8: adjacent_groups<8>(x, t.mask, from, to, n); break;
-      case 16: adjacent_groups<16>(x, t.mask, from, to, n); break;
-      default:
-        for (int64_t g = from; g < to; g += m) adjacent_group(x + g, t.mask + g, m, n);
-    }
-    return true;
-  }
-  for (int64_t r = begin; r < end; ++r) {
-    const bits_t* row = x + r * t.row_numel;
-    uint8_t* out = t.mask + r * t.row_numel;
-    switch (m) {
-      case 2: strided_row<2>(row, out, t.inner, m, n); break;
-      case 4: strided_row<4>(row, out, t.inner, m, n); break;
-      case 8: strided_row<8>(row, out, t.inner, m, n); break;
-      default: strided_row<0>(row, out, t.inner, m, n); break;
-    }
+  const int64_t from = begin * m, to = end * m;
+  if (largest_key(x + from, to - from) > t.inf_key) return false;
+  switch (m) {
+    case 2: adjacent_groups<2>(x, t.mask, from, to, n); break;
+    case 4: adjacent_groups<4>(x, t.mask, from, to, n); break;
+    case 8: adjacent_groups<8>(x, t.mask, from, to, n); break;
+    case 16: adjacent_groups<16>(x, t.mask, from, to, n); break;
+    default:
+      for (int64_t g = from; g < to; g += m) adjacent_group(x + g, t.mask + g, m, n);
   }
   return true;
 }
@@ -194,8 +163,8 @@ uint32_t inf_key(at::ScalarType dtype) {
 std::vector<at::Tensor> nm_masks(at::TensorList xs, int64_t n, int64_t m) {
   TORCH_CHECK(1 <= n && n < m && m <= 64, "dsd_cpp.nm_masks: pattern ", n, ":", m,
               " needs 1 <= n < m <= 64");
-  std::vector<at::Tensor> masks, keep_alive;
-  std::vector<Rows> tensors;
+  std::vector<at::Tensor> masks, grouped, grouped_masks;
+  std::vector<Groups> tensors;
   std::vector<Work> work;
   for (size_t i = 0; i < xs.size(); ++i) {
     const at::Tensor& x = xs[i];
@@ -203,30 +172,35 @@ std::vector<at::Tensor> nm_masks(at::TensorList xs, int64_t n, int64_t m) {
                 "] needs 2+ dims and dim 1 a multiple of ", m);
     masks.push_back(at::empty(x.sizes(), x.options().dtype(at::kBool)));
     if (x.numel() == 0) continue;
-    keep_alive.push_back(x.contiguous());
-    const at::Tensor& xc = keep_alive.back();
-    const int64_t inner = x.numel() / (x.size(0) * x.size(1));
-    const int64_t rows = x.numel() / (m * inner);
+    const bool moved = x.dim() > 2;  // dim 1 is last only for a 2-D tensor
+    grouped.push_back((moved ? x.movedim(1, -1) : x).contiguous());
+    grouped_masks.push_back(moved ? at::empty(grouped.back().sizes(), masks.back().options())
+                                  : masks.back());
     const int64_t t = static_cast<int64_t>(tensors.size());
-    tensors.push_back({xc.data_ptr(), reinterpret_cast<uint8_t*>(masks.back().data_ptr<bool>()),
-                       m * inner, inner, static_cast<int64_t>(i), inf_key(x.scalar_type()),
-                       static_cast<size_t>(xc.element_size())});
-    const int64_t per_task = std::max<int64_t>(1, kChunk / (m * inner));
-    for (int64_t r = 0; r < rows; r += per_task) {
-      work.push_back({t, r, std::min(rows, r + per_task)});
+    tensors.push_back({grouped.back().data_ptr(),
+                       reinterpret_cast<uint8_t*>(grouped_masks.back().data_ptr<bool>()),
+                       static_cast<int64_t>(i), inf_key(x.scalar_type()),
+                       static_cast<size_t>(x.element_size())});
+    const int64_t groups = x.numel() / m, per_task = std::max<int64_t>(1, kChunk / m);
+    for (int64_t g = 0; g < groups; g += per_task) {
+      work.push_back({t, g, std::min(groups, g + per_task)});
     }
   }
   std::vector<char> written(work.size());
   parallel_dynamic(static_cast<int64_t>(work.size()), [&](int64_t w) {
     const Work& unit = work[w];
-    const Rows& t = tensors[unit.tensor];
+    const Groups& t = tensors[unit.tensor];
     const int mi = static_cast<int>(m), ni = static_cast<int>(n);
-    written[w] = t.width == 4 ? write_rows<uint32_t>(t, unit.begin, unit.end, mi, ni)
-                              : write_rows<uint16_t>(t, unit.begin, unit.end, mi, ni);
+    written[w] = t.width == 4 ? write_groups<uint32_t>(t, unit.begin, unit.end, mi, ni)
+                              : write_groups<uint16_t>(t, unit.begin, unit.end, mi, ni);
   });
   for (size_t w = 0; w < work.size(); ++w) {
     TORCH_CHECK_VALUE(written[w], "xs[", tensors[work[w].tensor].index,
                       "] contains NaN; magnitudes are undefined");
+  }
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    at::Tensor& mask = masks[tensors[t].index];
+    if (!grouped_masks[t].is_same(mask)) mask.copy_(grouped_masks[t].movedim(-1, 1));
   }
   return masks;
 }

@@ -172,9 +172,24 @@ def test_triton_interpreted_matches_the_oracle():
         device = "cuda" if torch.cuda.is_available() else "cpu"
         xs = [_adversarial(shape, dtype, "specials", seed)
               for seed, (shape, dtype) in enumerate(zip(SHAPES, DTYPES * 2))]
+        xs.append(torch.randn(40, 1024))  # full chunks of a program, then a tail
         xs.append(torch.randn(3, 12, 2))  # a group size that is not a power of 2
         _check(xs, "2:4", device)
         _check(xs[:-1], "4:8", device)
         _check(xs[-1:], "5:6", device)
     finally:
         dk.use_backend("auto")
+
+
+def test_a_guarded_kernel_refusing_nan_is_not_a_failed_kernel():
+    """Under "auto" a Triton kernel's exception switches its device to torch; a NaN refused
+    is the input's fault, so it propagates and the device keeps its kernels."""
+    from dsd_kernels import backends
+
+    def refuses(xs, n, m):
+        raise ValueError("xs[0] contains NaN; magnitudes are undefined")
+
+    run = backends._guarded("nm_masks", "CPU", refuses)
+    with pytest.raises(ValueError, match="contains NaN"):
+        run([torch.ones(2, 4)], 2, 4)
+    assert "CPU" not in backends._failed
