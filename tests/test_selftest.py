@@ -110,6 +110,7 @@ def _perturbed_adam_state(good, params, grads, exp_avgs, *rest):
 
 BREAKS = {
     "magnitude_masks": _flip_one_mask_entry,
+    "nm_masks": _flip_one_mask_entry,
     "masked_sgd_": _perturbed_sgd,
     "kth_smallest_abs": _one_ulp_more,
     "kth_smallest_abs_per_tensor": _one_ulp_more,
