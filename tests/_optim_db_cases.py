@@ -363,3 +363,13 @@ def through_bytes(obj):
     torch.save(obj, buffer)
     buffer.seek(0)
     return torch.load(buffer)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: on a busy machine every op of a thread pool waits for its threads (a test
+    module that imports this fixture runs on one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -68,3 +68,27 @@ def nm_masks(x, n, m):
     keep = np.ones(groups.shape, dtype=bool)
     np.put_along_axis(keep, pruned, False, axis=1)
     return torch.from_numpy(np.moveaxis(keep.reshape(moved.shape), -1, 1).copy())
+
+
+def _bits(t):
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def same_bits(a, b) -> bool:
+    """Equal bit for bit (so -0.0 differs from +0.0 and NaNs compare), tensors or lists of them
+    (LBFGS's history), other values by ==."""
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same_bits, a, b))
+    if not isinstance(a, torch.Tensor):
+        return a == b
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
+
+
+def assert_same_state(opt_a, params_a, opt_b, params_b):
+    """Weights and optimizer state bit for bit equal at every position, step counts included."""
+    for pa, pb in zip(params_a, params_b):
+        assert same_bits(pa.detach(), pb.detach())
+        state_a, state_b = opt_a.state[pa], opt_b.state[pb]
+        assert state_a.keys() == state_b.keys()
+        for name in state_a:
+            assert same_bits(state_a[name], state_b[name]), name

@@ -13,6 +13,8 @@ from torch import optim
 import dsd_kernels as dk
 from dsd_kernels.optim import LR_SCALE, fresh, general, make_masked_
 
+from _oracle import assert_same_state, same_bits
+
 SHAPES = [(6, 5), (11,)]
 
 
@@ -53,26 +55,10 @@ ELEMENTWISE = {
 }
 
 
-def _bits(t):
-    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-def _same(a, b):
-    if isinstance(a, (list, tuple)):  # LBFGS's history
-        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
-    if not isinstance(a, torch.Tensor):
-        return a == b
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
 
 
-def _same_state(opt_a, params_a, opt_b, params_b):
-    """Weights and state bit for bit equal at every position."""
-    for pa, pb in zip(params_a, params_b):
-        assert _same(pa.detach(), pb.detach())
-        state_a, state_b = opt_a.state[pa], opt_b.state[pb]
-        assert state_a.keys() == state_b.keys()
-        for name in state_a:
-            assert _same(state_a[name], state_b[name]), name
 
 
 def _plus_zero(params, masks):
@@ -128,7 +114,7 @@ def test_elementwise_masked_step_is_the_step_on_zeroed_gradients(config):
             p.grad = g
         ref.step()
         for opt, ps in runs:
-            _same_state(opt, ps, ref, ref_params)
+            assert_same_state(opt, ps, ref, ref_params)
     opt, ps = runs[0]
     opt.clear_masks()
     for step in range(3, 5):
@@ -137,7 +123,7 @@ def test_elementwise_masked_step_is_the_step_on_zeroed_gradients(config):
                 p.grad = g
         opt.step()
         ref.step()
-        _same_state(opt, ps, ref, ref_params)
+        assert_same_state(opt, ps, ref, ref_params)
     assert all((p.detach()[~m] != 0).all() for p, m in zip(ps, masks))
 
 
@@ -170,7 +156,7 @@ def test_the_probe_finds_the_table_of_torch_optim(cls, kwargs, dtype):
         assert set(found) <= set(table)
         for name, value in found.items():  # as filled: rounded to the state's dtype
             want = torch.tensor(table[name], dtype=dtype)
-            assert _same(torch.tensor(value, dtype=dtype), want), (name, value, table[name])
+            assert same_bits(torch.tensor(value, dtype=dtype), want), (name, value, table[name])
 
 
 def test_a_schedule_probes_again_at_each_lr():
@@ -222,7 +208,7 @@ def test_projected_optimizers_keep_pruned_weights_zero(make):
             _plus_zero(ps, masks[:len(ps)])
             assert all(torch.isfinite(p).all() for p in ps)
         runs.append((opt, ps))
-    _same_state(*runs[0], *runs[1])
+    assert_same_state(*runs[0], *runs[1])
 
 
 def test_lbfgs_is_lbfgs_on_the_kept_weights():
@@ -248,7 +234,7 @@ def test_lbfgs_is_lbfgs_on_the_kept_weights():
         for _ in range(2):
             opt.step(closure)
         results.append(ps)
-    assert all(_same(a.detach(), b.detach()) for a, b in zip(*results))
+    assert all(same_bits(a.detach(), b.detach()) for a, b in zip(*results))
 
 
 def test_one_pass_per_device_each_way(monkeypatch):
@@ -285,7 +271,7 @@ def test_one_pass_per_device_each_way(monkeypatch):
     calls.clear()
     rmsprop.step()
     assert calls == ["fill_pruned_"]
-    assert all(_same(p.grad, g) for p, g in zip(ps, grads))
+    assert all(same_bits(p.grad, g) for p, g in zip(ps, grads))
     lbfgs = make_masked_(optim.LBFGS(ps, lr=0.1, max_iter=3))
     lbfgs.set_masks(dict(zip(ps, masks)))
     calls.clear()
@@ -321,12 +307,12 @@ def test_masks_survive_pickle_and_deepcopy(name, copier):
     copies = other.param_groups[0]["params"]
     assert list(other.masks) == copies and all(other.masks[c] is not None for c in copies)
     assert all(torch.equal(other.masks[c], m) for c, m in zip(copies, masks))
-    _same_state(other, copies, opt, ps)
+    assert_same_state(other, copies, opt, ps)
     for params, o in ((ps, opt), (copies, other)):
         for p, g in zip(params, _grads(params, masks, 1, float("nan"))):
             p.grad = g
         o.step()
-    _same_state(other, copies, opt, ps)
+    assert_same_state(other, copies, opt, ps)
     _plus_zero(copies, masks)
     saved = other.state_dict()
     assert all(torch.equal(saved["masks"][i], m) for i, m in enumerate(masks))
@@ -354,7 +340,7 @@ def test_grad_scaler_skips_an_inf_step_and_unscales(config):
                 params[1].grad[masks[1].nonzero()[0]] = float("inf")
             scaler.step(o)
             scaler.update()
-        _same_state(opt, ps, ref, ref_params)
+        assert_same_state(opt, ps, ref, ref_params)
         _plus_zero(ps, masks)
     assert scalers[0].get_scale() == scalers[1].get_scale() < 8.0
 
@@ -418,7 +404,7 @@ def test_transformers_adafactor_is_projected():
             opt.step()
             _plus_zero(ps, masks)
         runs.append((opt, ps))
-    _same_state(*runs[0], *runs[1])
+    assert_same_state(*runs[0], *runs[1])
     assert all((runs[0][0].state[p]["exp_avg"][~m] == 0).all() for p, m in zip(runs[0][1], masks))
 
 

@@ -8,6 +8,8 @@ from torch import optim
 import dsd_kernels as dk
 from dsd_kernels.optim import LR_SCALE, make_masked_
 
+from _oracle import assert_same_state
+
 CONFIGS = {
     "Adadelta": (optim.Adadelta, dict(lr=0.5, rho=0.8, weight_decay=0.01)),
     "Adagrad": (optim.Adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=0.01,
@@ -27,25 +29,10 @@ CONFIGS = {
 SHAPES = [(7, 5), (33,), (1,)]
 
 
-def _bits(t):
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        return t
-    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
 
 
-def _same(a, b):
-    return a.shape == b.shape and torch.equal(_bits(a), _bits(b))
 
 
-def _same_state(opt_a, params_a, opt_b, params_b):
-    """Weights and state equal bit for bit at every position, step counts included."""
-    for pa, pb in zip(params_a, params_b):
-        assert _same(pa.detach(), pb.detach())
-        state_a, state_b = opt_a.state[pa], opt_b.state[pb]
-        assert state_a.keys() == state_b.keys()
-        for name in state_a:
-            a, b = state_a[name], state_b[name]
-            assert _same(a, b) if isinstance(a, torch.Tensor) else a == b, name
 
 
 def _pruned_are_plus_zero(params, masks):
@@ -96,8 +83,8 @@ def test_masked_step_is_the_step_on_zeroed_gradients(config, dtype):
             p.grad = g
         ref.step()
         for opt, ps in runs:
-            _same_state(opt, ps, ref, ref_params)
-    _same_state(*runs[0], *runs[1])  # the gradients at pruned positions left no trace
+            assert_same_state(opt, ps, ref, ref_params)
+    assert_same_state(*runs[0], *runs[1])  # the gradients at pruned positions left no trace
     opt, ps = runs[0]
     opt.clear_masks()  # re-dense: pruned weights regrow from 0 and a fresh state
     for step in range(4, 6):
@@ -121,7 +108,7 @@ def test_lr_scale_scales_the_step_and_the_fresh_step_size(config):
             p.grad, r.grad = g, g.clone()
         opt.step()
         ref.step()
-    _same_state(opt, ps, ref, ref_params)
+    assert_same_state(opt, ps, ref, ref_params)
     assert opt.param_groups[0]["lr"] == kwargs["lr"]
 
 
@@ -141,7 +128,7 @@ def test_grad_scaler_and_closure():
         scaler.step(opt)
         scaler.update()
         ref.step()
-    _same_state(opt, ps, ref, ref_params)
+    assert_same_state(opt, ps, ref, ref_params)
 
     def closure():  # its gradients are masked too: the closure runs before the masking
         opt.zero_grad()
@@ -166,7 +153,7 @@ def test_state_dict_round_trip_keeps_masks():
     other = make_masked_(cls(params, **kwargs))
     other.load_state_dict(saved)
     assert all(torch.equal(other.masks[p], m) for p, m in zip(params, masks))
-    _same_state(other, params, opt, params)
+    assert_same_state(other, params, opt, params)
 
 
 def test_a_step_held_from_before_the_conversion_refuses():

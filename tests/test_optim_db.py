@@ -11,18 +11,11 @@ from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_
 from dsd_kernels.optim import LR_SCALE, make_masked_
 
 import _optim_db_cases as db
+from _optim_db_cases import one_thread  # noqa: F401 (autouse: this module runs on one thread)
 
 STEPS = 3
 TRAINING_DOC = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a busy machine every op of a thread pool waits for its threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_every_optimizer_of_the_database_has_a_path_and_the_docs_table_says_the_same():

@@ -9,20 +9,13 @@ from torch import nn
 from dsd_kernels.optim import make_masked_
 
 import _optim_db_cases as db
+from _optim_db_cases import one_thread  # noqa: F401 (autouse: this module runs on one thread)
 
 # Each optimizer's richest configuration, Adam's amsgrad (the general step of a fused class)
 # and Lion.
 CASES = db.one_case_per_optimizer("fused", "general") + [
     db.db_case(torch.optim.Adam, "amsgrad"), db.LION_CASES[1]]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a busy machine every op of a thread pool waits for its threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(seed):
