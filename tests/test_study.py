@@ -242,7 +242,7 @@ def test_quick_study_end_to_end_reads_the_test_split_only_after_every_choice(
             "--set", 'backend="torch"']
     assert main(argv) == 0
     printed = capsys.readouterr()
-    assert "12 runs: 0 done, 12 to train" in printed.err
+    assert "16 runs: 0 done, 16 to train" in printed.err
     assert ("train-eval", "test") not in events
     last_choice = max(i for i, e in enumerate(events) if e[0] == "choice")
     first_test = min(i for i, e in enumerate(events) if e[1] == "test")
@@ -253,11 +253,11 @@ def test_quick_study_end_to_end_reads_the_test_split_only_after_every_choice(
     spec = BUDGETS["quick"]["tasks"]["digits"]
     assert [(c["regime"], c["value"]) for c in result["cells"]] == [
         (r, v) for r, values in spec.regimes.items() for v in values]
-    distinct = {c["key"]: c for c in result["cells"]}  # noise 0 is sparsity 0.5
-    assert len(distinct) == 3
+    distinct = {c["key"]: c for c in result["cells"]}  # noise 0, unstructured: sparsity 0.5
+    assert len(distinct) == 4
     assert result["runs"] == sum(2 * len(c["grid"]) for c in distinct.values())
     for cell in result["cells"]:
-        assert len(cell["runs"]) == 2 * len(cell["grid"]) and cell["tuned"]["family_size"] == 3
+        assert len(cell["runs"]) == 2 * len(cell["grid"]) and cell["tuned"]["family_size"] == 4
         # the grid (1e-3, 4e-3) widened by x2 beyond an edge an arm chose, at most once a side
         grown = cell["grid_extensions"]
         assert cell["grid"] == [1e-3 / 2] * grown["down"] + [1e-3, 4e-3] + [8e-3] * grown["up"]
@@ -276,15 +276,18 @@ def test_quick_study_end_to_end_reads_the_test_split_only_after_every_choice(
         assert tuned["verdict"] in ("tie", "DSD better", "DSD worse")
     noisy = next(c for c in result["cells"] if c["value"] == 0.3)
     assert noisy["config"]["label_noise"] == 0.3
+    structured = next(c for c in result["cells"] if c["value"] == "2:4")
+    assert structured["config"]["pattern"] == "2:4" and structured["config"]["sparsity"] == 0.5
     assert printed.out == (out / "study_quick.md").read_text()
     assert "| sparsity | 90% |" in printed.out and "| label_noise | 30% |" in printed.out
-    for regime in ("sparsity", "label_noise"):
+    assert "| pattern | unstructured |" in printed.out and "| pattern | 2:4 |" in printed.out
+    for regime in ("sparsity", "label_noise", "pattern"):
         assert (out / f"study_quick_{regime}.png").read_bytes()[:4] == b"\x89PNG"
 
     # A second call trains nothing and gives the same numbers.
     events.clear()
     assert main(argv) == 0
-    assert "12 runs: 12 done, 0 to train" in capsys.readouterr().err
+    assert "16 runs: 16 done, 0 to train" in capsys.readouterr().err
     assert not any(e[0] == "train-eval" for e in events)
     assert json.loads((out / "study_quick.json").read_text())["cells"] == result["cells"]
 
@@ -306,10 +309,10 @@ def test_a_diverged_run_is_recorded_and_not_trained_again(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"budget": "huge"}, "unknown budget 'huge'; choose one of quick, full"),
+    ({"budget": "huge"}, "unknown budget 'huge'; choose one of quick, full, pattern"),
     ({"tasks": ["cifar10"]}, "--tasks: budget quick has no task 'cifar10'; it runs digits"),
     ({"regimes": ["width"]}, "--regimes: 'width' is not a regime of budget quick on digits; "
-                             "choose from label_noise, sparsity"),
+                             "choose from label_noise, pattern, sparsity"),
     ({"seeds": 1}, "--seeds must be at least 2 for a paired test"),
     ({"jobs": 0}, "--jobs must be at least 1, got 0"),
     ({"settings": {"lr": 0.1}}, "--set lr: the study sets lr itself (every arm picks its own"),

@@ -41,6 +41,9 @@ REGIMES = {
                          lambda v, base: {"phases": [base.phases[0]] * (2 * v + 1)},
                          lambda v: "D" + "SD" * v),
     "optimizer": Regime("optimizer", lambda v, base: {"optimizer": v}),
+    "pattern": Regime("sparse phases' pattern at 50% sparsity",
+                      lambda v, base: {"pattern": v, "sparsity": 0.5},
+                      lambda v: v or "unstructured"),
 }
 
 
@@ -63,7 +66,7 @@ BUDGETS = {
     # Sized for a test: a few seconds on one core.
     "quick": {"seeds": 2, "extensions": 1, "tasks": {"digits": TaskStudy(
         {"phases": [2, 2, 2], "mlp_hidden": [32, 16]},
-        {"sparsity": (0.5, 0.9), "label_noise": (0.0, 0.3)},
+        {"sparsity": (0.5, 0.9), "label_noise": (0.0, 0.3), "pattern": ("", "2:4")},
         {"adam": ((1e-3, 4e-3), 4e-3)})}},
     # The study of docs/study.md: about 1.5 hours on 2 CPU cores with --jobs 2.
     "full": {"seeds": 8, "extensions": 2, "tasks": {
@@ -74,6 +77,9 @@ BUDGETS = {
         "text": TaskStudy({**_SAVES, "phases": [5, 5, 5]}, {"sparsity": (0.3, 0.5)},
                           {"adam": ((1e-3, 2e-3, 4e-3), 2e-3)}),
     }},
+    # Unstructured 50% against 2:4 (the same share), the classification tasks, as "full" runs.
+    "pattern": {"seeds": 8, "extensions": 2, "tasks": {
+        task: TaskStudy(_SAVES, {"pattern": ("", "2:4")}) for task in ("mnist1d", "digits")}},
 }
 
 
