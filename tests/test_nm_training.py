@@ -13,6 +13,7 @@ from dsd import DSD, Phase, Plan
 from dsd.cli import main
 from dsd.config import RunConfig
 from dsd.train import load_config
+from dsd_kernels.semi_structured import check_nm
 
 from _runs import interrupted_run, untimed_rows
 
@@ -211,6 +212,8 @@ def test_dsd_train_pattern_sparse_only_end_to_end_and_resumed(tmp_path, monkeypa
     weights = torch.load(straight / "model.pt")
     for name in ("hidden.0.weight", "out.weight"):  # dim 1: 64 and 8
         assert_nm(weights[name], 2, 4)
+    exported = {name: weights[name] for name in ("hidden.0.weight", "out.weight")}
+    assert check_nm(exported, "2:4") == list(exported)  # what export checks before converting
     config = load_config(straight)
     assert (config.pattern, config.sparsity) == ("2:4", 0.5)
 
