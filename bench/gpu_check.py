@@ -250,10 +250,12 @@ class Run:
             proc = subprocess.Popen(step.command, cwd=ROOT, env=env, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
-            record["pid"] = proc.pid
-            self.save()
             interrupted = None
             try:
+                # Inside the try: a signal that lands while "running" is being saved still
+                # stops the step and records it.
+                record["pid"] = proc.pid
+                self.save()
                 returncode = proc.wait(timeout=step.budget_s)
                 status = "passed" if returncode == 0 else "failed"
             except (subprocess.TimeoutExpired, Interrupted, KeyboardInterrupt) as stop:

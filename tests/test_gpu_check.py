@@ -184,6 +184,22 @@ def test_what_was_written_before_an_interruption_survives(tmp_path, stop):
     assert steps["sleeper"]["status"] == expected
 
 
+def test_a_signal_while_the_running_record_is_saved_still_stops_the_step(tmp_path, monkeypatch):
+    save = gpu_check.Run.save
+
+    def interrupted_save(run):  # SIGTERM lands as the step's "running" record is written
+        save(run)
+        if any(s.get("status") == "running" for s in run.summary["steps"]):
+            raise gpu_check.Interrupted("SIGTERM")
+
+    monkeypatch.setattr(gpu_check.Run, "save", interrupted_save)
+    steps = [gpu_check.Step("sleeper", _python("import time; time.sleep(120)"), 120)]
+    began = time.monotonic()
+    run = gpu_check.run_steps(steps, "cpu", tmp_path / "out", tmp_path / "work")
+    assert time.monotonic() - began < 60  # the sleeper was killed, not waited for
+    assert run.summary["steps"][0]["status"] == "interrupted"
+
+
 def test_test_counts_from_junit_or_from_the_log_of_a_stopped_run(tmp_path):
     junit = tmp_path / "tests.xml"
     junit.write_text('<testsuites><testsuite tests="2" failures="1" errors="0" skipped="0" '
