@@ -9,10 +9,10 @@ dtypes, a list large enough for the bracket, and the same list with the bracket 
 Linear and Conv weights for N:M masks) and is compared with the answer computed on CPU: a sort
 of the magnitudes for thresholds and masks (of each group's for N:M), `x != 0` for the masks
 of a model's zeros, `torch.where` for applied masks, `masked_fill` for filled pruned entries,
-the pure-torch reference for histograms and optimizer steps. Thresholds, masks, applied masks and fills must
-match bit for bit; optimizer steps within the tests' tolerances, with pruned entries exactly
-+0.0. Each backend's kernels are called directly, not through the selected backend. Exit
-status: 0 all passed, 1 a check failed, 2 bad arguments.
+the pure-torch reference for histograms and optimizer steps. Thresholds, masks, applied masks
+and fills must match bit for bit; optimizer steps within the tests' tolerances, with pruned
+entries exactly +0.0. Each backend's kernels are called directly, not through the selected
+backend. Exit status: 0 all passed, 1 a check failed, 2 bad arguments.
 """
 
 import argparse

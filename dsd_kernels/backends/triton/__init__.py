@@ -2,7 +2,8 @@
 
 Registered for CUDA tensors; with TRITON_INTERPRET=1 also for CPU tensors, which Triton's
 interpreter runs (slowly, but it exercises every kernel without a GPU). Each op is one module
-(threshold.py, mask.py, nm.py, zeros.py, optim.py); tables.py holds the multi-tensor launch tables they share.
+(threshold.py, mask.py, nm.py, zeros.py, optim.py); tables.py holds the multi-tensor launch
+tables they share.
 """
 
 import os
