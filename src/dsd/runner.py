@@ -110,6 +110,24 @@ def zero_fractions(named_params) -> dict[str, float]:
     return {name: (p.detach() == 0).sum().item() / p.numel() for name, p in named_params}
 
 
+def zeros_found(named_params) -> dict[str, float]:
+    """Fraction of exactly-zero entries of each named tensor, for the masks of a
+    ``masks="zeros"`` phase: there must be some.
+
+    Raises:
+        ValueError: none of the tensors holds an exact zero.
+    """
+    named_params = list(named_params)
+    found = zero_fractions(named_params)  # a DTensor counts its global zeros
+    if not any(found.values()):
+        names = [name for name, _ in named_params]
+        shown = ", ".join(names[:3]) + (f", ... ({len(names)} tensors)" if len(names) > 3
+                                        else "")
+        raise ValueError(f"no exact zeros found in the prunable tensors: {shown}; to prune, use "
+                         "a sparsity (masks='magnitude')")
+    return found
+
+
 class DSD:
     """Carries out a `Plan` on a model and optimizer inside any training loop.
 
@@ -267,13 +285,7 @@ class DSD:
         """The masks of the weights' exact zeros (local shards of DTensors), after checking
         that there are some; records their per-layer sparsity in `found_sparsity`."""
         masks = dsd_kernels.nonzero_masks(weights, names=names)
-        found = zero_fractions(zip(names, weights))  # a DTensor counts its global zeros
-        if not any(found.values()):
-            shown = ", ".join(names[:3]) + (f", ... ({len(names)} tensors)" if len(names) > 3
-                                            else "")
-            raise ValueError(f"no exact zeros found in the prunable tensors: {shown}; to prune, "
-                             "use a sparsity (masks='magnitude')")
-        self.found_sparsity = found
+        self.found_sparsity = zeros_found(zip(names, weights))
         return masks
 
     def resume(self, done: int) -> None:
