@@ -106,8 +106,15 @@ def pattern_targets(named_params, pattern: str, include=()) -> list[tuple[str, n
 
 
 def zero_fractions(named_params) -> dict[str, float]:
-    """Fraction of exactly-zero entries of each named tensor."""
-    return {name: (p.detach() == 0).sum().item() / p.numel() for name, p in named_params}
+    """Fraction of exactly-zero entries of each named tensor (of a DTensor, the whole tensor's:
+    its shards' counts are summed over the mesh)."""
+    fractions = {}
+    for name, p in named_params:
+        zeros = (p.detach() == 0).sum()
+        if hasattr(zeros, "full_tensor"):  # a DTensor's sum is partial until reduced
+            zeros = zeros.full_tensor()
+        fractions[name] = zeros.item() / p.numel()
+    return fractions
 
 
 def zeros_found(named_params) -> dict[str, float]:
@@ -118,7 +125,7 @@ def zeros_found(named_params) -> dict[str, float]:
         ValueError: none of the tensors holds an exact zero.
     """
     named_params = list(named_params)
-    found = zero_fractions(named_params)  # a DTensor counts its global zeros
+    found = zero_fractions(named_params)
     if not any(found.values()):
         names = [name for name, _ in named_params]
         shown = ", ".join(names[:3]) + (f", ... ({len(names)} tensors)" if len(names) > 3
