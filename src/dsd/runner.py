@@ -170,8 +170,7 @@ class DSD:
         TypeError: If `plan` is not a `Plan`, or `optimizer` is not one `make_masked_` takes
             (any torch.optim.Optimizer but SparseAdam) or a masked one.
         ValueError: If the plan's patterns match no parameter or select a frozen one, nothing
-            is left to prune, (on entering a ``masks="zeros"`` phase) the prunable tensors hold
-            no exact zero or a NaN, an N:M pattern fits no prunable tensor or one that include
+            is left to prune, an N:M pattern fits no prunable tensor or one that include
             names exactly (`pattern_targets`), a prunable parameter is not in the optimizer
             or has a dtype the masked step does not support, or a phase scales the learning
             rate of a param group whose lr is not a number (e.g. Adafactor's relative_step).
@@ -224,7 +223,8 @@ class DSD:
 
         Raises:
             ValueError: If the plan counts steps, `epoch` is outside the plan, or it belongs
-                to a phase before the current one.
+                to a phase before the current one; entering a ``masks="zeros"`` phase, if the
+                prunable tensors hold no exact zero, or a NaN (nothing is changed then).
         """
         return self._advance("epochs", epoch)
 
@@ -240,7 +240,8 @@ class DSD:
 
         Raises:
             ValueError: If the plan counts epochs, `step` is outside the plan, or it belongs
-                to a phase before the current one.
+                to a phase before the current one; entering a ``masks="zeros"`` phase, if the
+                prunable tensors hold no exact zero, or a NaN (nothing is changed then).
         """
         return self._advance("steps", step)
 
