@@ -52,7 +52,8 @@ OPS = FAMILIES[:6]
 # The suites whose cases take a `device` parameter, and the export's CUDA conversion: their
 # CUDA cases are selected by name.
 DEVICE_TESTS = ("tests/test_threshold.py", "tests/test_mask.py", "tests/test_histogram.py",
-                "tests/test_optim.py", "tests/test_nm.py", "tests/test_semi_structured.py")
+                "tests/test_optim.py", "tests/test_nm.py", "tests/test_zeros_masks.py",
+                "tests/test_semi_structured.py")
 # The suites that run wholly on CUDA when a GPU is present (the stream test on CUDA only).
 TRITON_TESTS = ("tests/test_triton_backend.py", "tests/test_triton_cache.py",
                 "tests/test_triton_convert.py", "tests/test_triton_streams.py")

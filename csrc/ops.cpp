@@ -11,6 +11,7 @@ TORCH_LIBRARY(dsd_cpp, m) {
       "-> Tensor");
   m.def("magnitude_masks(Tensor[] xs, int[] ks, str scope) -> Tensor[]");
   m.def("nm_masks(Tensor[] xs, int n, int m) -> Tensor[]");
+  m.def("nonzero_masks(Tensor[] xs) -> Tensor[]");
   m.def("apply_masks_(Tensor(a!)[] xs, Tensor[] masks) -> ()");
   m.def("fill_pruned_(Tensor(a!)[] xs, Tensor[] masks, float[] values) -> ()");
   m.def(

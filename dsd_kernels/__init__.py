@@ -27,12 +27,14 @@ from .functional import (
                        masked_sgd_,
                        nm_eligible,
                        nm_masks,
+                       nonzero_masks,
                        pruned_count,
 )
 from .optim import MaskedAdam, MaskedAdamW, MaskedSGD
 
 __all__ = [
-    "kth_smallest_abs", "magnitude_masks", "nm_masks", "nm_eligible", "apply_masks_",
+    "kth_smallest_abs", "magnitude_masks", "nm_masks", "nm_eligible", "nonzero_masks",
+    "apply_masks_",
     "fill_pruned_", "masked_sgd_", "masked_adam_",
     "pruned_count", "check_sparsity", "SCOPES", "local_tensor",
     "available_backends", "use_backend", "selected_backends", "backend_from_env",

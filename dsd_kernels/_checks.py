@@ -104,14 +104,14 @@ def finite(xs: list, label: Names) -> None:
         raise ValueError(f"{label(int(bad[0]))} contains NaN or Inf; magnitudes are undefined")
 
 
-def no_nan(xs: list, label: Names) -> None:
+def no_nan(xs: list, label: Names, why: str = "magnitudes are undefined") -> None:
     """No NaN anywhere (Inf allowed; one device sync for the whole list; meta tensors hold
-    no values)."""
+    no values); `why` ends the message."""
     if xs[0].device.type == "meta":
         return
     bad = torch.isnan(_extremes(xs)).any(1).nonzero()
     if bad.numel():
-        raise ValueError(f"{label(int(bad[0]))} contains NaN; magnitudes are undefined")
+        raise ValueError(f"{label(int(bad[0]))} contains NaN; {why}")
 
 
 def pattern(value) -> tuple[int, int]:

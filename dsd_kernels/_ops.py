@@ -13,6 +13,8 @@ Semantics every backend shares (docs/design.md):
 - `nm_masks` keeps, in every group of m consecutive entries along dim 1 (the reduction
   dimension of Linear and Conv weights), the n largest |x|, ties broken by position (the
   lower index along dim 1 pruned first); every tensor has 2+ dims and dim 1 a multiple of m;
+- `nonzero_masks` keeps every entry that is not zero (+0.0 and -0.0 are both pruned): the
+  masks of a model that is already sparse; a NaN raises, Inf is kept;
 - a pruned position is written as +0.0 in the weight and in every optimizer state tensor;
 - optimizer math runs in fp32 and is cast once on store; `grad_scale` (GradScaler's scale)
   divides the gradient inside the update.
@@ -37,6 +39,9 @@ SCHEMAS = {
     # 1 <= n < m; every xs[i] has 2+ dims and its dim-1 size a multiple of m. A NaN raises
     # ValueError("xs[i] contains NaN; ..."): the kernel finds it in the pass that ranks.
     "nm_masks": "(Tensor[] xs, int n, int m) -> Tensor[]",
+    # Masks True where x != 0. A NaN raises ValueError("xs[i] contains NaN; ..."): the kernel
+    # finds it in its one pass.
+    "nonzero_masks": "(Tensor[] xs) -> Tensor[]",
     "apply_masks_": "(Tensor(a!)[] xs, Tensor[] masks) -> ()",
     # values[i] (rounded to xs[i]'s dtype as torch's fill rounds it) at the pruned entries.
     "fill_pruned_": "(Tensor(a!)[] xs, Tensor[] masks, float[] values) -> ()",
@@ -52,6 +57,8 @@ SCHEMAS = {
     ),
 }
 OPS = tuple(SCHEMAS)
+# Why nonzero_masks refuses a NaN (every backend's message ends with it).
+NAN_IS_NO_WEIGHT = "a NaN weight is neither zero nor a number to keep"
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
 for _name, _schema in SCHEMAS.items():
@@ -88,6 +95,11 @@ def _magnitude_masks_fake(xs, ks, scope):
 
 @torch.library.register_fake(f"{NAMESPACE}::nm_masks")
 def _nm_masks_fake(xs, n, m):
+    return [torch.empty(x.shape, dtype=torch.bool, device=x.device) for x in xs]
+
+
+@torch.library.register_fake(f"{NAMESPACE}::nonzero_masks")
+def _nonzero_masks_fake(xs):
     return [torch.empty(x.shape, dtype=torch.bool, device=x.device) for x in xs]
 
 

@@ -16,7 +16,8 @@ from . import _checks, _ops, distributed  # noqa: F401  (_ops defines the ops)
 from ._checks import SCOPES
 from .backends import ensure_selected as _ensure_selected
 
-__all__ = ["kth_smallest_abs", "magnitude_masks", "nm_masks", "nm_eligible", "apply_masks_",
+__all__ = ["kth_smallest_abs", "magnitude_masks", "nm_masks", "nm_eligible", "nonzero_masks",
+           "apply_masks_",
            "fill_pruned_", "masked_sgd_", "masked_adam_", "pruned_count", "check_sparsity",
            "SCOPES"]
 
@@ -196,6 +197,41 @@ def nm_eligible(x: torch.Tensor, pattern) -> bool:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a tensor, not {type(x).__name__}")
     return _checks.nm_eligible(x, m)
+
+
+def nonzero_masks(xs, *, names: Sequence[str] | None = None):
+    """Masks (True = kept) of the entries that are not zero: the masks of a model that is
+    already sparse (pruned and saved with exact zeros), read in one pass over all of `xs`.
+
+    +0.0 and -0.0 are both zeros (pruned); Inf is kept. FSDP2 parameters (DTensors) give the
+    masks of their local shards: each entry is decided on its own, so no rank needs another's.
+
+    Args:
+        xs: a float32/float16/bfloat16 tensor, or a list of them on one device (0-d and empty
+            tensors included).
+        names: one name per tensor, used only by error messages.
+
+    Returns:
+        A mask for a tensor, a list of masks (bool, contiguous, shaped like each tensor) for a
+        list.
+
+    Raises:
+        ValueError: `xs` empty, not tensors, or of an unsupported dtype, layout or device; a
+            tensor holds NaN (neither a zero nor a weight to keep).
+    """
+    single = isinstance(xs, torch.Tensor)
+    xs = [distributed.local_tensor(x) for x in _checks.tensor_list(xs, "xs")]
+    xs, label = _checks.weights(xs, names)
+    _ensure_selected()
+    with torch.no_grad():
+        try:
+            masks = _ops_.nonzero_masks(xs)
+        except ValueError:
+            # The kernels find a NaN in their one pass; the message names the tensor as the
+            # caller does.
+            _checks.no_nan(xs, label, _ops.NAN_IS_NO_WEIGHT)
+            raise
+    return masks[0] if single else list(masks)
 
 
 def apply_masks_(xs, masks) -> None:

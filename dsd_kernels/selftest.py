@@ -7,12 +7,12 @@ on CPU tensors only under TRITON_INTERPRET=1), each op runs on small adversarial
 (heavy ties, signed zeros, denormals, odd sizes, an empty tensor, each dtype, a list of mixed
 dtypes, a list large enough for the bracket, and the same list with the bracket forced to miss;
 Linear and Conv weights for N:M masks) and is compared with the answer computed on CPU: a sort
-of the magnitudes for thresholds and masks (of each group's for N:M), `torch.where` for
-applied masks, `masked_fill` for filled pruned entries, the pure-torch reference for
-histograms and optimizer steps. Thresholds, masks, applied masks and fills must
-match bit for bit; optimizer steps within the tests' tolerances, with pruned entries exactly
-+0.0. Each backend's kernels are called directly, not through the selected backend. Exit
-status: 0 all passed, 1 a check failed, 2 bad arguments.
+of the magnitudes for thresholds and masks (of each group's for N:M), `x != 0` for the masks
+of a model's zeros, `torch.where` for applied masks, `masked_fill` for filled pruned entries,
+the pure-torch reference for histograms and optimizer steps. Thresholds, masks, applied masks
+and fills must match bit for bit; optimizer steps within the tests' tolerances, with pruned
+entries exactly +0.0. Each backend's kernels are called directly, not through the selected
+backend. Exit status: 0 all passed, 1 a check failed, 2 bad arguments.
 """
 
 import argparse
@@ -275,6 +275,12 @@ def _check_nm(kernels, xs, case):
             kernels["nm_masks"](xs, n, m), _known_nm_masks(host, n, m))
 
 
+def _check_nonzero(kernels, xs, case):
+    host = _cpu(xs)
+    yield "nonzero_masks", case, lambda: _same_masks(kernels["nonzero_masks"](xs),
+                                                     [x != 0 for x in host])
+
+
 def _same_masks(got, want):
     got = list(got)
     if len(got) != len(want):
@@ -462,6 +468,7 @@ def _checks(name, kernels, device):
             generators = [_check_thresholds(kernels, xs, case), _check_masks(kernels, xs, case)]
             if case not in BRACKET_CASES:  # neither op has a bracket
                 generators.append(_check_apply(kernels, xs, case))
+                generators.append(_check_nonzero(kernels, xs, case))
                 if name != "torch" or device != "cpu":  # the reference is the known answer
                     generators.append(_check_histogram(kernels, reference, xs, case))
             for generator in generators:

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dsd_kernels as dk
+from dsd import DSD, Plan
 
 import _oracle
 
@@ -129,6 +130,15 @@ def _check_fsdp2_masked_training(rank, world):
         assert (w.to_local()[~local] == 0).all()
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=1e-5, atol=1e-6)
+    # The masks of the zeros: each rank's are those of its own shards, found with no
+    # collective, and a masks="zeros" plan reports the whole tensors' sparsity.
+    for w, full in zip(weights, full_masks):
+        start = min(rank * -(-w.shape[0] // world), w.shape[0])
+        assert torch.equal(dk.nonzero_masks(w), full[start: start + w.to_local().shape[0]])
+    zeros = DSD(model, opts[0], Plan.sparse(1, masks="zeros"))
+    zeros.epoch_start(0)
+    assert zeros.found_sparsity == zeros.sparsity() == {"0.weight": 27 / 54, "2.weight": 13 / 27}
+    assert all(torch.equal(opts[0].masks[w], mask) for w, mask in zip(weights, local_masks))
 
 
 def _check_collectives_per_call(rank, world):

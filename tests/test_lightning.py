@@ -397,3 +397,36 @@ def test_a_pattern_plan_keeps_the_masked_tensors_nm_and_goes_into_the_checkpoint
             assert (weight != 0).reshape(-1, 4).sum(-1).le(2).all(), name
             assert not weight[~mask].any(), name
     assert all(mask is None for mask in resumed.steps[-1]["masks"].values())  # re-dense
+
+
+def test_a_zeros_plan_keeps_the_models_zeros_and_a_resume_keeps_them(tmp_path):
+    """Plan.from_lengths([2, 1], first="sparse", masks="zeros") on a Net whose prunable
+    weights were half zeroed (a pruned checkpoint): every sparse step, before and after a
+    resume from the checkpoint, keeps exactly those zeros as +0.0; re-dense regrows them."""
+    plan = Plan.from_lengths([2, 1], first="sparse", masks="zeros")
+
+    def pruned():
+        L.seed_everything(0, verbose=False)
+        net = Net("adamw")
+        with torch.no_grad():
+            for name in PRUNABLE:
+                net.get_parameter(name).mul_(dk.magnitude_masks(net.get_parameter(name), 0.5))
+        return net
+
+    zeros = {name: pruned().get_parameter(name) == 0 for name in PRUNABLE}
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first_callback, first = _fit(pruned(), plan, callbacks=[checkpoint],
+                                 enable_checkpointing=True, max_epochs=1)
+    assert first_callback.dsd.found_sparsity == {name: 0.5 for name in PRUNABLE}
+    _, resumed = _fit(pruned(), plan, callbacks=[ModelCheckpoint(tmp_path)],
+                      ckpt_path=checkpoint.last_model_path, enable_checkpointing=True,
+                      max_epochs=3)
+    sparse = [s for s in first.steps + resumed.steps if s["phase"] == 0]
+    assert len(sparse) == 2 * BATCHES_PER_EPOCH
+    for s in sparse:
+        for name in PRUNABLE:
+            assert torch.equal(s["masks"][name], ~zeros[name]), name
+            assert not s["after"][name][zeros[name]].view(torch.int32).any(), name
+    last = resumed.steps[-1]
+    for name in PRUNABLE:
+        assert last["masks"][name] is None and last["after"][name][zeros[name]].all(), name

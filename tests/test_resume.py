@@ -88,16 +88,17 @@ def test_a_run_of_another_optimizer_resumes_bit_exactly_from_its_saved_config(tm
     assert untimed_rows(run) == untimed_rows(tmp_path / "straight")
 
 
-def test_a_run_from_before_the_pattern_option_resumes(tmp_path, monkeypatch):
-    """Its config.toml and checkpoints have no pattern key: they read as unstructured."""
+def test_a_run_from_before_the_pattern_and_masks_options_resumes(tmp_path, monkeypatch):
+    """Its config.toml and checkpoints have no pattern or masks key: they read as unstructured
+    magnitude pruning."""
     config = {"task": "digits", "phases": [1, 1], "mlp_hidden": [8], "backend": "torch"}
     run = interrupted_run(tmp_path / "run", monkeypatch, ("dsd", 1), config)
     toml = run / "config.toml"
     toml.write_text("".join(line for line in toml.read_text().splitlines(keepends=True)
-                            if not line.startswith("pattern ")))
+                            if not line.startswith(("pattern ", "masks "))))
     last = run / "checkpoints" / "last.pt"
     state = torch.load(last, weights_only=False)
-    del state["config"]["pattern"]
+    del state["config"]["pattern"], state["config"]["masks"]
     torch.save(state, last)
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
-    assert load_config(run).pattern == ""
+    assert (load_config(run).pattern, load_config(run).masks) == ("", "magnitude")

@@ -74,8 +74,8 @@ def _broken(monkeypatch, op, breaks):
     monkeypatch.setitem(backends._loaded, "cpp", Backend(kernels, ("CPU",)))
 
 
-def _flip_one_mask_entry(good, xs, ks, scope):
-    masks = good(xs, ks, scope)
+def _flip_one_mask_entry(good, *args):
+    masks = good(*args)
     for mask in masks:
         if mask.numel() > 1:
             mask.view(-1)[1] = ~mask.view(-1)[1]
@@ -111,6 +111,7 @@ def _perturbed_adam_state(good, params, grads, exp_avgs, *rest):
 BREAKS = {
     "magnitude_masks": _flip_one_mask_entry,
     "nm_masks": _flip_one_mask_entry,
+    "nonzero_masks": _flip_one_mask_entry,
     "masked_sgd_": _perturbed_sgd,
     "kth_smallest_abs": _one_ulp_more,
     "kth_smallest_abs_per_tensor": _one_ulp_more,

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 import dsd_kernels as dk
-from dsd import Plan
+from dsd import Plan, prunable_parameters
 from dsd.integrations.transformers import DSDCallback
 from dsd_kernels.optim import LR_SCALE, step_lr
 
@@ -346,6 +346,48 @@ def test_a_pattern_plan_keeps_the_masked_tensors_nm_and_resumes(tmp_path):
     assert checked[:4] == checked[8:] == [0] * 4
     resumed = make_trainer(tmp_path / "resumed", DSDCallback(plan))
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-6"))
+    expected = weights(full)
+    for name, weight in weights(resumed).items():
+        assert torch.equal(weight, expected[name]), name
+
+
+def test_a_zeros_plan_keeps_the_models_zeros_and_a_resume_keeps_them(tmp_path):
+    """Plan.from_lengths([6, 3], first="sparse", masks="zeros") on a tiny BERT whose prunable
+    weights were half zeroed (a pruned checkpoint): after every sparse step the zeros are
+    exactly those, as +0.0; resumed mid-phase into the Trainer's AdamW (which drops the
+    masks), they come back from the zeros and the run ends bit-exact."""
+    plan = Plan.from_lengths([6, 3], first="sparse", masks="zeros", unit="steps")
+    checked = []
+
+    def pruned(trainer):
+        with torch.no_grad():
+            for _, p in prunable_parameters(trainer.model):
+                p.mul_(dk.magnitude_masks(p, 0.5))
+        return {name: p.detach() == 0 for name, p in prunable_parameters(trainer.model)}
+
+    class ZerosKept(transformers.TrainerCallback):
+        def __init__(self, dsd_callback, zeros):
+            self.dsd_callback, self.zeros = dsd_callback, zeros
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if self.dsd_callback.dsd.phase_index == 0:
+                for name, p in prunable_parameters(model):
+                    assert torch.equal(p.detach() == 0, self.zeros[name]), name
+                    assert not p.detach()[self.zeros[name]].view(torch.int32).any(), name
+                checked.append(state.global_step)
+
+    dsd_callback = DSDCallback(plan)
+    full = make_trainer(tmp_path / "full", dsd_callback, save_strategy="steps", save_steps=3)
+    zeros = pruned(full)
+    full.add_callback(ZerosKept(dsd_callback, zeros))
+    full.train()
+    assert set(dsd_callback.dsd.found_sparsity) == set(zeros)
+    dsd_callback = DSDCallback(plan)
+    resumed = make_trainer(tmp_path / "resumed", dsd_callback)
+    pruned(resumed)  # as the user would build it; the checkpoint's weights replace these
+    resumed.add_callback(ZerosKept(dsd_callback, zeros))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert checked == [1, 2, 3, 4, 5, 6, 4, 5, 6]
     expected = weights(full)
     for name, weight in weights(resumed).items():
         assert torch.equal(weight, expected[name]), name

@@ -39,7 +39,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 CSRC = next((d for d in (PACKAGE_DIR / "csrc", PACKAGE_DIR.parent / "csrc") if d.is_dir()),
             PACKAGE_DIR / "csrc")
 SOURCES = ("ops.cpp", "select.cpp", "threshold.cpp", "histogram.cpp", "mask.cpp", "nm.cpp",
-           "optim.cpp", "describe.cpp")
+           "zeros.cpp", "optim.cpp", "describe.cpp")
 HEADERS = ("dsd_cpu.h",)
 
 # at::parallel_for is OpenMP code in ATen's headers; torch ships the matching libgomp.

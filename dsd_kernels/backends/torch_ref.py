@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .._ops import magnitude_dtype
+from .._ops import NAN_IS_NO_WEIGHT, magnitude_dtype
 
 
 def _magnitudes(x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +71,15 @@ def nm_masks(xs, n, m):
         kept = torch.zeros(ranks.shape, dtype=torch.bool, device=x.device)
         kept.scatter_(1, ranks.topk(n, dim=1).indices, True)
         masks.append(kept.view(moved.shape).movedim(-1, 1).contiguous())
+    return masks
+
+
+def nonzero_masks(xs):
+    masks = []
+    for i, x in enumerate(xs):
+        if torch.isnan(x).any():
+            raise ValueError(f"xs[{i}] contains NaN; {NAN_IS_NO_WEIGHT}")
+        masks.append((x != 0).contiguous())  # -0.0 == 0: both zeros are pruned
     return masks
 
 
@@ -139,6 +148,7 @@ KERNELS = {
     "magnitude_histogram": magnitude_histogram,
     "magnitude_masks": magnitude_masks,
     "nm_masks": nm_masks,
+    "nonzero_masks": nonzero_masks,
     "apply_masks_": apply_masks_,
     "fill_pruned_": fill_pruned_,
     "masked_sgd_": masked_sgd_,

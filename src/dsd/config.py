@@ -19,7 +19,7 @@ from dsd_kernels import _checks
 from .data import TASKS
 from .models import MODELS, is_factory
 from .optimizers import canonical_name, optimizer_class, run_kwargs
-from .plan import KINDS, Plan
+from .plan import KINDS, MASKS, Plan
 
 DEVICES = ("auto", "cpu", "cuda")
 AMP = ("off", "bf16", "fp16")
@@ -100,6 +100,10 @@ class RunConfig:
                            "largest are kept, e.g. 2:4; implies sparsity 1 - N/M; tensors that "
                            "cannot take it stay dense (--dry-run lists them); empty: "
                            "unstructured")
+    masks: str = _option("magnitude", "where the sparse phases' masks come from: magnitude "
+                         "(prune the smallest, by sparsity or pattern) or zeros (keep the exact "
+                         "zeros of the --init model, pruned elsewhere: each layer keeps its own "
+                         "sparsity; an S-only or S-D run, with first_phase sparse)", MASKS)
     scope: str = _option("layer", "prune per tensor (layer, the paper) or ranked over all "
                          "prunable tensors together (global)", dsd_kernels.SCOPES)
     include: list[str] = _option([], "prune exactly the parameters matching these fnmatch "
@@ -164,6 +168,8 @@ class RunConfig:
                 raise ValueError(f"unknown {f.name} {value!r}; choose one of "
                                  f"{', '.join(f.metadata['choices'])}")
         self._check_ranges()
+        if self.masks == "zeros":
+            self._check_zeros()
         self._check_model()
         self._check_optimizer()
         for name in _PATHS:
@@ -246,11 +252,33 @@ class RunConfig:
         object.__setattr__(self, "pattern", f"{n}:{m}")  # frozen
         object.__setattr__(self, "sparsity", implied)
 
+    def _check_zeros(self):
+        """masks zeros: a model with zeros to keep (--init), no phase before the sparse one
+        that would fill them in, and no pruning of its own (the default sparsity counts as
+        not given: config.toml records it)."""
+        if not self.init:
+            raise ConfigError("masks", " zeros keeps the exact zeros of an --init model, and a "
+                              "random initialisation has none: give --init FILE")
+        if self.first_phase == "dense":
+            raise ConfigError("masks", " zeros needs --first-phase sparse: a dense phase "
+                              "before it fills the model's zeros in")
+        default = next(f.default for f in fields(self) if f.name == "sparsity")
+        if self.pattern or self.sparsity != default:
+            key = "pattern" if self.pattern else "sparsity"
+            raise ConfigError(key, f" {getattr(self, key)} contradicts masks zeros, which keeps "
+                              "the --init model's own sparsity; leave it out")
+        if len(self.phases) > 2:
+            raise ConfigError("phases", f" {','.join(map(str, self.phases))} from sparse has a "
+                              "sparse phase after a dense one, which fills the zeros in; masks "
+                              "zeros takes one phase (S) or two (S-D)")
+
     def plan(self) -> Plan:
-        return Plan.from_lengths(self.phases, sparsity=self.sparsity,
+        zeros = self.masks == "zeros"
+        return Plan.from_lengths(self.phases, sparsity=None if zeros else self.sparsity,
                                  redense_lr_factor=self.redense_lr_factor, scope=self.scope,
                                  include=self.include, exclude=self.exclude,
-                                 first=self.first_phase, pattern=self.pattern or None)
+                                 first=self.first_phase, pattern=self.pattern or None,
+                                 masks=self.masks)
 
     def to_dict(self) -> dict:
         return asdict(self)

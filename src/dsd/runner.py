@@ -106,8 +106,33 @@ def pattern_targets(named_params, pattern: str, include=()) -> list[tuple[str, n
 
 
 def zero_fractions(named_params) -> dict[str, float]:
-    """Fraction of exactly-zero entries of each named tensor."""
-    return {name: (p.detach() == 0).sum().item() / p.numel() for name, p in named_params}
+    """Fraction of exactly-zero entries of each named tensor (of a DTensor, the whole tensor's:
+    its shards' counts are summed over the mesh)."""
+    fractions = {}
+    for name, p in named_params:
+        zeros = (p.detach() == 0).sum()
+        if hasattr(zeros, "full_tensor"):  # a DTensor's sum is partial until reduced
+            zeros = zeros.full_tensor()
+        fractions[name] = zeros.item() / p.numel()
+    return fractions
+
+
+def zeros_found(named_params) -> dict[str, float]:
+    """Fraction of exactly-zero entries of each named tensor, for the masks of a
+    ``masks="zeros"`` phase: there must be some.
+
+    Raises:
+        ValueError: none of the tensors holds an exact zero.
+    """
+    named_params = list(named_params)
+    found = zero_fractions(named_params)
+    if not any(found.values()):
+        names = [name for name, _ in named_params]
+        shown = ", ".join(names[:3]) + (f", ... ({len(names)} tensors)" if len(names) > 3
+                                        else "")
+        raise ValueError(f"no exact zeros found in the prunable tensors: {shown}; to prune, use "
+                         "a sparsity (masks='magnitude')")
+    return found
 
 
 class DSD:
@@ -120,6 +145,9 @@ class DSD:
       (or globally, ``scope="global"``) with `dsd_kernels.magnitude_masks`, and fixes the mask;
       a phase with an N:M pattern masks the prunable tensors that can take it
       (`pattern_targets`) with `dsd_kernels.nm_masks` and leaves the others dense;
+      a phase with ``masks="zeros"`` masks the prunable tensors' exact zeros
+      (`dsd_kernels.nonzero_masks`, one call), keeping the sparsity a pruned model has, and
+      records what it found per layer in `found_sparsity`;
     - entering a dense phase lifts the mask: pruned weights restart from 0 with 0 state;
     - each phase's `lr_scale` goes into every param group as `dsd_kernels.optim.LR_SCALE`,
       which the masked step multiplies ``lr`` by: ``lr`` itself stays whatever the user or an
@@ -175,6 +203,9 @@ class DSD:
         self._nm_targets = nm_targets
         self.optimizer = make_masked_(optimizer)
         self.phase_index: int | None = None  # None until the first epoch_start/step_start
+        # Per-layer sparsity of the zeros a masks="zeros" phase found when it began (None
+        # until one does): what a model pruned elsewhere brought.
+        self.found_sparsity: dict[str, float] | None = None
 
     @property
     def phase(self):
@@ -192,7 +223,8 @@ class DSD:
 
         Raises:
             ValueError: If the plan counts steps, `epoch` is outside the plan, or it belongs
-                to a phase before the current one.
+                to a phase before the current one; entering a ``masks="zeros"`` phase, if the
+                prunable tensors hold no exact zero, or a NaN (nothing is changed then).
         """
         return self._advance("epochs", epoch)
 
@@ -208,7 +240,8 @@ class DSD:
 
         Raises:
             ValueError: If the plan counts epochs, `step` is outside the plan, or it belongs
-                to a phase before the current one.
+                to a phase before the current one; entering a ``masks="zeros"`` phase, if the
+                prunable tensors hold no exact zero, or a NaN (nothing is changed then).
         """
         return self._advance("steps", step)
 
@@ -228,10 +261,11 @@ class DSD:
 
     def _enter(self, index: int) -> None:
         phase = self.plan.phases[index]
+        masks = self._masks(phase) if phase.kind == "sparse" else None  # may refuse: first
         for group in self.optimizer.param_groups:
             group[LR_SCALE] = phase.lr_scale
-        if phase.kind == "sparse":
-            self.optimizer.set_masks(self._masks(phase))
+        if masks is not None:
+            self.optimizer.set_masks(masks)
         else:
             self.optimizer.clear_masks()
         self.phase_index = index
@@ -245,13 +279,22 @@ class DSD:
         """{parameter: mask} of sparse `phase` on the current weights."""
         named = self.masked_parameters(phase)
         weights, names = [p.detach() for _, p in named], [name for name, _ in named]
-        if phase.pattern:  # groups run along dim 1, inside the dim-0 shard of a DTensor
+        if phase.masks == "zeros":
+            masks = self._zeros_masks(weights, names)
+        elif phase.pattern:  # groups run along dim 1, inside the dim-0 shard of a DTensor
             masks = dsd_kernels.nm_masks([dsd_kernels.local_tensor(w) for w in weights],
                                          phase.pattern, names=names)
         else:
             masks = dsd_kernels.magnitude_masks(weights, phase.sparsity, self.plan.scope,
                                                 names=names)
         return dict(zip((p for _, p in named), masks))
+
+    def _zeros_masks(self, weights, names) -> list:
+        """The masks of the weights' exact zeros (local shards of DTensors), after checking
+        that there are some; records their per-layer sparsity in `found_sparsity`."""
+        masks = dsd_kernels.nonzero_masks(weights, names=names)
+        self.found_sparsity = zeros_found(zip(names, weights))
+        return masks
 
     def resume(self, done: int) -> None:
         """Take up a run whose model and optimizer were restored from a checkpoint taken after
@@ -264,7 +307,8 @@ class DSD:
         checkpoint was loaded into a plain torch.optim optimizer, which drops them), they are
         recovered from the weights: the phase's magnitude masks on the restored weights must
         prune exactly the weights that are zero (under an N:M pattern: only weights that are
-        zero; a group with fewer than N non-zeros keeps zeros by the position rule).
+        zero; a group with fewer than N non-zeros keeps zeros by the position rule; with
+        ``masks="zeros"`` the zeros are the masks).
 
         Args:
             done: epochs or steps the checkpoint had finished; 0 starts from the beginning.

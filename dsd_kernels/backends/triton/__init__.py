@@ -2,7 +2,8 @@
 
 Registered for CUDA tensors; with TRITON_INTERPRET=1 also for CPU tensors, which Triton's
 interpreter runs (slowly, but it exercises every kernel without a GPU). Each op is one module
-(threshold.py, mask.py, nm.py, optim.py); tables.py holds the multi-tensor launch tables they share.
+(threshold.py, mask.py, nm.py, zeros.py, optim.py); tables.py holds the multi-tensor launch
+tables they share.
 """
 
 import os
@@ -20,7 +21,7 @@ def load() -> Backend:
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if not (torch.cuda.is_available() or interpreted):
         raise BackendUnavailable("no CUDA device, and TRITON_INTERPRET=1 is not set")
-    from . import mask, nm, optim, threshold
+    from . import mask, nm, optim, threshold, zeros
 
     kernels = {
         "kth_smallest_abs": threshold.kth_smallest_abs,
@@ -28,6 +29,7 @@ def load() -> Backend:
         "magnitude_histogram": threshold.magnitude_histogram,
         "magnitude_masks": mask.magnitude_masks,
         "nm_masks": nm.nm_masks,
+        "nonzero_masks": zeros.nonzero_masks,
         "apply_masks_": mask.apply_masks_,
         "fill_pruned_": mask.fill_pruned_,
         "masked_sgd_": optim.masked_sgd_,

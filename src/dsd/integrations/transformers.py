@@ -132,8 +132,8 @@ class DSDCallback(transformers.TrainerCallback):
         state.log_history.append({**metrics, "epoch": state.epoch, "step": state.global_step})
         if state.is_world_process_zero:
             phase = self.dsd.phase
-            pruning = f"pattern {phase.pattern}" if phase.pattern else \
-                f"sparsity {phase.sparsity:g}"
+            pruning = "the model's zeros kept" if phase.masks == "zeros" else \
+                f"pattern {phase.pattern}" if phase.pattern else f"sparsity {phase.sparsity:g}"
             logger.info("DSD %s phase %d (%s, %s, LR x %g) at step %d, epoch %.2f",
                         event, self.dsd.phase_index, phase.kind, pruning, phase.lr_scale,
                         state.global_step, state.epoch)

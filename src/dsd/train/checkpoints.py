@@ -43,8 +43,8 @@ def read(path: Path, config: RunConfig, arm_names: list[str]) -> dict:
         raise RunError(f"cannot resume: {path} has checkpoint format {state['format']!r}; "
                        f"this dsd reads format {FORMAT}")
     saved = state.get("config")
-    if isinstance(saved, dict):  # checkpoints from before the pattern option lack its key
-        saved = {"pattern": "", **saved}
+    if isinstance(saved, dict):  # checkpoints from before the pattern and masks options
+        saved = {"pattern": "", "masks": "magnitude", **saved}
     if saved != config.to_dict():
         raise RunError(f"cannot resume: {path} belongs to another config")
     missing = sorted(set(KEYS) - set(state))

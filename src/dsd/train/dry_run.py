@@ -18,7 +18,8 @@ def dry_run(config: RunConfig) -> str:
     constructor call and its masked step (fused or general), then every parameter of the
     model, whether the plan prunes it and how many of its weights each sparse phase zeroes (a
     frozen one, requires_grad=False, is never pruned: it says so; under --pattern, one that
-    cannot take the pattern stays dense and the reason is given). Nothing is written.
+    cannot take the pattern stays dense and the reason is given; under --masks zeros, the
+    --init model's zeros each keeps). Nothing is written.
 
     Args:
         config: the run's options.
@@ -42,6 +43,7 @@ def dry_run(config: RunConfig) -> str:
         prunable = {name for name, _ in pattern_targets(named_prunable, pattern, plan.include)}
         n, m = map(int, pattern.split(":"))
     sparse = [phase.sparsity for phase in plan.phases if phase.kind == "sparse"]
+    zeros = plan.keeps_zeros  # the masks are the --init model's zeros, counted here
     rows = [["parameter", "shape", "weights", "pruned"]]
     for name, p in model.named_parameters():
         pruned = "-"
@@ -51,6 +53,8 @@ def dry_run(config: RunConfig) -> str:
             pruned = f"0 (stays dense: {pattern_refusal(p, pattern)})"
         elif name in prunable and not sparse:
             pruned = "0 (no sparse phase)"
+        elif name in prunable and zeros:
+            pruned = f"{int((p.detach() == 0).sum()):,} (its zeros, kept)"
         elif name in prunable and plan.scope == "global":
             pruned = "ranked with all prunable tensors"
         elif name in prunable and pattern:
@@ -69,11 +73,12 @@ def dry_run(config: RunConfig) -> str:
                 "stay dense," if pattern else "prunable")
              + f" holding {selected:,} weights ({selected / total:.1%}); plan "
              f"{','.join(map(str, config.phases))} epochs from {config.first_phase}, "
-             + (f"pattern {config.pattern} (sparsity {config.sparsity:g})" if config.pattern
+             + ("masks from the --init model's exact zeros" if zeros else
+                f"pattern {config.pattern} (sparsity {config.sparsity:g})" if config.pattern
                 else f"sparsity {config.sparsity:g} ({config.scope} scope)")
              + (f", from {config.init} ({init.holds})" if init else "")
              + (f": {dsd_kernels.pruned_count(config.sparsity, selected):,} weights pruned in all"
-                if plan.scope == "global" and sparse else "")]
+                if plan.scope == "global" and sparse and not zeros else "")]
     lines.append(f"optimizer {config.optimizer}: {_describe(config, optimizer)}")
     lines += aligned(rows)
     return "\n".join(lines) + "\n"

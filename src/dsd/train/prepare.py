@@ -6,6 +6,7 @@ import torch
 from ..config import RunConfig
 from ..data import alter_training, load_task
 from ..models import is_factory
+from ..runner import prunable_parameters, zeros_found
 from .arms import Arm, model_label
 from .compute import autocast
 from .errors import RunError
@@ -26,7 +27,8 @@ def prepare(config: RunConfig, device) -> tuple:
 
     Raises:
         RunError: the task, the --init file or the model does not fit the run (the message
-            names which and why); so do the task's own DataError and the model's errors.
+            names which and why; with masks zeros, a model without exact zeros in its
+            prunable tensors); so do the task's own DataError and the model's errors.
         ConfigError: the optimizer refuses its arguments or cannot be masked.
     """
     data = load_task(config.task, data=config.data or None, val_fraction=config.val_fraction,
@@ -40,6 +42,12 @@ def prepare(config: RunConfig, device) -> tuple:
     # Include/exclude patterns, the init file's keys and the model's output get checked here.
     model = Arm.build(config, data, "dsd", device, init=init and init.state).model
     _check_output(model, data, device, config)
+    if config.masks == "zeros":  # refused here, before the run directory, as DSD would
+        plan = config.plan()
+        try:
+            zeros_found(prunable_parameters(model, plan.include, plan.exclude))
+        except ValueError as error:
+            raise RunError(f"--masks zeros: {config.init}: {error}") from None
     return data, init, model
 
 

@@ -289,7 +289,9 @@ class Run:
             "first_epoch": self.plan.starts[index] + 1,
             "last_epoch": self.plan.starts[index] + phase.length,
             "lr_scale": phase.lr_scale, "start": sparsity, "end": None})
-        if phase.kind == "sparse":
+        if phase.masks == "zeros":
+            what = f"kept the model's zeros ({_overall_sparsity(arm):.1%} of the prunable weights)"
+        elif phase.kind == "sparse":
             what = (f"pruned {phase.pattern} ({phase.sparsity:.0%} of the tensors that take it)"
                     if phase.pattern else f"pruned {phase.sparsity:.0%} ({self.plan.scope} scope)")
         else:
@@ -297,6 +299,9 @@ class Run:
                               == "sparse" else "")
         self._say(f"{arm.name:8s} phase {index + 1}/{len(self.plan.phases)} from epoch "
                   f"{epoch + 1}: {what}, lr x{phase.lr_scale:g}")
+        if phase.masks == "zeros":  # what the model brought, before its first batch
+            for name, share in arm.dsd.found_sparsity.items():
+                self._say(f"{'':8s}   {name}: {share:.1%} zeros")
 
     def _write_outputs(self) -> dict:
         summary = report.summary(self.config, self.plan, self.history, self.sparsity,
@@ -325,4 +330,6 @@ def _overall_sparsity(arm: Arm) -> float:
 
 
 def _pruning(config: RunConfig) -> str:
+    if config.masks == "zeros":
+        return "the --init model's zeros"
     return f"pattern {config.pattern}" if config.pattern else f"sparsity {config.sparsity:g}"

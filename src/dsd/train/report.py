@@ -28,6 +28,8 @@ def epoch_line(row: dict, total: int) -> str:
 def _phase_name(plan, index: int) -> str:
     phase = plan.phases[index]
     if phase.kind == "sparse":
+        if phase.masks == "zeros":
+            return "sparse, zeros kept"
         return f"sparse {phase.pattern or f'{phase.sparsity:.0%}'}"
     return "re-dense" if index > 0 else "dense"
 
@@ -92,7 +94,8 @@ def table(result: dict) -> str:
     shown = (lambda v: f"{v:.4f}") if text else (lambda v: f"{v:.2%}")
     lines = [f"DSD on {config['task']} / {result['model']}, seed {config['seed']}: phases "
              f"{','.join(map(str, config['phases']))} epochs, "
-             + (f"pattern {config['pattern']} (sparsity {config['sparsity']:.0%})"
+             + ("the --init model's zeros kept" if config.get("masks") == "zeros" else
+                f"pattern {config['pattern']} (sparsity {config['sparsity']:.0%})"
                 if config.get("pattern") else  # summaries from before --pattern lack the key
                 f"sparsity {config['sparsity']:.0%} ({config['scope']} scope)")
              + f", {config['optimizer']} lr {config['lr']:g}"]
