@@ -5,13 +5,14 @@ weight masked, per layer) and once with torch's AdamW, unmasked.
 
     python bench/bench_fsdp_memory.py --worlds 2,4
 
-Per rank: the bytes of the masks and of the optimizer's state (exact: the local shards' storage),
-of the parameters and gradients, the peak resident memory while training above what the rank
-held before its first step, after one forward and backward pass whose gradients were dropped
-(VmHWM less VmRSS: gradients, optimizer state, masks, FSDP2's gathered layers, activations and
-allocator slack; the kernel's count of resident pages, not an exact accounting of tensors),
-and the median time of a training step (forward, backward, optimizer step) and
-of the optimizer step alone.
+Per rank: the bytes of the masks and of the optimizer's state (exact: the local shards'
+storage), of the parameters and gradients; the peak resident memory while training above what
+the rank held before its first step, after one forward and backward pass whose gradients were
+dropped (VmHWM less VmRSS, with malloc set to map and unmap every allocation of 64 KiB or more:
+gradients, optimizer state, masks, FSDP2's gathered layers, activations; the kernel's count of
+resident pages, not an exact accounting of tensors); and, from a second run with the default
+allocator, the median time of a training step (forward, backward, optimizer step) and of the
+optimizer step alone.
 """
 
 import argparse
@@ -30,6 +31,11 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import environment, print_table, write_rows  # noqa: E402
 
+# For the memory runs: every allocation of 64 KiB or more mapped on its own and unmapped when
+# freed, in one arena, so that resident memory follows the live tensors rather than malloc's
+# caches (which made ranks holding the same tensors differ by 100 MiB). Each allocation is
+# then a system call, so the times come from a second run with the default allocator.
+MEMORY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1"}
 MODES = ("dsd MaskedAdamW, 50% masked", "torch AdamW, unmasked")
 
 
@@ -124,6 +130,28 @@ def _worker(rank, world, init, mode, args, queue):
     os._exit(0)
 
 
+def _spawn(world: int, mode: str, args, malloc: dict) -> list[dict]:
+    """Each rank's measurements of one run, its processes started with `malloc` in their
+    environment."""
+    saved = {key: os.environ.get(key) for key in MEMORY_MALLOC}
+    os.environ.update(malloc)
+    try:
+        queue = mp.get_context("spawn").Queue()
+        with tempfile.TemporaryDirectory() as scratch:
+            mp.spawn(_worker, args=(world, os.path.join(scratch, "init"), mode, args, queue),
+                     nprocs=world, join=True)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    ranks = sorted((queue.get() for _ in range(world)), key=lambda r: r["rank"])
+    if not all(r["zeros_kept"] for r in ranks):
+        sys.exit(f"{mode} on {world} ranks: a masked weight is not zero")
+    return ranks
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", default="2,4")
@@ -141,17 +169,11 @@ def main():
                                              "cpu_fsdp_memory.json"))
     args = parser.parse_args()
     rows = []
-    context = mp.get_context("spawn")
     for world in map(int, args.worlds.split(",")):
         for mode in MODES:
-            queue = context.Queue()
-            with tempfile.TemporaryDirectory() as scratch:
-                mp.spawn(_worker, args=(world, os.path.join(scratch, "init"), mode, args,
-                                        queue), nprocs=world, join=True)
-            ranks = sorted((queue.get() for _ in range(world)), key=lambda r: r["rank"])
-            if not all(r["zeros_kept"] for r in ranks):
-                sys.exit(f"{mode} on {world} ranks: a masked weight is not zero")
-            for r in ranks:
+            ranks = _spawn(world, mode, args, MEMORY_MALLOC)
+            timed = _spawn(world, mode, args, {})
+            for r, t in zip(ranks, timed):
                 rows.append({
                     "mode": mode, "world": world, "rank": r["rank"],
                     "parameters": r["parameters"],
@@ -161,8 +183,8 @@ def main():
                     "gradient MiB": round(r["grad_bytes"] / 2**20, 2),
                     "peak RSS over model MiB": round(r["peak_rss_bytes"] / 2**20, 1),
                     "RSS before MiB": round(r["rss_before_bytes"] / 2**20, 1),
-                    "step ms": round(r["step_ms"], 1),
-                    "optimizer step ms": round(r["optimizer_ms"], 2),
+                    "step ms": round(t["step_ms"], 1),
+                    "optimizer step ms": round(t["optimizer_ms"], 2),
                     "backend": args.backend, "threads": args.threads,
                     "shape": {"hidden": args.hidden, "intermediate": args.intermediate,
                               "layers": args.layers, "heads": args.heads,

@@ -4,11 +4,15 @@ logits of the text task's shape, save_pretrained directories (one file or sharde
 a `dsd train` run of the model on text from such a checkpoint, and its model.pt written back
 as a Hugging Face checkpoint."""
 
+import importlib
+import sys
+
 import pytest
 import torch
 import transformers
 
 from dsd.config import RunConfig
+from dsd.data import load_task
 from dsd.integrations.llama import LlamaLogits, main, tiny_llama, to_causal_lm
 from dsd.train import RunError, train
 from dsd.train.init_file import load_init, read_init
@@ -39,6 +43,8 @@ def test_the_factory_gives_logits_per_character_with_llamas_state_dict():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     plain = transformers.LlamaForCausalLM(model.config)
     assert model.state_dict().keys() == plain.state_dict().keys()
+    embedded = tiny_llama(**SMALL).config.vocab_size  # the text task's own corpus
+    assert embedded == load_task("text").num_classes
     with pytest.raises(ValueError, match="hidden_size 16 is not a multiple of num_heads 3"):
         tiny_llama(VOCAB, **{**SMALL, "num_heads": 3})
 
@@ -107,3 +113,16 @@ def test_dsd_train_fine_tunes_it_from_a_checkpoint_and_writes_it_back(tmp_path):
     assert all(torch.equal(weights[k], v) for k, v in back.state_dict().items())
     assert not torch.equal(weights["model.layers.0.mlp.up_proj.weight"],
                            read_init(str(pretrained)).state["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_missing_packages_are_named_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "dsd.integrations.llama")  # imported anew
+    with pytest.raises(ImportError, match=r"^dsd\.integrations\.llama needs transformers, which "
+                                          r"is not installed; install it with: pip install "
+                                          r"'dsd\[transformers\]'$"):
+        importlib.import_module("dsd.integrations.llama")
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    with pytest.raises(RunError, match=r"reading it needs the safetensors package: pip install "
+                                       r"safetensors$"):
+        read_init(str(tmp_path / "model.safetensors"))
