@@ -31,7 +31,6 @@ from safetensors.torch import load_file
 import dsd_kernels as dk
 from dsd.data import load_task
 from dsd.integrations.llama import tiny_llama, to_causal_lm
-from dsd.train.init_file import read_init
 
 SIZES = {"hidden_size": 128, "intermediate_size": 352, "num_layers": 2, "num_heads": 4}
 SEQ_LEN = 64
@@ -182,7 +181,7 @@ def main():
                    str(pruned), str(finetuned)])
 
         name = step("7. check: the zeros are exactly the pruned checkpoint's")
-        before = read_init(str(pruned)).state
+        before = load_file(pruned / "model.safetensors")
         after = load_file(finetuned / "model.safetensors")
         moved = [k for k, zero in zero_positions(before).items()
                  if not torch.equal(zero, after[k] == 0)]

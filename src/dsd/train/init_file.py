@@ -35,7 +35,8 @@ def read_init(path: str) -> InitWeights:
 
     Raises:
         RunError: the file is unreadable, holds no state_dict, holds NaN or Inf, or is a dsd
-            checkpoint whose weights are not the DSD arm's; one line saying which.
+            checkpoint whose weights are not the DSD arm's, or the directory holds no Hugging
+            Face checkpoint; one line saying which.
     """
     if Path(path).is_dir():
         return _from_pretrained_directory(Path(path))
