@@ -14,6 +14,7 @@ import transformers
 from dsd.config import RunConfig
 from dsd.data import load_task
 from dsd.integrations.llama import LlamaLogits, main, tiny_llama, to_causal_lm
+from dsd.models import model_from_factory
 from dsd.train import RunError, train
 from dsd.train.init_file import load_init, read_init
 
@@ -126,3 +127,12 @@ def test_missing_packages_are_named_in_one_line(monkeypatch, tmp_path):
     with pytest.raises(RunError, match=r"reading it needs the safetensors package: pip install "
                                        r"safetensors$"):
         read_init(str(tmp_path / "model.safetensors"))
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_by_the_factory(tmp_path):
+    transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"\(\*\*\{'path': '.*'\}\) failed: ValueError: .* "
+                                         r"holds a BertConfig, not a LlamaConfig$"):
+        model_from_factory("dsd.integrations.llama:from_pretrained_config",
+                           {"path": str(tmp_path)})
