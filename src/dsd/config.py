@@ -90,8 +90,9 @@ class RunConfig:
                          "torchvision.models:resnet18)")
     model_args: dict = _option({}, "keyword arguments of a MODULE:FACTORY model (JSON on the "
                                "command line, a table in a config file)")
-    init: str = _option("", "state_dict to start from (a checkpoint file, or model.pt of an "
-                        "earlier run): the first phase trains on from these weights")
+    init: str = _option("", "state_dict to start from (a checkpoint file, model.pt of an "
+                        "earlier run, a .safetensors file or a Hugging Face save_pretrained "
+                        "directory): the first phase trains on from these weights")
     phases: list[int] = _option([12, 12, 12], "epochs of each phase, alternating dense and "
                                 "sparse from dense: 12,12,12 is DSD, 8,8,8,8,8 is DSDSD")
     sparsity: float = _option(0.5, "fraction of each prunable tensor pruned in sparse phases")

@@ -1,7 +1,9 @@
 """`--init FILE`: the weights a run starts from, read and checked (a plain state_dict, the
-entry of a checkpoint dict, or a `dsd train` checkpoint, which says which weights it holds),
-and loaded into a model."""
+entry of a checkpoint dict, a `dsd train` checkpoint, which says which weights it holds, or a
+Hugging Face checkpoint: a `save_pretrained` directory or a .safetensors file), and loaded into
+a model."""
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +24,24 @@ class InitWeights:
 
 def read_init(path: str) -> InitWeights:
     """The weights in an --init file: a plain state_dict, the entry "state_dict", "model" or
-    "model_state_dict" of a checkpoint dict, or a `dsd train` checkpoint: one of the DSD arm
+    "model_state_dict" of a checkpoint dict, a `dsd train` checkpoint (one of the DSD arm
     gives its weights, a finished run's last.pt the run's model.pt, and one of the baseline arm
-    is refused (its weights are not the DSD run's)."""
+    is refused: its weights are not the DSD run's), or a Hugging Face checkpoint: a
+    `save_pretrained` directory (model.safetensors, its sharded index, or pytorch_model.bin)
+    or a .safetensors file.
+
+    Args:
+        path: the file or directory.
+
+    Raises:
+        RunError: the file is unreadable, holds no state_dict, holds NaN or Inf, or is a dsd
+            checkpoint whose weights are not the DSD arm's, or the directory holds no Hugging
+            Face checkpoint; one line saying which.
+    """
+    if Path(path).is_dir():
+        return _from_pretrained_directory(Path(path))
+    if Path(path).suffix == ".safetensors":
+        return InitWeights(_checked(_safetensors(Path(path)), path), "a safetensors state_dict")
     try:
         state = atomic_io.load_torch(path)
     except atomic_io.ReadError as error:
@@ -38,6 +55,46 @@ def read_init(path: str) -> InitWeights:
                 state, holds = state[key], f"the state_dict in its {key!r} entry"
                 break
     return InitWeights(_checked(state, path), holds)
+
+
+def _safetensors(path: Path) -> dict:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ModuleNotFoundError:
+        raise RunError(f"init file {path} is a safetensors file, and reading it needs the "
+                       "safetensors package: pip install safetensors") from None
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as error:
+        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
+        raise RunError(f"init file {path} cannot be read as safetensors: {reason}") from None
+
+
+def _from_pretrained_directory(path: Path) -> InitWeights:
+    """The weights of a `save_pretrained` directory: one safetensors file, the shards its
+    index names, or a torch pytorch_model.bin."""
+    if (path / "model.safetensors").is_file():
+        return InitWeights(_checked(_safetensors(path / "model.safetensors"), path),
+                           "a Hugging Face checkpoint (model.safetensors)")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            raise RunError(f"init file {index} is not a safetensors index (a JSON object "
+                           "with a 'weight_map' of parameter names to shard files)") from None
+        state = {}
+        for shard in shards:
+            state.update(_safetensors(path / shard))
+        return InitWeights(_checked(state, path), f"a Hugging Face checkpoint ({len(shards)} "
+                                                  "safetensors shards)")
+    if (path / "pytorch_model.bin").is_file():
+        weights = read_init(str(path / "pytorch_model.bin"))
+        return InitWeights(weights.state, "a Hugging Face checkpoint (pytorch_model.bin)")
+    raise RunError(f"init file {path} is a directory without a Hugging Face checkpoint "
+                   "(model.safetensors, model.safetensors.index.json or pytorch_model.bin); "
+                   "give a save_pretrained directory or a file")
 
 
 def _checked(state, path) -> dict:
@@ -97,7 +154,22 @@ def _phase_words(state: dict, epoch: int) -> str:
 
 
 def load_init(model: torch.nn.Module, state: dict, path: str) -> None:
-    """Load `state` into `model`, or raise naming every key and shape that does not match."""
+    """Load `state` into `model`, or raise naming every key and shape that does not match.
+
+    A parameter the model ties to others (a language model's output layer sharing the input
+    embedding) may appear in `state` under any one of its names: safetensors keeps one copy
+    of shared tensors, so `save_pretrained` omits the rest.
+
+    Args:
+        model: the module to load into; left unchanged on an error.
+        state: the state_dict, with tensors on any device and of any floating dtype.
+        path: the init file, for the messages.
+
+    Raises:
+        RunError: keys missing or unexpected, shapes that differ, or different tensors under
+            the names of one tied parameter; one line naming them.
+    """
+    state = _with_tied_names(model, state, path)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -110,6 +182,26 @@ def load_init(model: torch.nn.Module, state: dict, path: str) -> None:
     if problems:
         raise RunError(f"init file {path} does not fit the model: {'; '.join(problems)}")
     model.load_state_dict(state)
+
+
+def _with_tied_names(model: torch.nn.Module, state: dict, path: str) -> dict:
+    """`state` with every name of a tied parameter filled from the one it holds."""
+    names = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    state = dict(state)
+    for tied in (group for group in names.values() if len(group) > 1):
+        held = [name for name in tied if name in state]
+        if not held:
+            continue  # reported as missing keys
+        differing = [name for name in held[1:] if not (
+            state[name].shape == state[held[0]].shape and torch.equal(state[name],
+                                                                      state[held[0]]))]
+        if differing:
+            raise RunError(f"init file {path} holds different tensors under {held[0]} and "
+                           f"{differing[0]}, which the model ties (one parameter)")
+        state.update({name: state[held[0]] for name in tied if name not in state})
+    return state
 
 
 def _listed(items: list[str], most: int = 4) -> str:
