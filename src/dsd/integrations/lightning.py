@@ -62,6 +62,11 @@ class DSDCallback(pl.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         # Runs after the optimizers exist and before a checkpoint's optimizer state is loaded,
         # so the masked optimizer's load_state_dict restores the masks.
+        if isinstance(trainer.strategy, pl.strategies.FSDPStrategy):
+            raise ValueError("DSDCallback cannot prune under FSDPStrategy (FSDP version 1): each "
+                             "rank holds a slice of parameters flattened together, not whole "
+                             "tensors; use ModelParallelStrategy with fully_shard (FSDP2) in "
+                             "configure_model")
         self._check_length(trainer)
         optimizers = trainer.strategy.optimizers
         if len(optimizers) != 1:

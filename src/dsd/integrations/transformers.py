@@ -19,6 +19,8 @@ import logging
 import math
 import sys
 
+import torch
+
 from ..plan import Plan
 from ..runner import DSD
 from . import phase_metrics, require
@@ -83,6 +85,7 @@ class DSDCallback(transformers.TrainerCallback):
         self._next_epoch = 0
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        _refuse_fsdp_version_1(model)
         self._check_length(state)
         raw_optimizer = _unwrap(optimizer)
         _refuse_updates_outside_the_step(raw_optimizer)
@@ -137,6 +140,19 @@ class DSDCallback(transformers.TrainerCallback):
             logger.info("DSD %s phase %d (%s, %s, LR x %g) at step %d, epoch %.2f",
                         event, self.dsd.phase_index, phase.kind, pruning, phase.lr_scale,
                         state.global_step, state.epoch)
+
+
+def _refuse_fsdp_version_1(model) -> None:
+    """FSDP version 1 (FullyShardedDataParallel) shards flattened parameters: no rank holds
+    whole tensors, or whole rows of them, to rank magnitudes in."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+        raise ValueError("DSDCallback cannot prune under FSDP version 1: each rank holds a slice "
+                         "of parameters flattened together, not whole tensors; use FSDP2: "
+                         "TrainingArguments(fsdp_config={'fsdp_version': 2, ...})")
 
 
 def _refuse_updates_outside_the_step(optimizer) -> None:
