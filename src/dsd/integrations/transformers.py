@@ -56,6 +56,10 @@ class DSDCallback(transformers.TrainerCallback):
       `state.log_history`, which checkpoints keep in trainer_state.json, and logs a line at
       INFO level on logger "dsd.integrations.transformers".
 
+    - Under Accelerate's FSDP version 2 the model's parameters are DTensors: the masks are
+      computed on the shards; FSDP version 1, whose flattened shards hold no whole tensors,
+      is refused at train begin.
+
     `callback.dsd` is the `dsd.DSD` of the current training run (None before it begins).
 
     Args:
@@ -65,9 +69,10 @@ class DSDCallback(transformers.TrainerCallback):
     Raises:
         TypeError: If `plan` is not a `dsd.Plan`; at train begin, if the optimizer cannot be
             masked (the message says why and names the ``optim`` setting).
-        ValueError: At train begin, if the Trainer would train past the plan, a plan in epochs
-            meets a train dataset without a length, or as `dsd.DSD` (patterns, frozen
-            parameters); on resume, if the checkpoint's masks cannot be recovered.
+        ValueError: At train begin, under FSDP version 1, if the Trainer would train past the
+            plan, a plan in epochs meets a train dataset without a length, or as `dsd.DSD`
+            (patterns, frozen parameters); on resume, if the checkpoint's masks cannot be
+            recovered.
 
     Example::
 
