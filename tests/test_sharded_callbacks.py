@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 import dsd_kernels as dk
 from dsd import Plan
 from dsd_kernels.distributed import like_dtensor
+from dsd_kernels.optim.masked import SHARDED_MASK
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("fsdp2_loop", ROOT / "examples" / "fsdp2_loop.py")
@@ -61,7 +62,9 @@ def _loop_worker(rank, world, directory):
                             world_size=world)
     checkpoint = f"{directory}/checkpoint"
     model, optimizer, dsd = ex.build()
-    ex.train(model, optimizer, dsd, 0, 4)                     # the dense phase
+    ex.train(model, optimizer, dsd, 0, 2)
+    ex.save(f"{directory}/dense", model, optimizer, dsd, done=2)  # in the dense phase
+    ex.train(model, optimizer, dsd, 2, 4)                     # the dense phase
     whole = [p.full_tensor() for _, p in dsd.named_prunable]  # the weights it prunes
     ex.train(model, optimizer, dsd, 4, 5)                     # prunes, then one sparse step
     expected = dk.magnitude_masks(whole, 0.5)
@@ -71,6 +74,7 @@ def _loop_worker(rank, world, directory):
     ex.train(model, optimizer, dsd, 5, 6)
     _check_zeros_kept(dsd)
     ex.save(checkpoint, model, optimizer, dsd, done=6)
+    assert not any(SHARDED_MASK in state for state in optimizer.state.values())  # a copy's
     saved_masks = _masks_by_name(dsd)
     saved_weights = {name: p.full_tensor() for name, p in dsd.named_prunable}
     saved_whole_masks = {name: like_dtensor(optimizer.masks[p], p).full_tensor()
@@ -101,6 +105,10 @@ def _loop_worker(rank, world, directory):
         ex.train(model, optimizer, dsd, 6, 8)
         _check_zeros_kept(dsd)
         assert dsd.sparsity() == {name: 0.5 for name in saved_masks}
+        model, optimizer, dsd = ex.build()  # unmasked when saved: unmasked when loaded
+        assert ex.load(f"{directory}/dense", model, optimizer, dsd) == 2
+        assert dsd.phase.kind == "dense" and not optimizer.masks
+        del model, optimizer, dsd
         dist.destroy_process_group()
     # A passing rank skips interpreter finalization, where gloo's threads holding FSDP2's
     # tensors can abort the process (as in test_distributed.py).
