@@ -10,8 +10,8 @@ OUT_DIR/rank{r}.done when every check passed:
 - after every optimizer step of a sparse phase the pruned weights and their AdamW state are
   exactly 0 on the shards;
 - a fit stopped in the sparse phase saves Lightning's distributed checkpoint (a DCP
-  directory); a new fit from it resumes in that phase with exactly the saved masks, and
-  re-dense lifts them.
+  directory), or its one-file checkpoint gathered on rank 0; a new fit from either resumes
+  in that phase with exactly the saved masks, and re-dense lifts them.
 """
 
 import os
@@ -80,31 +80,38 @@ class Check(L.Callback):
         self.last_masks = {name: masks[p].clone() for name, p in dsd.named_prunable}
 
 
-def fit(epochs, ckpt_path=None):
+def fit(epochs, distributed_checkpoint, ckpt_path=None):
     dsd_callback = DSDCallback(PLAN)
     gather = GatherBeforePruning()
     check = Check(dsd_callback, gather)
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=distributed_checkpoint)
     trainer = L.Trainer(**dict(QUIET, devices=2, strategy=strategy), max_epochs=epochs,
                         callbacks=[gather, dsd_callback, check])
     trainer.fit(ShardedNet("adamw"), loader(), ckpt_path=ckpt_path)
     return trainer, dsd_callback, check
 
 
-def main(out_dir):
-    L.seed_everything(0, verbose=False)
-    trainer, first, check = fit(2)  # dense 1, sparse 1 of 2: stops inside the sparse phase
+def stop_and_resume(path, distributed_checkpoint):
+    trainer, first, check = fit(2, distributed_checkpoint)  # dense 1, sparse 1 of 2: stops
     assert first.dsd.phase.kind == "sparse" and check.sparse_steps == STEPS, check.sparse_steps
     sparsity = first.dsd.sparsity()  # of the whole tensors, on every rank
     assert sparsity == {name: 0.5 for name in PRUNABLE}, sparsity
     saved = check.last_masks
-    trainer.save_checkpoint(f"{out_dir}/checkpoint")  # a DCP directory
-    assert os.path.isdir(f"{out_dir}/checkpoint")
-    trainer, resumed, check = fit(PLAN.total, f"{out_dir}/checkpoint")
+    trainer.save_checkpoint(path)
+    assert os.path.isdir(path) == distributed_checkpoint  # else one file, gathered on rank 0
+    trainer, resumed, check = fit(PLAN.total, distributed_checkpoint, path)
     assert resumed.dsd.phase_index == 2 and check.sparse_steps == STEPS  # one sparse epoch more
     # The sparse epoch after the resume kept exactly the saved masks.
     assert all(torch.equal(check.last_masks[name], saved[name]) for name in PRUNABLE)
-    open(f"{out_dir}/rank{trainer.global_rank}.done", "w").close()
+    return trainer.global_rank
+
+
+def main(out_dir):
+    L.seed_everything(0, verbose=False)
+    stop_and_resume(f"{out_dir}/dcp", distributed_checkpoint=True)  # a DCP directory
+    rank = stop_and_resume(f"{out_dir}/full.ckpt", distributed_checkpoint=False)
+    open(f"{out_dir}/rank{rank}.done", "w").close()
     os._exit(0)  # gloo threads holding FSDP2's tensors can abort at interpreter exit
 
 

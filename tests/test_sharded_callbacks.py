@@ -30,7 +30,7 @@ _spec.loader.exec_module(fsdp2_loop)
 
 
 @pytest.mark.slow  # two processes, started by Lightning
-def test_lightning_model_parallel_prunes_the_shards_and_resumes_from_its_dcp_checkpoint(
+def test_lightning_model_parallel_prunes_the_shards_and_resumes_from_its_checkpoints(
         tmp_path):
     script = Path(__file__).with_name("_lightning_sharded.py")
     # The pure-torch kernels: two new processes must not each wait for a C++ build.
