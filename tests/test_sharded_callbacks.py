@@ -90,6 +90,13 @@ def _loop_worker(rank, world, directory):
         _check_zeros_kept(dsd)
     ex.train(model, optimizer, dsd, 8, ex.PLAN.total)         # re-dense lifts them
     assert not optimizer.masks and dsd.phase.kind == "dense"
+    # A mask that keeps all of rank 0's shard is a mask on every rank when loaded.
+    first = dsd.named_prunable[0][1]
+    optimizer.set_masks({first: torch.full_like(first.to_local(), rank == 0, dtype=torch.bool)})
+    saved_state = optimizer.state_dict()
+    optimizer.clear_masks()
+    optimizer.load_state_dict(saved_state)
+    assert list(optimizer.masks) == [first]
     del model, optimizer, dsd
     dist.barrier()
     dist.destroy_process_group()

@@ -200,7 +200,7 @@ class _Masked:
                 key for group in state_dict.get("param_groups", ()) for key in group["params"])}
             for key, entry in state_dict["state"].items():
                 mask = entry.pop(SHARDED_MASK, None)
-                if mask is not None and not bool(local_tensor(mask).all()):
+                if mask is not None and not _all_true(mask):
                     saved[position.get(key, key)] = local_tensor(mask)
         masks = {}
         for i, mask in saved.items():
@@ -304,6 +304,13 @@ class _Masked:
 
     def _share_state(self, bucket: "Bucket") -> None:
         """Lay out the state of a reusable plan's bucket for cheap steps (Adam's step counts)."""
+
+
+def _all_true(mask: torch.Tensor) -> bool:
+    """Whether the whole mask keeps everything: for a DTensor, on every rank's shard (one
+    all_reduce), so that all ranks take the same parameters as masked."""
+    kept = mask.all()
+    return bool(kept.full_tensor() if is_dtensor(kept) else kept)
 
 
 def _in_layout_of(mask: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
