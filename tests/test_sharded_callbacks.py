@@ -158,3 +158,20 @@ def test_the_transformers_callback_refuses_fsdp_version_1(tmp_path):
         assert type(optimizer) is torch.optim.AdamW  # refused before anything changed
     finally:
         dist.destroy_process_group()
+
+
+def test_masks_a_plain_optimizer_loaded_as_state_are_dropped_when_it_becomes_masked():
+    """A plain torch optimizer that loads a masked one's state_dict holding a DTensor
+    parameter's mask (as `set_optimizer_state_dict` of a one-file, full checkpoint does) keeps
+    it as state; made masked, it drops that entry, and `dsd.resume` recovers the masks from
+    the weights."""
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    optimizer = torch.optim.AdamW([p])
+    p.grad = torch.ones_like(p)
+    optimizer.step()
+    state_dict = optimizer.state_dict()
+    state_dict["state"][0][SHARDED_MASK] = torch.rand(4, 4) > 0.5
+    optimizer.load_state_dict(state_dict)
+    assert SHARDED_MASK in optimizer.state[p]
+    dk.optim.make_masked_(optimizer)
+    assert set(optimizer.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
