@@ -11,7 +11,8 @@ OUT_DIR/rank{r}.done when every check passed:
   exactly 0 on the shards;
 - a fit stopped in the sparse phase saves Lightning's distributed checkpoint (a DCP
   directory), or its one-file checkpoint gathered on rank 0; a new fit from either resumes
-  in that phase with exactly the saved masks, and re-dense lifts them.
+  in that phase with exactly the saved masks, and re-dense lifts them;
+- then on 1 process, a fit from the DCP checkpoint resumes with the whole saved masks.
 """
 
 import os
@@ -25,6 +26,7 @@ from torch.distributed.fsdp import fully_shard
 import dsd_kernels as dk
 from dsd import Plan
 from dsd.integrations.lightning import DSDCallback
+from dsd_kernels.distributed import like_dtensor
 
 from _lightning_net import BATCHES_PER_EPOCH, PRUNABLE, QUIET, STATE_NAMES, Net, loader
 
@@ -80,37 +82,47 @@ class Check(L.Callback):
         self.last_masks = {name: masks[p].clone() for name, p in dsd.named_prunable}
 
 
-def fit(epochs, distributed_checkpoint, ckpt_path=None):
+def fit(epochs, distributed_checkpoint=True, ckpt_path=None, devices=2):
     dsd_callback = DSDCallback(PLAN)
     gather = GatherBeforePruning()
     check = Check(dsd_callback, gather)
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+    strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1,
                                      save_distributed_checkpoint=distributed_checkpoint)
-    trainer = L.Trainer(**dict(QUIET, devices=2, strategy=strategy), max_epochs=epochs,
+    trainer = L.Trainer(**dict(QUIET, devices=devices, strategy=strategy), max_epochs=epochs,
                         callbacks=[gather, dsd_callback, check])
     trainer.fit(ShardedNet("adamw"), loader(), ckpt_path=ckpt_path)
     return trainer, dsd_callback, check
 
 
 def stop_and_resume(path, distributed_checkpoint):
+    """Stop inside the sparse phase, save, resume on 2 processes; the saved masks, whole."""
     trainer, first, check = fit(2, distributed_checkpoint)  # dense 1, sparse 1 of 2: stops
     assert first.dsd.phase.kind == "sparse" and check.sparse_steps == STEPS, check.sparse_steps
     sparsity = first.dsd.sparsity()  # of the whole tensors, on every rank
     assert sparsity == {name: 0.5 for name in PRUNABLE}, sparsity
     saved = check.last_masks
+    whole = {name: like_dtensor(first.dsd.optimizer.masks[p], p).full_tensor()
+             for name, p in first.dsd.named_prunable}
     trainer.save_checkpoint(path)
     assert os.path.isdir(path) == distributed_checkpoint  # else one file, gathered on rank 0
     trainer, resumed, check = fit(PLAN.total, distributed_checkpoint, path)
     assert resumed.dsd.phase_index == 2 and check.sparse_steps == STEPS  # one sparse epoch more
     # The sparse epoch after the resume kept exactly the saved masks.
     assert all(torch.equal(check.last_masks[name], saved[name]) for name in PRUNABLE)
-    return trainer.global_rank
+    return whole
 
 
 def main(out_dir):
     L.seed_everything(0, verbose=False)
-    stop_and_resume(f"{out_dir}/dcp", distributed_checkpoint=True)  # a DCP directory
-    rank = stop_and_resume(f"{out_dir}/full.ckpt", distributed_checkpoint=False)
+    whole = stop_and_resume(f"{out_dir}/dcp", distributed_checkpoint=True)  # a DCP directory
+    stop_and_resume(f"{out_dir}/full.ckpt", distributed_checkpoint=False)
+    rank = torch.distributed.get_rank()
+    torch.distributed.destroy_process_group()
+    if rank == 0:  # the DCP checkpoint on 1 process: the masks resharded, whole
+        os.environ["MASTER_PORT"] = str(int(os.environ["MASTER_PORT"]) + 1)
+        trainer, resumed, check = fit(PLAN.total, ckpt_path=f"{out_dir}/dcp", devices=1)
+        assert resumed.dsd.phase_index == 2 and check.sparse_steps == 2 * STEPS
+        assert all(torch.equal(check.last_masks[name], whole[name]) for name in PRUNABLE)
     open(f"{out_dir}/rank{rank}.done", "w").close()
     os._exit(0)  # gloo threads holding FSDP2's tensors can abort at interpreter exit
 

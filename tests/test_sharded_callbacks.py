@@ -29,7 +29,7 @@ fsdp2_loop = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fsdp2_loop)
 
 
-@pytest.mark.slow  # two processes, started by Lightning
+@pytest.mark.slow  # two processes, started by Lightning, then one
 def test_lightning_model_parallel_prunes_the_shards_and_resumes_from_its_checkpoints(
         tmp_path):
     script = Path(__file__).with_name("_lightning_sharded.py")
