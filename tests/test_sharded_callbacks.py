@@ -57,7 +57,14 @@ def _check_zeros_kept(dsd):
 
 def _loop_worker(rank, world, directory):
     torch.set_num_threads(1)  # two processes on the machine's cores
+    dk.use_backend("torch")   # no process waits for a C++ build
     ex = fsdp2_loop
+    # The same plan on one process, unsharded, on the whole batches (before the group exists).
+    model, optimizer, reference = ex.build(shard=False)
+    ex.train(model, optimizer, reference, 0, 5)
+    reference_masks = _masks_by_name(reference)
+    ex.train(model, optimizer, reference, 5, ex.PLAN.total)
+    reference_weights = {name: p.detach() for name, p in reference.named_prunable}
     dist.init_process_group("gloo", init_method=f"file://{directory}/init", rank=rank,
                             world_size=world)
     checkpoint = f"{directory}/checkpoint"
@@ -70,6 +77,7 @@ def _loop_worker(rank, world, directory):
     expected = dk.magnitude_masks(whole, 0.5)
     for (name, p), mask in zip(dsd.named_prunable, expected):
         assert torch.equal(optimizer.masks[p], mask.chunk(world)[rank]), name
+        assert torch.equal(mask, reference_masks[name]), name
     _check_zeros_kept(dsd)
     ex.train(model, optimizer, dsd, 5, 6)
     _check_zeros_kept(dsd)
@@ -90,6 +98,9 @@ def _loop_worker(rank, world, directory):
         _check_zeros_kept(dsd)
     ex.train(model, optimizer, dsd, 8, ex.PLAN.total)         # re-dense lifts them
     assert not optimizer.masks and dsd.phase.kind == "dense"
+    for name, p in dsd.named_prunable:  # as one process, up to the order of float sums
+        torch.testing.assert_close(p.full_tensor(), reference_weights[name], rtol=1e-5,
+                                   atol=1e-6)
     # A mask that keeps all of rank 0's shard is a mask on every rank when loaded.
     first = dsd.named_prunable[0][1]
     optimizer.set_masks({first: torch.full_like(first.to_local(), rank == 0, dtype=torch.bool)})
