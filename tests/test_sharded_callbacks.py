@@ -1,9 +1,10 @@
 """DSD on FSDP2-sharded models (gloo processes on CPU): Lightning's ModelParallelStrategy with
 the DSDCallback, and examples/fsdp2_loop.py, the user's own loop with `fully_shard` and
 torch.distributed.checkpoint. Masks computed on the shards equal the slices of the masks of
-the gathered weights, the pruned weights stay exactly 0, and a checkpoint resumes with exactly
-its masks on the same and on another world size. Also the one-line refusals of FSDP version 1
-in both callbacks."""
+the gathered weights (and, in the loop, those of the same plan run on one process, whose
+final weights it follows), the pruned weights and their optimizer state stay exactly 0, and
+a checkpoint resumes with exactly its masks on the same and on another world size. Also the
+one-line refusals of FSDP version 1 in both callbacks."""
 
 import importlib.util
 import os

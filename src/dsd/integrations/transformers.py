@@ -55,7 +55,6 @@ class DSDCallback(transformers.TrainerCallback):
       scale, sparsity per prunable tensor, under "dsd/...") with "step" and "epoch" to
       `state.log_history`, which checkpoints keep in trainer_state.json, and logs a line at
       INFO level on logger "dsd.integrations.transformers".
-
     - Under Accelerate's FSDP version 2 the model's parameters are DTensors: the masks are
       computed on the shards; FSDP version 1, whose flattened shards hold no whole tensors,
       is refused at train begin.
