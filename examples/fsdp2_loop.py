@@ -3,7 +3,7 @@ model and a torch optimizer, and checkpoint with `torch.distributed.checkpoint` 
 masks are computed on the shards (no gather) and travel in the optimizer's DCP state, so a run
 stopped in a sparse phase resumes with the same masks on any number of processes.
 
-    python examples/fsdp2_loop.py          # 2 gloo processes on CPU: about 15 s on 2 cores
+    python examples/fsdp2_loop.py    # 2 gloo processes on CPU: 6-16 s on 2 cores, mostly start-up
 
 Each rank trains on its slice of every batch; FSDP2 averages the gradients. The run stops
 halfway through the sparse phase, saves a DCP checkpoint, and a new model, optimizer and DSD
