@@ -44,6 +44,20 @@ def local_tensor(t):
     return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
 
 
+def is_dtensor(t) -> bool:
+    """Whether `t` is a DTensor (an FSDP2 parameter, its state)."""
+    dtensor = _dtensor_class()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def like_dtensor(local, dtensor):
+    """`local` (this rank's shard, shaped like `dtensor`'s) as a DTensor laid out like
+    `dtensor`: the same mesh, placements and global shape."""
+    return _dtensor_class().from_local(local, dtensor.device_mesh, dtensor.placements,
+                                       run_check=False, shape=dtensor.shape,
+                                       stride=dtensor.stride())
+
+
 def unshard(xs):
     """FSDP2 parameters (DTensors sharded on dim 0 of a 1-D mesh) -> (their local shards, the
     mesh's process group); anything else -> (xs, None)."""

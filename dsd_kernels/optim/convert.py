@@ -8,6 +8,7 @@ import torch
 
 from . import general
 from .masked import (
+    SHARDED_MASK,
     MaskedAdam,
     MaskedAdamW,
     MaskedSGD,
@@ -70,6 +71,8 @@ def make_masked_(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     redirect = _step_references(optimizer, old_steps)
     optimizer.__class__ = masked_class
     optimizer._masks = {}
+    for state in optimizer.state.values():  # a masked optimizer's saved masks, which a plain
+        state.pop(SHARDED_MASK, None)       # one took as state when loading its state_dict
     optimizer._patch_step_function()  # torch's step hooks and profiling, as at construction
     redirect(masked_class.step)
     if use_general:  # the old class's hooked step runs the instance's hooks: refuse there

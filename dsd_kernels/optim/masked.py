@@ -14,12 +14,13 @@ import torch
 
 from .. import _checks
 from ..backends import ensure_selected
-from ..distributed import local_tensor
+from ..distributed import is_dtensor, like_dtensor, local_tensor
 from ..functional import apply_masks_
 from .plan import PLAIN, Bucket, Plan
 
 _ops = torch.ops.dsd
 
+SHARDED_MASK = "dsd_mask"  # per-parameter state key of a DTensor parameter's mask
 LR_SCALE = "dsd_lr_scale"  # param-group key: the step's learning rate is lr * group[LR_SCALE]
 
 _GRAD, _DTYPE, _DEVICE = map(attrgetter, ("grad", "dtype", "device"))
@@ -166,21 +167,41 @@ class _Masked:
         self._masks = masks
 
     def state_dict(self) -> dict:
-        """torch's optimizer state_dict plus "masks": {param index: bool mask}."""
+        """torch's optimizer state_dict plus the masks: "masks", {param index: bool mask}, for
+        plain parameters; a DTensor parameter's (FSDP2's) mask is a DTensor laid out like it,
+        in its own state under SHARDED_MASK (all True while unmasked), because
+        torch.distributed.checkpoint keeps only per-parameter state and reshards it there."""
         state_dict = super().state_dict()
-        index = {id(p): i for i, p in enumerate(self._params_in_order())}
-        state_dict["masks"] = {index[id(p)]: mask for p, mask in self._masks.items()}
+        state, masks = state_dict["state"], {}
+        for i, p in enumerate(self._params_in_order()):
+            mask = self._masks.get(p)
+            if is_dtensor(p):
+                if mask is None:
+                    mask = torch.ones_like(local_tensor(p), dtype=torch.bool)
+                state[i] = {**state.get(i, {}), SHARDED_MASK: like_dtensor(mask, p)}
+            elif mask is not None:
+                masks[i] = mask
+        state_dict["masks"] = masks
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load torch's format; "masks", if present, are restored onto the parameters' devices.
-        A fused optimizer refuses a state_dict of one using amsgrad, capturable or
-        differentiable."""
+        """Load torch's format; the masks of `state_dict()`, if present, are restored onto the
+        parameters' devices (an all-True mask of a DTensor parameter: unmasked). A fused
+        optimizer refuses a state_dict of one using amsgrad, capturable or differentiable."""
         for i, group in enumerate(state_dict.get("param_groups", ())):
             self._refuse_flags(group, f"state_dict param group {i}")
         state_dict = dict(state_dict)
-        saved = state_dict.pop("masks", {})
+        saved = dict(state_dict.pop("masks", {}))
         params = self._params_in_order()
+        if "state" in state_dict:  # entries copied: the caller's dict stays as it was
+            state_dict["state"] = {key: dict(entry) for key, entry in state_dict["state"].items()}
+            # Keyed as the saved groups list their parameters (indices, or DCP's names).
+            position = {key: i for i, key in enumerate(
+                key for group in state_dict.get("param_groups", ()) for key in group["params"])}
+            for key, entry in state_dict["state"].items():
+                mask = entry.pop(SHARDED_MASK, None)
+                if mask is not None and not _all_true(mask):
+                    saved[position.get(key, key)] = local_tensor(mask)
         masks = {}
         for i, mask in saved.items():
             if not (isinstance(i, int) and 0 <= i < len(params)):
@@ -283,6 +304,13 @@ class _Masked:
 
     def _share_state(self, bucket: "Bucket") -> None:
         """Lay out the state of a reusable plan's bucket for cheap steps (Adam's step counts)."""
+
+
+def _all_true(mask: torch.Tensor) -> bool:
+    """Whether the whole mask keeps everything: for a DTensor, on every rank's shard (one
+    all_reduce), so that all ranks take the same parameters as masked."""
+    kept = mask.all()
+    return bool(kept.full_tensor() if is_dtensor(kept) else kept)
 
 
 def _in_layout_of(mask: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import dsd_kernels
+from dsd_kernels.distributed import is_dtensor
 from dsd_kernels.optim import LR_SCALE, make_masked_
 
 from .plan import Phase, Plan, as_patterns
@@ -106,12 +107,12 @@ def pattern_targets(named_params, pattern: str, include=()) -> list[tuple[str, n
 
 
 def zero_fractions(named_params) -> dict[str, float]:
-    """Fraction of exactly-zero entries of each named tensor (of a DTensor, the whole tensor's:
-    its shards' counts are summed over the mesh)."""
+    """Fraction of exactly-zero entries of each named tensor (of the whole tensor for a
+    sharded DTensor: every rank must call it then)."""
     fractions = {}
     for name, p in named_params:
         zeros = (p.detach() == 0).sum()
-        if hasattr(zeros, "full_tensor"):  # a DTensor's sum is partial until reduced
+        if is_dtensor(zeros):  # each rank holds the count of its shard
             zeros = zeros.full_tensor()
         fractions[name] = zeros.item() / p.numel()
     return fractions

@@ -30,7 +30,10 @@ class DSDCallback(pl.Callback):
     The phase and the plan go into Lightning checkpoints; the masks go with the optimizer's
     state. `trainer.fit(model, ckpt_path=...)` takes the run up in the same phase with the same
     masks. Under DDP every rank prunes its own replica: the replicas are identical, so are the
-    masks. `callback.dsd` is the `dsd.DSD` at work (None before fitting starts).
+    masks. Under ModelParallelStrategy with `fully_shard` (FSDP2) in `configure_model`, the
+    masks are computed on the shards and saved, as DTensors, in the optimizer's part of the
+    distributed checkpoint. `callback.dsd` is the `dsd.DSD` at work (None before fitting
+    starts).
 
     Args:
         plan: the `dsd.Plan` to carry out; its unit (epochs or steps) says when phases switch.
@@ -39,9 +42,11 @@ class DSDCallback(pl.Callback):
     Raises:
         TypeError: If `plan` is not a `dsd.Plan`; at fit start, as `dsd.DSD` for an optimizer
             that cannot be masked.
-        ValueError: At fit start, if the Trainer would train past the plan (``max_epochs`` or
-            ``max_steps`` over ``plan.total``), `configure_optimizers` returned other than
-            one optimizer, or as `dsd.DSD`; on loading a checkpoint made with another plan.
+        ValueError: At fit start, if the strategy is FSDPStrategy (FSDP version 1, whose
+            flattened shards hold no whole tensors), the Trainer would train past the plan
+            (``max_epochs`` or ``max_steps`` over ``plan.total``), `configure_optimizers`
+            returned other than one optimizer, or as `dsd.DSD`; on loading a checkpoint made
+            with another plan.
             Nothing is changed when fitting is refused.
 
     Example::
@@ -62,6 +67,11 @@ class DSDCallback(pl.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         # Runs after the optimizers exist and before a checkpoint's optimizer state is loaded,
         # so the masked optimizer's load_state_dict restores the masks.
+        if isinstance(trainer.strategy, pl.strategies.FSDPStrategy):
+            raise ValueError("DSDCallback cannot prune under FSDPStrategy (FSDP version 1): each "
+                             "rank holds a slice of parameters flattened together, not whole "
+                             "tensors; use ModelParallelStrategy with fully_shard (FSDP2) in "
+                             "configure_model")
         self._check_length(trainer)
         optimizers = trainer.strategy.optimizers
         if len(optimizers) != 1:

@@ -19,6 +19,8 @@ import logging
 import math
 import sys
 
+import torch
+
 from ..plan import Plan
 from ..runner import DSD
 from . import phase_metrics, require
@@ -53,6 +55,9 @@ class DSDCallback(transformers.TrainerCallback):
       scale, sparsity per prunable tensor, under "dsd/...") with "step" and "epoch" to
       `state.log_history`, which checkpoints keep in trainer_state.json, and logs a line at
       INFO level on logger "dsd.integrations.transformers".
+    - Under Accelerate's FSDP version 2 the model's parameters are DTensors: the masks are
+      computed on the shards; FSDP version 1, whose flattened shards hold no whole tensors,
+      is refused at train begin.
 
     `callback.dsd` is the `dsd.DSD` of the current training run (None before it begins).
 
@@ -63,9 +68,10 @@ class DSDCallback(transformers.TrainerCallback):
     Raises:
         TypeError: If `plan` is not a `dsd.Plan`; at train begin, if the optimizer cannot be
             masked (the message says why and names the ``optim`` setting).
-        ValueError: At train begin, if the Trainer would train past the plan, a plan in epochs
-            meets a train dataset without a length, or as `dsd.DSD` (patterns, frozen
-            parameters); on resume, if the checkpoint's masks cannot be recovered.
+        ValueError: At train begin, under FSDP version 1, if the Trainer would train past the
+            plan, a plan in epochs meets a train dataset without a length, or as `dsd.DSD`
+            (patterns, frozen parameters); on resume, if the checkpoint's masks cannot be
+            recovered.
 
     Example::
 
@@ -83,6 +89,7 @@ class DSDCallback(transformers.TrainerCallback):
         self._next_epoch = 0
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        _refuse_fsdp_version_1(model)
         self._check_length(state)
         raw_optimizer = _unwrap(optimizer)
         _refuse_updates_outside_the_step(raw_optimizer)
@@ -137,6 +144,19 @@ class DSDCallback(transformers.TrainerCallback):
             logger.info("DSD %s phase %d (%s, %s, LR x %g) at step %d, epoch %.2f",
                         event, self.dsd.phase_index, phase.kind, pruning, phase.lr_scale,
                         state.global_step, state.epoch)
+
+
+def _refuse_fsdp_version_1(model) -> None:
+    """FSDP version 1 (FullyShardedDataParallel) shards flattened parameters: no rank holds
+    whole tensors, or whole rows of them, to rank magnitudes in."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+        raise ValueError("DSDCallback cannot prune under FSDP version 1: each rank holds a slice "
+                         "of parameters flattened together, not whole tensors; use FSDP2: "
+                         "TrainingArguments(fsdp_config={'fsdp_version': 2, ...})")
 
 
 def _refuse_updates_outside_the_step(optimizer) -> None:
