@@ -106,8 +106,15 @@ def pattern_targets(named_params, pattern: str, include=()) -> list[tuple[str, n
 
 
 def zero_fractions(named_params) -> dict[str, float]:
-    """Fraction of exactly-zero entries of each named tensor."""
-    return {name: (p.detach() == 0).sum().item() / p.numel() for name, p in named_params}
+    """Fraction of exactly-zero entries of each named tensor (of the whole tensor, for an FSDP2
+    DTensor: every rank calls it)."""
+    fractions = {}
+    for name, p in named_params:
+        zeros = (p.detach() == 0).sum()
+        if hasattr(zeros, "full_tensor"):  # a DTensor's count is partial: sum over the ranks
+            zeros = zeros.full_tensor()
+        fractions[name] = zeros.item() / p.numel()
+    return fractions
 
 
 class DSD:
