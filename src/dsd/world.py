@@ -73,7 +73,7 @@ class World:
         if self.shard:
             from torch.distributed.fsdp import fully_shard
 
-            for unit in _shard_units(model):
+            for unit in shard_units(model):
                 fully_shard(unit)
             return fully_shard(model)
         if self.size == 1:
@@ -126,7 +126,7 @@ class World:
             raise RuntimeError("DDP replicas diverged: the ranks hold different weights")
 
 
-def _shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules fully_shard makes units of (each gathered for its own forward, freed after
     it; the root takes what is left): the top-level children holding parameters, and the
     items of a top-level ModuleList or ModuleDict, which have no forward of their own."""

@@ -77,6 +77,14 @@ def train(config: RunConfig, run_dir=None, *, quiet: bool = False) -> dict:
         KeyboardInterrupt: with the run directory as its `run_dir` attribute.
     """
     world, device = World.start(resolve_device(config.device), config.shard)
+    try:
+        return _train_in(world, device, config, run_dir, quiet)
+    finally:
+        if world.size == 1:  # a --shard run's group of one: ended however the run ends
+            world.close()
+
+
+def _train_in(world: World, device, config: RunConfig, run_dir, quiet: bool) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
