@@ -19,9 +19,9 @@ from dsd.train import RunError, dry_run, train
 
 import _kill
 
-# Ends sparse: model.pt's zeros are the masks. RMSprop takes the general masked step; the
-# fused one is the AdamW run's. Tensors from a file: every process starts faster than on an
-# embedded task (no scikit-learn), and there are 16 of them.
+# Ends sparse: model.pt's zeros are the masks. RMSprop takes the general masked step (the
+# fused one on FSDP2 shards: tests/test_distributed.py). Tensors from a file: a process starts
+# faster than on an embedded task (no scikit-learn), and the tests start 12 of them.
 SETTINGS = dict(task="tensors", model="mlp", phases=[1, 3], sparsity=0.5, mlp_hidden=[32, 16],
                 optimizer="rmsprop", lr=0.01, backend="torch", device="cpu", seed=3)
 TRAJECTORY = dict(rtol=1e-4, atol=1e-5)  # the ranks' gradients are summed in another order

@@ -290,11 +290,11 @@ class Run:
     def _check_finite(self, arm: Arm, epoch: int, train_loss: float) -> None:
         """Stop at the first epoch whose loss or weights are not finite, before its checkpoint
         and metrics row: the last checkpoint stays the last finite state."""
-        # Under --shard each rank sees its slices: the ranks agree through the sum.
         infinite = torch.stack([~dsd_kernels.local_tensor(p.detach()).isfinite().all()
                                 for p in arm.model.parameters()]).sum()
-        finite = not (self.world.sum_(infinite) if self.config.shard else infinite)
-        if math.isfinite(train_loss) and finite:
+        if self.config.shard:  # each rank sees its slices: the ranks agree through the sum
+            self.world.sum_(infinite)
+        if math.isfinite(train_loss) and not infinite:
             return
         lr = step_lr(arm.optimizer.param_groups[0])
         weights = ", weights not finite" if math.isfinite(train_loss) else ""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -43,7 +44,11 @@ def save(arm, next_epoch: int, path: Path, world: World, **records) -> None:
     directory = path.parent / f"{path.stem}-{world.from_main(secrets.token_hex(4))}"
     if arm is not None:
         with atomic_io.writing(directory):
-            dcp.save(_tensors(arm), checkpoint_id=directory)
+            try:
+                dcp.save(_tensors(arm), checkpoint_id=directory)
+            except CheckpointException as error:  # every rank's failures, gathered
+                first_line = (str(error).strip().splitlines() or [""])[0]
+                raise atomic_io.WriteError(f"cannot write {directory}: {first_line}") from None
     rng = world.gather(checkpoints.rng_state())
     if not world.main:
         return
@@ -68,9 +73,9 @@ def restore(arm, state: dict, path: Path, world: World) -> None:
             weight its mask prunes is not zero; raised on every rank, naming the tensor.
     """
     directory = path.parent / state["shards"]
-    tensors = _tensors(arm, masked=state["masked"])
-    problem = None
+    tensors, problem = None, None
     try:
+        tensors = _tensors(arm, masked=state["masked"])
         dcp.load(tensors, checkpoint_id=directory)
     except Exception as error:  # DCP wraps every rank's failure in its own exception type
         first_line = (str(error).strip().splitlines() or [""])[0]
@@ -123,7 +128,7 @@ def _tensors(arm, masked=None) -> dict:
     else:
         masks = {name: _like(params[name], torch.zeros_like(local_tensor(params[name]),
                                                              dtype=torch.bool))
-                 for name in masked if name in params}
+                 for name in masked}
     return {"model": model, "optimizer": optimizer, "masks": masks}
 
 
