@@ -55,24 +55,37 @@ def _flags(settings):
     return flags
 
 
-def _dsd(args, *, world=1, script=None, check=True, env=None):
-    """`dsd ARGS` on `world` torchrun processes (1: a plain process)."""
+def _start(args, *, world=1, script=None, env=None) -> subprocess.Popen:
+    """`dsd ARGS` started on `world` torchrun processes (1: a plain process)."""
     launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone",
                                   f"--nproc_per_node={world}"] if world > 1 else [])
     target = [str(script)] if script else ["-m", "dsd.cli"]
     env = dict(env or os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(launch + target + args, capture_output=True, text=True, env=env,
-                            timeout=300)
+    return subprocess.Popen(launch + target + args, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _finish(process: subprocess.Popen, *, check=True) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=300)
     if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+        assert process.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-def _killed(run_dir, world, kill_at, args):
+def _dsd(args, *, world=1, check=True):
+    return _finish(_start(args, world=world), check=check)
+
+
+def _start_killed(run_dir, world, kill_at, args) -> subprocess.Popen:
+    """`dsd ARGS` whose rank 0 dies inside its `kill_at`th checkpoint."""
     script = run_dir.parent / "killer.py"
     script.write_text(_KILLER)
-    result = _dsd(args + ["--quiet"], world=world, script=script, check=False,
+    return _start(args + ["--quiet"], world=world, script=script,
                   env=_kill.subprocess_env(KILL_AT=str(kill_at)))
+
+
+def _finish_killed(process, run_dir):
+    result = _finish(process, check=False)
     assert result.returncode != 0 and not (run_dir / "model.pt").exists(), result.stderr[-2000:]
 
 
@@ -98,11 +111,14 @@ def runs(tmp_path_factory):
     torch.save({"x": x, "y": (x @ torch.randn(16, 4, generator=gen)).argmax(1)},
                root / "data.pt")
     settings = {**SETTINGS, "data": str(root / "data.pt")}
+    # Together: the runs mostly wait (rendezvous, collectives, fsync), not compute.
+    sharded = _start(["train", *_flags(settings), "--shard", "--out", str(root / "sharded"),
+                      "--quiet"], world=2)
+    killed = _start_killed(root / "killed", 2, 3,
+                           ["train", *_flags(settings), "--shard", "--out", str(root / "killed")])
     train(RunConfig.from_mapping(settings), root / "single", quiet=True)
-    _dsd(["train", *_flags(settings), "--shard", "--out", str(root / "sharded"), "--quiet"],
-         world=2)
-    _killed(root / "killed", 2, 3,
-            ["train", *_flags(settings), "--shard", "--out", str(root / "killed")])
+    _finish(sharded)
+    _finish_killed(killed, root / "killed")
     return root
 
 
@@ -138,13 +154,15 @@ def test_killed_sharded_run_resumes_on_the_same_and_other_world_sizes(runs, tmp_
     same, other = tmp_path / "same", tmp_path / "other"
     shutil.copytree(runs / "killed", same)
     shutil.copytree(runs / "killed", other)
-    _dsd(["train", "--resume", str(same), "--quiet"], world=2)
+    resuming = _start(["train", "--resume", str(same), "--quiet"], world=2)
+    # 2 -> 4: killed in its second checkpoint, so 4 -> 1 resumes from one written by 4 ranks.
+    moving = _start_killed(other, 4, 2, ["train", "--resume", str(other)])
+    _finish(resuming)
     uninterrupted = _model(runs / "sharded")
     resumed = _model(same)
     for key in uninterrupted:
         assert torch.equal(resumed[key], uninterrupted[key]), key
-    # 2 -> 4: killed in its second checkpoint, so 4 -> 1 resumes from one written by 4 ranks.
-    _killed(other, 4, 2, ["train", "--resume", str(other)])
+    _finish_killed(moving, other)
     assert torch.load(other / "checkpoints" / "last.pt")["world_size"] == 4
     _dsd(["train", "--resume", str(other), "--quiet"])
     assert json.loads((other / "summary.json").read_text())["world_size"] == 1
