@@ -26,7 +26,8 @@ SETTINGS = dict(task="tensors", model="mlp", phases=[1, 3], sparsity=0.5, mlp_hi
                 optimizer="rmsprop", lr=0.01, backend="torch", device="cpu", seed=3)
 TRAJECTORY = dict(rtol=1e-4, atol=1e-5)  # the ranks' gradients are summed in another order
 
-# Rank 0 dies (tests/_kill.py) in the middle of writing its slices of the Nth checkpoint.
+# Rank 0 dies (tests/_kill.py) in its Nth checkpoint: in the middle of writing its slices
+# (KILL_IN=slices), or of writing last.pt once every rank has written its slices (file).
 _KILLER = textwrap.dedent("""
     import os, sys
     import torch.distributed.checkpoint as dcp
@@ -37,9 +38,13 @@ _KILLER = textwrap.dedent("""
 
     def dying_save(*args, **kwargs):
         calls[0] += 1
-        if calls[0] == int(os.environ["KILL_AT"]):
+        last = calls[0] == int(os.environ["KILL_AT"])
+        if last and os.environ["KILL_IN"] == "slices":
             _kill.die_in_save(3)
-        return real_save(*args, **kwargs)
+        result = real_save(*args, **kwargs)
+        if last and os.environ["KILL_IN"] == "file":
+            _kill.die_in_save(1)
+        return result
 
     if os.environ["RANK"] == "0":
         dcp.save = dying_save
@@ -76,12 +81,12 @@ def _dsd(args, *, world=1, check=True):
     return _finish(_start(args, world=world), check=check)
 
 
-def _start_killed(run_dir, world, kill_at, args) -> subprocess.Popen:
-    """`dsd ARGS` whose rank 0 dies inside its `kill_at`th checkpoint."""
+def _start_killed(run_dir, world, kill_at, kill_in, args) -> subprocess.Popen:
+    """`dsd ARGS` whose rank 0 dies inside its `kill_at`th checkpoint (`kill_in`: _KILLER)."""
     script = run_dir.parent / "killer.py"
     script.write_text(_KILLER)
     return _start(args + ["--quiet"], world=world, script=script,
-                  env=_kill.subprocess_env(KILL_AT=str(kill_at)))
+                  env=_kill.subprocess_env(KILL_AT=str(kill_at), KILL_IN=kill_in))
 
 
 def _finish_killed(process, run_dir):
@@ -114,7 +119,7 @@ def runs(tmp_path_factory):
     # Together: the runs mostly wait (rendezvous, collectives, fsync), not compute.
     sharded = _start(["train", *_flags(settings), "--shard", "--out", str(root / "sharded"),
                       "--quiet"], world=2)
-    killed = _start_killed(root / "killed", 2, 3,
+    killed = _start_killed(root / "killed", 2, 3, "slices",
                            ["train", *_flags(settings), "--shard", "--out", str(root / "killed")])
     train(RunConfig.from_mapping(settings), root / "single", quiet=True)
     _finish(sharded)
@@ -155,17 +160,21 @@ def test_killed_sharded_run_resumes_on_the_same_and_other_world_sizes(runs, tmp_
     shutil.copytree(runs / "killed", same)
     shutil.copytree(runs / "killed", other)
     resuming = _start(["train", "--resume", str(same), "--quiet"], world=2)
-    # 2 -> 4: killed in its second checkpoint, so 4 -> 1 resumes from one written by 4 ranks.
-    moving = _start_killed(other, 4, 2, ["train", "--resume", str(other)])
+    # 2 -> 4: killed writing last.pt of its second checkpoint, whose slices are all written,
+    # so 4 -> 1 resumes from the first, written by 4 ranks.
+    moving = _start_killed(other, 4, 2, "file", ["train", "--resume", str(other)])
     _finish(resuming)
     uninterrupted = _model(runs / "sharded")
     resumed = _model(same)
     for key in uninterrupted:
         assert torch.equal(resumed[key], uninterrupted[key]), key
     _finish_killed(moving, other)
-    assert torch.load(other / "checkpoints" / "last.pt")["world_size"] == 4
+    pointer = torch.load(other / "checkpoints" / "last.pt")
+    assert (pointer["world_size"], pointer["next_epoch"]) == (4, 3)
+    assert len(list((other / "checkpoints").glob("last-*"))) == 2  # the new one, unnamed
     _dsd(["train", "--resume", str(other), "--quiet"])
     assert json.loads((other / "summary.json").read_text())["world_size"] == 1
+    assert sorted(p.name for p in (other / "checkpoints").iterdir()) == ["last.pt"]
     moved = _model(other)
     for key in uninterrupted:
         assert torch.equal(moved[key] == 0, uninterrupted[key] == 0), key

@@ -85,6 +85,7 @@ def train(config: RunConfig, run_dir=None, *, quiet: bool = False) -> dict:
 
 
 def _train_in(world: World, device, config: RunConfig, run_dir, quiet: bool) -> dict:
+    """train() in the world started for it."""
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
