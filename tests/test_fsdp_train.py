@@ -25,6 +25,8 @@ import _kill
 SETTINGS = dict(task="tensors", model="mlp", phases=[1, 3], sparsity=0.5, mlp_hidden=[32, 16],
                 optimizer="rmsprop", lr=0.01, backend="torch", device="cpu", seed=3)
 TRAJECTORY = dict(rtol=1e-4, atol=1e-5)  # the ranks' gradients are summed in another order
+# S-D with its baseline, fused Adam: the baseline branches off before any step.
+SPARSE_FIRST = dict(phases=[1, 1], first_phase="sparse", optimizer="adam", baseline=True)
 
 # Rank 0 dies (tests/_kill.py) in its Nth checkpoint: in the middle of writing its slices
 # (KILL_IN=slices), or of writing last.pt once every rank has written its slices (file).
@@ -55,8 +57,11 @@ _KILLER = textwrap.dedent("""
 def _flags(settings):
     flags = []
     for key, value in settings.items():
-        value = ",".join(map(str, value)) if isinstance(value, list) else str(value)
-        flags += [f"--{key.replace('_', '-')}", value]
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            flags += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     return flags
 
 
@@ -109,7 +114,8 @@ def _checkpoint_tensors(run_dir, tmp_path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A single-process run, the same run sharded over 2 processes, and one killed in its
-    third checkpoint (it holds the second, in the sparse phase)."""
+    third checkpoint (it holds the second, in the sparse phase); an S-D run with its baseline
+    on one process, with and without --shard."""
     root = tmp_path_factory.mktemp("fsdp")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(320, 16, generator=gen)
@@ -121,9 +127,13 @@ def runs(tmp_path_factory):
                       "--quiet"], world=2)
     killed = _start_killed(root / "killed", 2, 3, "slices",
                            ["train", *_flags(settings), "--shard", "--out", str(root / "killed")])
+    alone = _start(["train", *_flags({**settings, **SPARSE_FIRST}), "--shard", "--out",
+                    str(root / "alone"), "--quiet"])
     train(RunConfig.from_mapping(settings), root / "single", quiet=True)
+    train(RunConfig.from_mapping({**settings, **SPARSE_FIRST}), root / "unsharded", quiet=True)
     _finish(sharded)
     _finish_killed(killed, root / "killed")
+    _finish(alone)
     return root
 
 
@@ -139,6 +149,15 @@ def test_sharded_run_follows_single_process_and_keeps_zeros(runs):
         torch.testing.assert_close(sharded[key], single[key], **TRAJECTORY)
     for name in ("hidden.0.weight", "hidden.1.weight", "out.weight"):
         assert (sharded[name] == 0).float().mean() == 0.5, name
+
+
+@pytest.mark.slow
+def test_one_process_shard_equals_the_unsharded_run_bit_for_bit(runs):
+    assert json.loads((runs / "alone" / "summary.json").read_text())["world_size"] == 1
+    for name in ("model.pt", "baseline_model.pt"):
+        sharded, unsharded = (torch.load(runs / run / name) for run in ("alone", "unsharded"))
+        for key in unsharded:
+            assert torch.equal(sharded[key], unsharded[key]), (name, key)
 
 
 @pytest.mark.slow

@@ -91,16 +91,6 @@ def restore(arm, state: dict, path: Path) -> None:
     check_pruned_zeros(arm, path)
 
 
-def restore_masks(arm, masks: dict) -> None:
-    """Give the arm's masked optimizer `masks` ({parameter: mask of its local slice}) as its
-    state_dict carries them: loaded as they are, nothing pruned anew."""
-    index = {id(p): i for i, p in enumerate(p for group in arm.optimizer.param_groups
-                                            for p in group["params"])}
-    state = arm.optimizer.state_dict()
-    state["masks"] = {index[id(p)]: mask for p, mask in masks.items()}
-    arm.optimizer.load_state_dict(state)
-
-
 def check_pruned_zeros(arm, path: Path, world=None) -> None:
     """Refuse a restored checkpoint in which a weight that its mask prunes is not zero (the
     weights or the masks were edited since the checkpoint was written): training would keep

@@ -42,10 +42,15 @@ def save(arm, next_epoch: int, path: Path, world: World, **records) -> None:
     finished) as `path` (checkpoints/last.pt or branch.pt) and its DCP directory. Every rank
     calls it; `records` are checkpoints.capture's config, history, sparsity and seconds."""
     directory = path.parent / f"{path.stem}-{world.from_main(secrets.token_hex(4))}"
+    stepped = arm is not None and bool(arm.optimizer.state)
     if arm is not None:
+        before = arm.optimizer.state_dict()
+        tensors = _tensors(arm)
+        if not stepped:  # _tensors gave it a state: the run goes on without
+            arm.optimizer.load_state_dict(before)
         with atomic_io.writing(directory):
             try:
-                dcp.save(_tensors(arm), checkpoint_id=directory)
+                dcp.save(tensors, checkpoint_id=directory)
             except CheckpointException as error:  # every rank's failures, gathered
                 first_line = (str(error).strip().splitlines() or [""])[0]
                 raise atomic_io.WriteError(f"cannot write {directory}: {first_line}") from None
@@ -53,7 +58,7 @@ def save(arm, next_epoch: int, path: Path, world: World, **records) -> None:
     if not world.main:
         return
     state = checkpoints.capture(arm, next_epoch, **records)
-    state.update(model=None, optimizer=None, rng=rng, world_size=world.size,
+    state.update(model=None, optimizer=None, rng=rng, world_size=world.size, stepped=stepped,
                  shards=directory.name if arm is not None else None,
                  masked=sorted(_masked_names(arm)) if arm is not None else [])
     atomic_io.save_torch(state, path)
@@ -92,9 +97,14 @@ def restore(arm, state: dict, path: Path, world: World) -> None:
         raise RunError(problem)
     set_model_state_dict(arm.model, tensors["model"])
     set_optimizer_state_dict(arm.model, arm.optimizer, tensors["optimizer"])
-    params = dict(arm.model.named_parameters())
-    masks = {params[name]: local_tensor(mask) for name, mask in tensors["masks"].items()}
-    checkpoints.restore_masks(arm, masks)
+    # The masks as the optimizer's state_dict carries them: loaded, nothing pruned anew.
+    optimizer = arm.optimizer.state_dict()
+    if not state["stepped"]:  # the state saved was only the template _tensors makes
+        optimizer["state"] = {}
+    index = {name: i for i, (name, _) in enumerate(_named_in_optimizer(arm))}
+    optimizer["masks"] = {index[name]: local_tensor(mask)
+                          for name, mask in tensors["masks"].items()}
+    arm.optimizer.load_state_dict(optimizer)
     checkpoints.check_pruned_zeros(arm, path, world)
     try:
         arm.dsd.load_state_dict({"phase_index": state["phase_index"],
@@ -118,9 +128,13 @@ def full_state_dict(model) -> dict:
 def _tensors(arm, masked=None) -> dict:
     """What the DCP directory holds: the model's and the optimizer's sharded state dicts and
     the masks as bool DTensors shaped like their parameters, keyed by parameter name. For a
-    load, `masked` names the parameters whose masks to read (into zero masks)."""
+    load, `masked` names the parameters whose masks to read (into zero masks).
+
+    An optimizer that has not stepped yet gets a state here (get_optimizer_state_dict steps
+    it once with zero gradients and lr 0, leaving the weights as they are): DCP saves and
+    loads only the tensors it is shown."""
     model = get_model_state_dict(arm.model)
-    optimizer = get_optimizer_state_dict(arm.model, arm.optimizer)  # creates a fresh state
+    optimizer = get_optimizer_state_dict(arm.model, arm.optimizer)
     params = dict(arm.model.named_parameters())
     if masked is None:
         names = {id(p): name for name, p in params.items()}
@@ -138,6 +152,12 @@ def _like(p, local: torch.Tensor):
         return local
     return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
                               shape=p.shape, stride=p.stride())
+
+
+def _named_in_optimizer(arm) -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter) in the optimizer's order, its state_dict's indices."""
+    names = {id(p): name for name, p in arm.model.named_parameters()}
+    return [(names[id(p)], p) for group in arm.optimizer.param_groups for p in group["params"]]
 
 
 def _masked_names(arm) -> list[str]:
