@@ -139,6 +139,64 @@ def _check_fsdp2_masked_training(rank, world):
     zeros.epoch_start(0)
     assert zeros.found_sparsity == zeros.sparsity() == {"0.weight": 27 / 54, "2.weight": 13 / 27}
     assert all(torch.equal(opts[0].masks[w], mask) for w, mask in zip(weights, local_masks))
+    _check_fsdp2_general_masked_steps(rank, world)
+    _check_fsdp2_nm_masks(rank, world)
+
+
+def _check_fsdp2_general_masked_steps(rank, world):
+    """torch.optim's own steps between dsd's masking passes (the general masked step), and the
+    fused ones, on FSDP2 shards: the pruned weights stay exactly zero. (Rprop's own step
+    writes through a boolean index, which DTensors refuse in torch 2.13.)"""
+    from torch.distributed.fsdp import fully_shard
+
+    from dsd_kernels.optim import make_masked_
+
+    for name in ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "NAdam", "RAdam", "Adamax",
+                 "Adadelta", "ASGD"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.ReLU(),
+                                    torch.nn.Linear(9, 3))
+        for unit in (model[0], model[2], model):
+            fully_shard(unit)
+        kwargs = {"momentum": 0.9} if name == "SGD" else {}
+        opt = make_masked_(getattr(torch.optim, name)(model.parameters(), lr=0.01, **kwargs))
+        weights = [model[0].weight, model[2].weight]
+        opt.set_masks(dict(zip(weights, dk.magnitude_masks(weights, 0.5))))
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(8, 6)).square().sum().backward()
+            opt.step()
+        for w in weights:
+            assert (w.to_local()[~opt.masks[w]] == 0).all(), (name, rank)
+            assert int((w.full_tensor() == 0).sum()) == dk.pruned_count(0.5, w.numel()), name
+
+
+def _check_fsdp2_nm_masks(rank, world):
+    """DSD's N:M masks of FSDP2 parameters are the local rows of the masks of the whole
+    tensors (groups run along dim 1, inside each rank's rows); a tensor whose dim 1 is not a
+    multiple of M stays dense."""
+    from torch.distributed.fsdp import fully_shard
+
+    from dsd import DSD, Plan
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 9), torch.nn.ReLU(), torch.nn.Linear(9, 4),
+                                torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    whole = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for unit in (model[0], model[2], model[4], model):
+        fully_shard(unit)
+    dsd = DSD(model, dk.MaskedSGD(model.parameters(), lr=0.1),
+              Plan.from_lengths([1], first="sparse", pattern="2:4"))
+    dsd.epoch_start(0)
+    params = dict(model.named_parameters())
+    assert sorted(name for name, p in params.items() if p in dsd.optimizer.masks) == \
+        ["0.weight", "4.weight"]
+    for name in ("0.weight", "4.weight"):
+        p = params[name]
+        rows = -(-p.shape[0] // world)  # FSDP2 shards like chunk()
+        want = dk.nm_masks([whole[name]], "2:4")[0][rank * rows: (rank + 1) * rows]
+        assert torch.equal(dsd.optimizer.masks[p], want), (name, rank)
+        assert torch.equal(p.full_tensor() != 0, dk.nm_masks([whole[name]], "2:4")[0]), name
 
 
 def _check_collectives_per_call(rank, world):

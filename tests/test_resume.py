@@ -102,3 +102,20 @@ def test_a_run_from_before_the_pattern_and_masks_options_resumes(tmp_path, monke
     torch.save(state, last)
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert (load_config(run).pattern, load_config(run).masks) == ("", "magnitude")
+
+
+def test_a_checkpoint_with_a_pruned_weight_not_zero_is_refused(tmp_path, monkeypatch):
+    run = interrupted_run(tmp_path / "run", monkeypatch, ("dsd", 2), RUN)  # in the sparse phase
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last)
+    index = list(state["model"]).index("hidden.0.weight")  # no buffers: the parameters' order
+    pruned = (~state["optimizer"]["masks"][index]).nonzero()[0].tolist()
+    state["model"]["hidden.0.weight"][tuple(pruned)] = 0.5
+    torch.save(state, last)
+    before = _files(run)
+    _trains_nothing(monkeypatch)
+    with pytest.raises(RunError, match=f"^cannot resume: {last} holds non-zero weights that the "
+                                       "mask of hidden.0.weight prunes: its weights or its masks "
+                                       "were changed after it was saved$"):
+        train(RunConfig.from_mapping(RUN), run, quiet=True)
+    assert _files(run) == before

@@ -157,6 +157,11 @@ class RunConfig:
         "help": "dsd_kernels backend (auto: the fastest that loads)",
         "choices": dsd_kernels.BACKEND_CHOICES,
         "shown_default": "$DSD_BACKEND, else auto"})
+    shard: bool = _option(False, "under torchrun, shard the model with FSDP2 (fully_shard) "
+                          "instead of DDP: each rank holds a slice of every parameter, its "
+                          "optimizer state and its mask; checkpoints are sharded "
+                          "(torch.distributed.checkpoint) and resume on any number of ranks "
+                          "(without torchrun: FSDP2 over this one process)")
     checkpoint_every: int = _option(1, "save a resumable checkpoint every N epochs")
     threads: int = _option(1, "CPU threads for torch (0: torch's default), at most the "
                            "machine's CPUs; these small models run fastest on one")

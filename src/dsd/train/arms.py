@@ -51,8 +51,8 @@ def masked_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
 
 class Arm:
     """One arm's live objects: the model, its masked optimizer, the DSD runner and (fp16) the
-    gradient scaler; `net` is the module that runs the batches (the model itself, or its DDP
-    wrapper under torchrun)."""
+    gradient scaler; `net` is the module that runs the batches (the model itself, its DDP
+    wrapper under torchrun, or the model made FSDP2 in place under --shard)."""
 
     def __init__(self, name, model, dsd, net, scaler):
         self.name, self.model, self.dsd, self.net, self.scaler = name, model, dsd, net, scaler
@@ -74,11 +74,13 @@ class Arm:
         model = model.to(device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        # Wrapped first: fully_shard replaces the parameters, which the optimizer must hold.
+        net = world.wrap(model, device) if world else model
         optimizer = masked_optimizer(config, model.parameters())
         plan = config.plan()
         dsd = DSD(model, optimizer, plan if name == "dsd" else plan.dense_baseline())
         scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
-        return cls(name, model, dsd, world.wrap(model, device) if world else model, scaler)
+        return cls(name, model, dsd, net, scaler)
 
     @property
     def optimizer(self):

@@ -1,12 +1,15 @@
 """The checkpoint format of `dsd train` (checkpoints/last.pt, checkpoints/branch.pt): what one
 holds, reading one back checked, restoring an arm from it, and the RNG states it carries
-(docs/design.md, "Resuming")."""
+(docs/design.md, "Resuming"). Under --shard the tensors live in a DCP directory beside the
+file (sharded.py)."""
 
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from dsd_kernels import local_tensor
 
 from .. import atomic_io
 from ..config import RunConfig
@@ -43,14 +46,21 @@ def read(path: Path, config: RunConfig, arm_names: list[str]) -> dict:
         raise RunError(f"cannot resume: {path} has checkpoint format {state['format']!r}; "
                        f"this dsd reads format {FORMAT}")
     saved = state.get("config")
-    if isinstance(saved, dict):  # checkpoints from before the pattern and masks options
-        saved = {"pattern": "", "masks": "magnitude", **saved}
+    if isinstance(saved, dict):  # checkpoints from before these options lack their keys
+        saved = {"pattern": "", "masks": "magnitude", "shard": False, **saved}
     if saved != config.to_dict():
+        if isinstance(saved, dict) and saved | {"shard": config.shard} == config.to_dict():
+            flag = "--shard" if saved["shard"] else "--no-shard"
+            raise RunError(f"cannot resume: {path} was written by a run with {flag}; resume "
+                           f"it with {flag}")
         raise RunError(f"cannot resume: {path} belongs to another config")
     missing = sorted(set(KEYS) - set(state))
     if missing or state["arm"] not in (*arm_names, "done"):
         raise RunError(f"cannot resume: {path} is a damaged dsd checkpoint "
                        f"({'no ' + ', '.join(missing) if missing else 'unknown arm'})")
+    if state.get("shards") and not (path.parent / state["shards"]).is_dir():
+        raise RunError(f"cannot resume: {path.parent / state['shards']}, the sharded tensors "
+                       f"of {path}, is missing")
     for part in ("model", "optimizer"):
         where = non_finite(state[part])
         if where is not None:
@@ -59,7 +69,12 @@ def read(path: Path, config: RunConfig, arm_names: list[str]) -> dict:
 
 
 def restore(arm, state: dict, path: Path) -> None:
-    """Load a checkpoint read from `path` into a freshly built `arm`, and the RNG states."""
+    """Load a checkpoint read from `path` into a freshly built `arm`, and the RNG states.
+
+    Raises:
+        RunError: the checkpoint does not fit the arm, or a weight its mask prunes is not
+            zero (check_pruned_zeros).
+    """
     try:
         arm.model.load_state_dict(state["model"])
         arm.optimizer.load_state_dict(state["optimizer"])  # state, LRs and masks
@@ -73,6 +88,23 @@ def restore(arm, state: dict, path: Path) -> None:
         first_line = (str(error).strip().splitlines() or [""])[0]
         raise RunError(f"cannot resume: {path} does not fit this run "
                        f"({type(error).__name__}: {first_line})") from None
+    check_pruned_zeros(arm, path)
+
+
+def check_pruned_zeros(arm, path: Path, world=None) -> None:
+    """Refuse a restored checkpoint in which a weight that its mask prunes is not zero (the
+    weights or the masks were edited since the checkpoint was written): training would keep
+    that weight frozen at its value instead of at 0. Under a sharded `world` every rank
+    raises, naming the first tensor any rank found."""
+    names = {id(p): name for name, p in arm.model.named_parameters()}
+    problem = next((f"cannot resume: {path} holds non-zero weights that the mask of "
+                    f"{names[id(p)]} prunes: its weights or its masks were changed after it "
+                    "was saved" for p, mask in arm.optimizer.masks.items()
+                    if local_tensor(p.detach())[~mask].any()), None)
+    if world is not None:
+        problem = world.first_problem(problem)
+    if problem is not None:
+        raise RunError(problem)
 
 
 def non_finite(state) -> str | None:

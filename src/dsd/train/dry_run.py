@@ -7,6 +7,7 @@ from dsd_kernels.optim import MaskedAdam, MaskedAdamW, MaskedSGD
 from ..config import RunConfig
 from ..optimizers import class_name
 from ..runner import pattern_refusal, pattern_targets, prunable_parameters
+from ..world import shard_units
 from .arms import masked_optimizer, model_label, optimizer_call
 from .compute import resolve_device
 from .prepare import prepare
@@ -19,7 +20,8 @@ def dry_run(config: RunConfig) -> str:
     model, whether the plan prunes it and how many of its weights each sparse phase zeroes (a
     frozen one, requires_grad=False, is never pruned: it says so; under --pattern, one that
     cannot take the pattern stays dense and the reason is given; under --masks zeros, the
-    --init model's zeros each keeps). Nothing is written.
+    --init model's zeros each keeps; under --shard, the modules made FSDP2 units). Nothing is
+    written.
 
     Args:
         config: the run's options.
@@ -80,6 +82,12 @@ def dry_run(config: RunConfig) -> str:
              + (f": {dsd_kernels.pruned_count(config.sparsity, selected):,} weights pruned in all"
                 if plan.scope == "global" and sparse and not zeros else "")]
     lines.append(f"optimizer {config.optimizer}: {_describe(config, optimizer)}")
+    if config.shard:
+        units = [name for name, module in model.named_modules()
+                 if any(module is unit for unit in shard_units(model))]
+        lines.append(f"sharded (--shard): FSDP2 fully_shard on {', '.join(units)} and the root "
+                     "model; each rank holds dim-0 slices of every parameter, of its optimizer "
+                     "state and of its mask; the masks' thresholds are computed on the slices")
     lines += aligned(rows)
     return "\n".join(lines) + "\n"
 

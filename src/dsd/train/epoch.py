@@ -37,8 +37,9 @@ def train_epoch(arm, epoch: int, data, x_train, y_train, config: RunConfig, devi
             logits = arm.net(x)
             batch_losses, correct = losses(logits, y)
         arm.optimizer.zero_grad(set_to_none=True)
-        # The loss is scaled so that DDP's mean over ranks is the gradient of the global
-        # batch's mean loss (a rank left without examples runs one with weight 0).
+        # The loss is scaled so that the mean over ranks (DDP's all-reduce, FSDP2's
+        # reduce-scatter under --shard) is the gradient of the global batch's mean loss (a
+        # rank left without examples runs one with weight 0).
         loss = batch_losses.sum() * (weight * ranks / (size * per_example))
         (arm.scaler.scale(loss) if arm.scaler else loss).backward()
         with clock.timing():  # the masked optimizer's share of the step

@@ -11,6 +11,7 @@ Run directory:
     summary.json/.txt     final numbers; the table printed at the end
     model.pt              the DSD model: a plain dense state_dict (baseline_model.pt likewise)
     checkpoints/last.pt   resume point; checkpoints/branch.pt is where the baseline branches off
+                          (under --shard each names a DCP directory beside it: sharded.py)
 
 Pairing: the baseline starts from the DSD run's state at the end of the first dense phase (same
 init, same optimizer state, same RNG; at the start when the plan starts sparse), and every
@@ -33,7 +34,7 @@ from dsd_kernels.optim import step_lr
 from .. import atomic_io
 from ..config import RunConfig
 from ..world import World
-from . import checkpoints, outputs, report
+from . import checkpoints, outputs, report, sharded
 from .arms import Arm, model_label
 from .compute import resolve_device
 from .epoch import train_epoch
@@ -75,7 +76,16 @@ def train(config: RunConfig, run_dir=None, *, quiet: bool = False) -> dict:
         atomic_io.WriteError: a file could not be written (the message says how to resume).
         KeyboardInterrupt: with the run directory as its `run_dir` attribute.
     """
-    world, device = World.start(resolve_device(config.device))
+    world, device = World.start(resolve_device(config.device), config.shard)
+    try:
+        return _train_in(world, device, config, run_dir, quiet)
+    finally:
+        if world.size == 1:  # a --shard run's group of one: ended however the run ends
+            world.close()
+
+
+def _train_in(world: World, device, config: RunConfig, run_dir, quiet: bool) -> dict:
+    """train() in the world started for it."""
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
@@ -146,7 +156,10 @@ class Run:
         if name == "done":
             return None, 0
         arm = Arm.build(self.config, self.data, name, self.device, self.world)
-        checkpoints.restore(arm, state, path)
+        if self.config.shard:
+            sharded.restore(arm, state, path, self.world)
+        else:
+            checkpoints.restore(arm, state, path)
         return arm, state["next_epoch"]
 
     def _read(self, path: Path) -> dict:
@@ -171,7 +184,11 @@ class Run:
                            "new run (another --out)")
 
     def _save(self, arm: Arm | None, next_epoch: int, filename: str = "last.pt") -> None:
-        if self.world.main:  # the ranks' states are the same: one copy, on any world size
+        if self.config.shard:  # every rank writes its slices
+            sharded.save(arm, next_epoch, self.ckpt_dir / filename, self.world,
+                         config=self.config, history=self.history, sparsity=self.sparsity,
+                         seconds=self.seconds)
+        elif self.world.main:  # the ranks' states are the same: one copy, on any world size
             state = checkpoints.capture(arm, next_epoch, config=self.config,
                                         history=self.history, sparsity=self.sparsity,
                                         seconds=self.seconds)
@@ -205,8 +222,11 @@ class Run:
         while arm is not None:
             self._train_arm(arm, next_epoch)
             self.world.check_replicas(arm.model.parameters())
-            if self.world.main:
+            if self.config.shard:  # the whole tensors, gathered to rank 0
+                final = sharded.full_state_dict(arm.model)
+            else:
                 final = {k: v.detach().cpu().clone() for k, v in arm.model.state_dict().items()}
+            if self.world.main:
                 atomic_io.save_torch(final, self.run_dir / ("model.pt" if arm.name == "dsd"
                                                             else "baseline_model.pt"))
             following = self.arm_names.index(arm.name) + 1
@@ -243,7 +263,7 @@ class Run:
             if self.data.kind == "text":  # bits per character: the loss in nats over ln 2
                 for split in ("train", *self.splits):
                     row[f"{split}_bpc"] = row[f"{split}_loss"] / math.log(2)
-            row["sparsity"] = _overall_sparsity(arm)
+            row["sparsity"] = _overall_sparsity(arm, self.world)
             row["train_seconds"] = round(train_seconds, 3)
             row["examples_per_second"] = round(len(self.data.y_train) / train_seconds, 1)
             row["optimizer_share"] = round(step_seconds / train_seconds, 4)
@@ -271,8 +291,11 @@ class Run:
     def _check_finite(self, arm: Arm, epoch: int, train_loss: float) -> None:
         """Stop at the first epoch whose loss or weights are not finite, before its checkpoint
         and metrics row: the last checkpoint stays the last finite state."""
-        finite = torch.stack([p.detach().isfinite().all() for p in arm.model.parameters()])
-        if math.isfinite(train_loss) and finite.all():
+        infinite = torch.stack([~dsd_kernels.local_tensor(p.detach()).isfinite().all()
+                                for p in arm.model.parameters()]).sum()
+        if self.config.shard:  # each rank sees its slices: the ranks agree through the sum
+            self.world.sum_(infinite)
+        if math.isfinite(train_loss) and not infinite:
             return
         lr = step_lr(arm.optimizer.param_groups[0])
         weights = ", weights not finite" if math.isfinite(train_loss) else ""
@@ -324,9 +347,12 @@ class Run:
             tqdm.write(message)
 
 
-def _overall_sparsity(arm: Arm) -> float:
-    zeros = sum((p.detach() == 0).sum().item() for _, p in arm.dsd.named_prunable)
-    return zeros / sum(p.numel() for _, p in arm.dsd.named_prunable)
+def _overall_sparsity(arm: Arm, world: World) -> float:
+    zeros = torch.stack([(dsd_kernels.local_tensor(p.detach()) == 0).sum()
+                         for _, p in arm.dsd.named_prunable]).sum()
+    if world.shard:  # each rank counts the zeros of its slices
+        world.sum_(zeros)
+    return zeros.item() / sum(p.numel() for _, p in arm.dsd.named_prunable)
 
 
 def _pruning(config: RunConfig) -> str:
