@@ -313,7 +313,8 @@ class Run:
             "last_epoch": self.plan.starts[index] + phase.length,
             "lr_scale": phase.lr_scale, "start": sparsity, "end": None})
         if phase.masks == "zeros":
-            what = f"kept the model's zeros ({_overall_sparsity(arm):.1%} of the prunable weights)"
+            what = (f"kept the model's zeros ({_overall_sparsity(arm, self.world):.1%} of the "
+                    "prunable weights)")
         elif phase.kind == "sparse":
             what = (f"pruned {phase.pattern} ({phase.sparsity:.0%} of the tensors that take it)"
                     if phase.pattern else f"pruned {phase.sparsity:.0%} ({self.plan.scope} scope)")
