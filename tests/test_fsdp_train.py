@@ -240,3 +240,24 @@ def test_shard_round_trips_and_dry_run_names_the_units(tmp_path):
     assert "sharded (--shard): FSDP2 fully_shard on hidden.0, hidden.1, out and the root " \
         "model" in dry_run(config)
     assert "sharded" not in dry_run(RunConfig.from_mapping(settings))
+
+
+def test_shard_units_are_the_blocks_and_tied_layers_stay_with_the_root():
+    from dsd.world import shard_units
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Module()
+            self.body.embed = torch.nn.Embedding(10, 4)
+            self.body.blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+            self.body.norm = torch.nn.LayerNorm(4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.body.embed.weight
+            self.extra = torch.nn.Linear(4, 2)
+            self.act = torch.nn.ReLU()
+
+    model = Tied()
+    assert shard_units(model) == [*model.body.blocks, model.extra]
+    model.head.weight = torch.nn.Parameter(torch.zeros(10, 4))  # untied: its own unit
+    assert shard_units(model) == [*model.body.blocks, model.head, model.extra]

@@ -136,3 +136,10 @@ def test_a_checkpoint_of_another_architecture_is_refused_by_the_factory(tmp_path
                                          r"holds a BertConfig, not a LlamaConfig$"):
         model_from_factory("dsd.integrations.llama:from_pretrained_config",
                            {"path": str(tmp_path)})
+
+
+def test_fsdp2_units_are_the_decoder_layers_and_the_tied_output_stays_with_the_root():
+    from dsd.world import shard_units
+
+    model = _model(0)
+    assert shard_units(model) == list(model.model.layers)

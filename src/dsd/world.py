@@ -128,11 +128,34 @@ class World:
 
 def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules fully_shard makes units of (each gathered for its own forward, freed after
-    it; the root takes what is left): the top-level children holding parameters, and the
-    items of a top-level ModuleList or ModuleDict, which have no forward of their own."""
-    units = []
-    for child in model.children():
-        items = child.children() if isinstance(child, (torch.nn.ModuleList,
-                                                       torch.nn.ModuleDict)) else [child]
-        units += [item for item in items if any(True for _ in item.parameters())]
-    return units
+    it; the root takes what is left): the items of every ModuleList or ModuleDict (a
+    transformer's or an MLP's blocks; not looked into further) and the top-level children
+    that hold no such list. A module sharing a parameter with a module outside it (an output
+    layer tied to the embedding) is left to the root, which then holds both names."""
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+
+    def unit(module, path):
+        params = list(module.parameters())
+        inside = all(name.startswith(path + ".") for p in params for name in names[id(p)])
+        return [module] if params and inside else []
+
+    def has_blocks(module):
+        return any(isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict))
+                   for m in module.modules())
+
+    def blocks(module, prefix, top):
+        found = []
+        for name, child in module.named_children():
+            path = prefix + name
+            if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+                for item_name, item in child.named_children():
+                    found += unit(item, f"{path}.{item_name}")
+            elif has_blocks(child):
+                found += blocks(child, path + ".", top=False)
+            elif top:
+                found += unit(child, path)
+        return found
+
+    return blocks(model, "", top=True)
