@@ -231,6 +231,19 @@ def test_a_sharded_checkpoint_without_shard_names_the_flag(runs, tmp_path):
         train(config, run_dir, quiet=True)
 
 
+@pytest.mark.slow
+def test_init_from_a_sharded_checkpoint_says_to_finish_the_run(runs):
+    from dsd.train.init_file import read_init
+
+    last = runs / "killed" / "checkpoints" / "last.pt"
+    with pytest.raises(RunError, match=rf"^init file {last} is a sharded \(--shard\) checkpoint "
+                                       r"after epoch 2 of 4: its weights are slices in last-\w+/, "
+                                       rf"not one state_dict; finish the run with `dsd train "
+                                       rf"--resume {runs / 'killed'}` and pass "
+                                       rf"{runs / 'killed'}/model.pt$"):
+        read_init(str(last))
+
+
 def test_shard_round_trips_and_dry_run_names_the_units(tmp_path):
     settings = {**SETTINGS, "task": "digits"}
     config = RunConfig.from_mapping({**settings, "shard": True})

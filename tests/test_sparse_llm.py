@@ -5,7 +5,9 @@ a `dsd train` run of the model on text from such a checkpoint, and its model.pt 
 as a Hugging Face checkpoint."""
 
 import importlib
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,3 +145,14 @@ def test_fsdp2_units_are_the_decoder_layers_and_the_tied_output_stays_with_the_r
 
     model = _model(0)
     assert shard_units(model) == list(model.model.layers)
+
+
+@pytest.mark.slow  # torchrun, twice per case
+@pytest.mark.parametrize("args", [[], ["--pattern", "2:4", "--dense-steps", "5"]])
+def test_the_example_prunes_fine_tunes_sharded_resumes_and_keeps_every_zero(tmp_path, args):
+    example = Path(__file__).resolve().parents[1] / "examples" / "sparse_llm.py"
+    done = subprocess.run([sys.executable, str(example), "--out", str(tmp_path), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "(its workers killed after 1 epoch(s), as a crash would)" in done.stdout
+    assert "every zero kept in 14 tensors" in done.stdout

@@ -134,6 +134,11 @@ def _from_dsd_checkpoint(state: dict, path: Path) -> InitWeights:
                        f"{epoch} of {total}, not the DSD arm's (the run stopped in its baseline "
                        f"arm): pass {run_files} for the final DSD weights, or finish the run "
                        f"with {resume} and pass baseline_model.pt for the baseline's")
+    if state.get("shards") and state.get("model") is None:  # a --shard run's: slices on disk
+        resume = f"`dsd train --resume {run}`" if in_run else "`dsd train --resume`"
+        raise RunError(f"init file {path} is a sharded (--shard) checkpoint after epoch "
+                       f"{epoch} of {total}: its weights are slices in {state['shards']}/, not "
+                       f"one state_dict; finish the run with {resume} and pass {run_files}")
     if arm != "dsd" or not isinstance(state.get("model"), dict):
         raise RunError(f"init file {path} is a damaged dsd checkpoint (arm {arm!r}, no model)")
     return InitWeights(_checked(state["model"], path),
