@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_s
 
 from dsd.config import RunConfig
 from dsd.train import RunError, dry_run, train
+from dsd_kernels.optim.masked import SHARDED_MASK
 
 import _kill
 
@@ -164,13 +165,19 @@ def test_one_process_shard_equals_the_unsharded_run_bit_for_bit(runs):
 def test_dcp_checkpoint_holds_the_masks(runs, tmp_path):
     pointer, tensors = _checkpoint_tensors(runs / "killed", tmp_path)
     assert (pointer["arm"], pointer["next_epoch"], pointer["world_size"]) == ("dsd", 2, 2)
+    assert sorted(tensors) == ["model", "optimizer"] and "masked" not in pointer
     final = _model(runs / "sharded")
-    assert sorted(tensors["masks"]) == pointer["masked"] == sorted(
-        ["hidden.0.weight", "hidden.1.weight", "out.weight"])
-    for name, mask in tensors["masks"].items():
+    # Every parameter's optimizer state holds its mask, all True where unmasked.
+    state = tensors["optimizer"]["state"]
+    assert sorted(state) == sorted(final)
+    masks = {name: entry[SHARDED_MASK] for name, entry in state.items()}
+    assert sorted(name for name, mask in masks.items() if not mask.all()) == [
+        "hidden.0.weight", "hidden.1.weight", "out.weight"]
+    for name, mask in masks.items():
         assert mask.dtype == torch.bool and mask.shape == final[name].shape
-        assert torch.equal(mask, final[name] != 0), name  # the masks the run kept to the end
-        assert torch.equal(tensors["model"][name] != 0, mask), name
+        if not mask.all():
+            assert torch.equal(mask, final[name] != 0), name  # the masks kept to the end
+            assert torch.equal(tensors["model"][name] != 0, mask), name
 
 
 @pytest.mark.slow
@@ -205,7 +212,8 @@ def test_changed_zeros_refuse_to_resume(runs, tmp_path):
     run_dir = tmp_path / "edited"
     shutil.copytree(runs / "killed", run_dir)
     pointer, tensors = _checkpoint_tensors(run_dir, tmp_path)
-    pruned = (~tensors["masks"]["hidden.1.weight"]).nonzero()[0].tolist()
+    mask = tensors["optimizer"]["state"]["hidden.1.weight"][SHARDED_MASK]
+    pruned = (~mask).nonzero()[0].tolist()
     tensors["model"]["hidden.1.weight"][tuple(pruned)] = 0.5
     torch.save(tensors, tmp_path / "edited.pt")
     shards = run_dir / "checkpoints" / pointer["shards"]

@@ -117,6 +117,8 @@ def _loop_worker(rank, world, directory):
         dist.init_process_group("gloo", init_method=f"file://{directory}/init1", rank=0,
                                 world_size=1)
         model, optimizer, dsd = ex.build()
+        optimizer.load_state_dict(optimizer.state_dict())  # before a step: masks alone
+        assert not optimizer.state  # not even empty entries, which pass for a stepped one
         assert ex.load(checkpoint, model, optimizer, dsd) == 6
         for name, p in dsd.named_prunable:
             assert torch.equal(p.full_tensor(), saved_weights[name]), name

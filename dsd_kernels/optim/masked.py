@@ -186,8 +186,10 @@ class _Masked:
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load torch's format; the masks of `state_dict()`, if present, are restored onto the
-        parameters' devices (an all-True mask of a DTensor parameter: unmasked). A fused
-        optimizer refuses a state_dict of one using amsgrad, capturable or differentiable."""
+        parameters' devices (an all-True mask of a DTensor parameter: unmasked; a state entry
+        that held only a mask leaves the parameter without state, as before its first step).
+        A fused optimizer refuses a state_dict of one using amsgrad, capturable or
+        differentiable."""
         for i, group in enumerate(state_dict.get("param_groups", ())):
             self._refuse_flags(group, f"state_dict param group {i}")
         state_dict = dict(state_dict)
@@ -198,10 +200,12 @@ class _Masked:
             # Keyed as the saved groups list their parameters (indices, or DCP's names).
             position = {key: i for i, key in enumerate(
                 key for group in state_dict.get("param_groups", ()) for key in group["params"])}
-            for key, entry in state_dict["state"].items():
+            for key, entry in list(state_dict["state"].items()):
                 mask = entry.pop(SHARDED_MASK, None)
                 if mask is not None and not _all_true(mask):
                     saved[position.get(key, key)] = local_tensor(mask)
+                if mask is not None and not entry:  # held only the mask: no state (no step)
+                    del state_dict["state"][key]
         masks = {}
         for i, mask in saved.items():
             if not (isinstance(i, int) and 0 <= i < len(params)):

@@ -1,7 +1,8 @@
 """The checkpoints of `dsd train --shard` (docs/design.md, "Resuming"): each rank writes its
-slices of the model, the optimizer state and the masks into one torch.distributed.checkpoint
-(DCP) directory, and rank 0 then names that directory in a small file beside it, written
-atomically, that holds the rest (config, arm, epoch, phase, every rank's RNG states, history).
+slices of the model and of the optimizer state, the masks included, into one
+torch.distributed.checkpoint (DCP) directory, and rank 0 then names that directory in a small
+file beside it, written atomically, that holds the rest (config, arm, epoch, phase, every
+rank's RNG states, history).
 
     checkpoints/last.pt           the file: everything but the tensors, and the directory's name
     checkpoints/last-<token>/     the DCP directory it names (branch.pt, branch-<token>/ alike)
@@ -9,8 +10,9 @@ atomically, that holds the rest (config, arm, epoch, phase, every rank's RNG sta
 A new checkpoint goes to a new directory; only once every rank has written it does rank 0
 replace the file, then delete the old directory. A kill at any point leaves the file naming a
 whole directory: the old checkpoint or the new one. DCP stores each tensor with its global
-shape, so a checkpoint loads on any number of ranks (each reads the slices it now holds): the
-masks are saved as DTensors shaped like their parameters for that reason.
+shape, so a checkpoint loads on any number of ranks (each reads the slices it now holds). The
+masks travel in the optimizer's state, each a DTensor laid out like its parameter
+(docs/design.md, "The masked optimizers").
 """
 
 import secrets
@@ -27,9 +29,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.tensor import DTensor
 
 from dsd_kernels import local_tensor
+from dsd_kernels.optim.masked import SHARDED_MASK
 
 from .. import atomic_io
 from ..world import World
@@ -59,8 +61,7 @@ def save(arm, next_epoch: int, path: Path, world: World, **records) -> None:
         return
     state = checkpoints.capture(arm, next_epoch, **records)
     state.update(model=None, optimizer=None, rng=rng, world_size=world.size, stepped=stepped,
-                 shards=directory.name if arm is not None else None,
-                 masked=sorted(_masked_names(arm)) if arm is not None else [])
+                 shards=directory.name if arm is not None else None)
     atomic_io.save_torch(state, path)
     for old in path.parent.glob(f"{path.stem}-*"):  # the replaced one, and any a kill left
         if old != directory:
@@ -80,7 +81,7 @@ def restore(arm, state: dict, path: Path, world: World) -> None:
     directory = path.parent / state["shards"]
     tensors, problem = None, None
     try:
-        tensors = _tensors(arm, masked=state["masked"])
+        tensors = _tensors(arm)
         dcp.load(tensors, checkpoint_id=directory)
     except Exception as error:  # DCP wraps every rank's failure in its own exception type
         first_line = (str(error).strip().splitlines() or [""])[0]
@@ -96,15 +97,13 @@ def restore(arm, state: dict, path: Path, world: World) -> None:
     if problem is not None:
         raise RunError(problem)
     set_model_state_dict(arm.model, tensors["model"])
-    set_optimizer_state_dict(arm.model, arm.optimizer, tensors["optimizer"])
-    # The masks as the optimizer's state_dict carries them: loaded, nothing pruned anew.
-    optimizer = arm.optimizer.state_dict()
-    if not state["stepped"]:  # the state saved was only the template _tensors makes
-        optimizer["state"] = {}
-    index = {name: i for i, (name, _) in enumerate(_named_in_optimizer(arm))}
-    optimizer["masks"] = {index[name]: local_tensor(mask)
-                          for name, mask in tensors["masks"].items()}
-    arm.optimizer.load_state_dict(optimizer)
+    optimizer = tensors["optimizer"]
+    if not state["stepped"]:  # the state saved was the template _tensors makes: masks alone
+        optimizer["state"] = {name: {SHARDED_MASK: entry[SHARDED_MASK]}
+                              for name, entry in optimizer["state"].items()}
+    # The masks loaded as saved (nothing pruned anew); an entry left with only its mask
+    # leaves no state.
+    set_optimizer_state_dict(arm.model, arm.optimizer, optimizer)
     checkpoints.check_pruned_zeros(arm, path, world)
     try:
         arm.dsd.load_state_dict({"phase_index": state["phase_index"],
@@ -125,44 +124,16 @@ def full_state_dict(model) -> dict:
                                                                 cpu_offload=True))
 
 
-def _tensors(arm, masked=None) -> dict:
-    """What the DCP directory holds: the model's and the optimizer's sharded state dicts and
-    the masks as bool DTensors shaped like their parameters, keyed by parameter name. For a
-    load, `masked` names the parameters whose masks to read (into zero masks).
+def _tensors(arm) -> dict:
+    """What the DCP directory holds: the model's and the optimizer's sharded state dicts, the
+    latter keyed by parameter name, each parameter's state holding its mask (SHARDED_MASK:
+    every parameter is a DTensor under fully_shard, all True while unmasked).
 
     An optimizer that has not stepped yet gets a state here (get_optimizer_state_dict steps
     it once with zero gradients and lr 0, leaving the weights as they are): DCP saves and
     loads only the tensors it is shown."""
-    model = get_model_state_dict(arm.model)
-    optimizer = get_optimizer_state_dict(arm.model, arm.optimizer)
-    params = dict(arm.model.named_parameters())
-    if masked is None:
-        names = {id(p): name for name, p in params.items()}
-        masks = {names[id(p)]: _like(p, mask) for p, mask in arm.optimizer.masks.items()}
-    else:
-        masks = {name: _like(params[name], torch.zeros_like(local_tensor(params[name]),
-                                                             dtype=torch.bool))
-                 for name in masked}
-    return {"model": model, "optimizer": optimizer, "masks": masks}
-
-
-def _like(p, local: torch.Tensor):
-    """`local` (a slice shaped like p's) as a DTensor laid out like the parameter p."""
-    if not isinstance(p, DTensor):
-        return local
-    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
-                              shape=p.shape, stride=p.stride())
-
-
-def _named_in_optimizer(arm) -> list[tuple[str, torch.Tensor]]:
-    """(name, parameter) in the optimizer's order, its state_dict's indices."""
-    names = {id(p): name for name, p in arm.model.named_parameters()}
-    return [(names[id(p)], p) for group in arm.optimizer.param_groups for p in group["params"]]
-
-
-def _masked_names(arm) -> list[str]:
-    masked = {id(p) for p in arm.optimizer.masks}
-    return [name for name, p in arm.model.named_parameters() if id(p) in masked]
+    return {"model": get_model_state_dict(arm.model),
+            "optimizer": get_optimizer_state_dict(arm.model, arm.optimizer)}
 
 
 def _local(state):
