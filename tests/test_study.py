@@ -18,6 +18,7 @@ from dsd.data import DataError, alter_training, load_task
 from dsd.study import (
     BUDGETS,
     Cell,
+    TaskStudy,
     benjamini_hochberg,
     cells_of,
     choose,
@@ -380,7 +381,8 @@ def test_a_diverged_run_is_recorded_and_not_trained_again(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"budget": "huge"}, "unknown budget 'huge'; choose one of quick, full, pattern"),
+    ({"budget": "huge"}, "unknown budget 'huge'; choose one of quick, full, pattern, "
+                         "regularised"),
     ({"tasks": ["cifar10"]}, "--tasks: budget quick has no task 'cifar10'; it runs digits"),
     ({"regimes": ["width"]}, "--regimes: 'width' is not a regime of budget quick on digits; "
                              "choose from label_noise, pattern, sparsity"),
@@ -425,3 +427,24 @@ def test_full_budget_cells_are_valid_and_share_the_default_runs():
     assert sgd.grid == tuple((lr, 0.0, 0.0) for lr in (0.0125, 0.025, 0.05, 0.1))
     assert sgd.reference_lr == 0.05
     assert all(not c.config.evaluate_test and c.config.baseline for c in cells)
+
+
+def test_regularised_budget_cells_tune_the_same_joint_grid_for_both_arms():
+    cells = cells_of("regularised")
+    assert {(c.task, c.regime, c.value) for c in cells} >= {
+        ("mnist1d", "sparsity", 0.9), ("mnist1d", "label_noise", 0.4),
+        ("mnist1d", "pattern", "2:4"), ("mnist1d", "model", "cnn"), ("text", "sparsity", 0.5)}
+    for cell in cells:
+        assert cell.config.optimizer == "adamw"  # weight decay decoupled
+        assert (cell.reference_lr, 0.0, 0.0) in cell.grid
+        configs = [cell.run_config(point, 0) for point in cell.grid]
+        assert len({(c.lr, c.dropout, c.weight_decay) for c in configs}) == len(cell.grid)
+    mlp = next(c for c in cells if c.task == "mnist1d" and c.regime == "sparsity")
+    assert {p[1:] for p in mlp.grid} == {(d, wd) for d in (0.0, 0.1, 0.2, 0.3)
+                                         for wd in (0.0, 0.01, 0.1)}
+    assert next(c for c in cells if c.value == "cnn").config.model == "cnn"
+    assert next(c for c in cells if c.value == "2:4").config.sparsity == 0.5
+    with pytest.raises(ValueError, match=r"must include \(0.0, 0.0\)"):
+        TaskStudy({}, {}, regularisers=((0.1, 0.0),))
+    with pytest.raises(ValueError, match="reference rate 0.5 of adamw is not in its grid"):
+        TaskStudy({}, {}, {"adamw": ((1e-3,), 0.5)})

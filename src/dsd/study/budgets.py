@@ -49,6 +49,7 @@ REGIMES = {
     "pattern": Regime("sparse phases' pattern at 50% sparsity",
                       lambda v, base: {"pattern": v, "sparsity": 0.5},
                       lambda v: v or "unstructured"),
+    "model": Regime("model (auto: the task's own)", lambda v, base: {"model": v}),
 }
 
 
@@ -66,10 +67,14 @@ class TaskStudy:
         "adam": ((5e-4, 1e-3, 2e-3, 4e-3), 2e-3), "sgd": ((0.0125, 0.025, 0.05, 0.1), 0.05)})
     regularisers: tuple = (UNREGULARISED,)
 
-    def __post_init__(self):
-        if UNREGULARISED not in self.regularisers:  # the same-LR comparison runs there
+    def __post_init__(self):  # the same-LR comparison runs at (reference rate, unregularised)
+        if UNREGULARISED not in self.regularisers:
             raise ValueError(f"a study's regularisers must include {UNREGULARISED} "
                              f"(dropout, weight_decay), got {self.regularisers}")
+        for optimizer, (grid, reference) in self.lrs.items():
+            if reference not in grid:
+                raise ValueError(f"the reference rate {reference} of {optimizer} is not in its "
+                                 f"grid {grid}")
 
 
 def regulariser_grid(dropouts, weight_decays) -> tuple:
@@ -100,6 +105,19 @@ BUDGETS = {
     # Unstructured 50% against 2:4 (the same share), the classification tasks, as "full" runs.
     "pattern": {"seeds": 8, "extensions": 2, "tasks": {
         task: TaskStudy(_SAVES, {"pattern": ("", "2:4")}) for task in ("mnist1d", "digits")}},
+    # Is DSD more than a regulariser? Both arms also choose dropout and AdamW's decoupled
+    # weight decay; the regimes where that may matter, cut to about 4 hours on 2 CPU cores
+    # with --jobs 2 (docs/study.md): MNIST-1D's MLP (and its CNN) and the text LSTM.
+    "regularised": {"seeds": 6, "extensions": 2, "tasks": {
+        "mnist1d": TaskStudy({**_SAVES, "optimizer": "adamw"},
+                             {"sparsity": (0.5, 0.7, 0.9), "label_noise": (0.0, 0.2, 0.4),
+                              "pattern": ("", "2:4"), "model": ("auto", "cnn")},
+                             {"adamw": ((1e-3, 2e-3, 4e-3, 8e-3), 2e-3)},
+                             regulariser_grid((0.0, 0.1, 0.2, 0.3), (0.0, 0.01, 0.1))),
+        "text": TaskStudy({**_SAVES, "phases": [5, 5, 5], "optimizer": "adamw"},
+                          {"sparsity": (0.5,)}, {"adamw": ((4e-3, 8e-3, 1.6e-2), 8e-3)},
+                          regulariser_grid((0.0, 0.2), (0.0, 0.1))),
+    }},
 }
 
 
