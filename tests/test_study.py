@@ -283,6 +283,54 @@ def test_study_command_with_a_stand_in_trainer(tmp_path, monkeypatch, capsys):
     assert json.loads((out / "study_quick.json").read_text())["cells"] == result["cells"]
 
 
+@pytest.mark.parametrize("holds_on_fresh_seeds", [True, False])
+def test_cells_found_are_trained_again_on_fresh_seeds_at_their_chosen_points(
+        tmp_path, monkeypatch, holds_on_fresh_seeds):
+    """A stand-in trainer: DSD prefers dropout and the dense arm none (so the arms choose
+    different points), and at 90% sparsity DSD tests 10 points ahead on the exploratory seeds
+    (and on the fresh ones, or not)."""
+    events, choose_on_validation = [], study_run.choose
+
+    def train(config, run_dir, quiet):
+        events.append(("train", config.lr, config.dropout, config.weight_decay, config.seed))
+        run_dir.mkdir(parents=True)
+        (run_dir / "fake.json").write_text(json.dumps([config.sparsity, config.seed]))
+        return {"train_seconds": 0.5, "arms": {
+            "dsd": {"final": {"val_acc": 0.5 + 10 * config.lr + config.dropout}},
+            "baseline": {"final": {"val_acc": 0.5 + 10 * config.lr - config.dropout}}}}
+
+    def evaluate_saved(run_dir, split, arm):
+        events.append(("test", split))
+        sparsity, seed = json.loads((run_dir / "fake.json").read_text())
+        ahead = sparsity == 0.9 and (seed < 2 or holds_on_fresh_seeds)
+        return {"test_acc": 0.8 + 0.1 * ahead + 0.001 * (seed % 3) ** 2 if arm == "dsd"
+                else 0.8 + 0.0005 * seed}
+
+    monkeypatch.setattr(study_run, "train", train)
+    monkeypatch.setattr(study_run, "evaluate_saved", evaluate_saved)
+    monkeypatch.setattr(study_run, "choose", lambda cell, records: events.append(
+        ("choice",)) or choose_on_validation(cell, records))
+    result = run_study("quick", regimes=["sparsity"], work=tmp_path / "runs", say=str)
+    found, other = result["cells"][1], result["cells"][0]
+    assert found["tuned"]["p_holm"] < 0.05 <= other["tuned"]["p_holm"]
+    assert other["confirmation"] is None
+    again = found["confirmation"]
+    assert result["confirmation_seeds"] == [2, 4] and again["seeds"] == [2, 3]
+    # the fresh runs: only the two chosen points, on seeds the exploration never used
+    chosen = {arm: (found["choice"][arm]["lr"], found["choice"][arm]["dropout"],
+                    found["choice"][arm]["weight_decay"]) for arm in ("dsd", "dense")}
+    assert chosen["dsd"] != chosen["dense"] and again["at"] == found["tuned"]["at"]
+    first_test = events.index(("test", "test"))
+    fresh = [e[1:] for e in events[first_test:] if e[0] == "train"]
+    assert sorted(fresh) == sorted((*point, seed) for point in chosen.values() for seed in (2, 3))
+    assert {run["seed"] for run in found["runs"]} == {0, 1}
+    assert ("choice",) not in events[first_test:]  # no choice once the test split is read
+    assert result["confirmation_runs"] == 4 and again["family_size"] == 1
+    assert again["dsd_test"] == pytest.approx([0.8 + 0.1 * holds_on_fresh_seeds + 0.004,
+                                               0.8 + 0.1 * holds_on_fresh_seeds])
+    assert again["confirmed"] == holds_on_fresh_seeds
+
+
 @pytest.mark.slow
 def test_quick_study_end_to_end_reads_the_test_split_only_after_every_choice(
         tmp_path, monkeypatch, capsys):
@@ -345,6 +393,7 @@ def test_quick_study_end_to_end_reads_the_test_split_only_after_every_choice(
             np.mean(tuned["dsd_test"]) - np.mean(tuned["dense_test"]))
         assert cell["same_lr"]["lr"] == {"dsd": 4e-3, "dense": 4e-3}
         assert tuned["verdict"] in ("tie", "DSD better", "DSD worse")
+        assert (cell["confirmation"] is not None) == (tuned["p_holm"] < 0.05)
     noisy = next(c for c in result["cells"] if c["value"] == 0.3)
     assert noisy["config"]["label_noise"] == 0.3
     structured = next(c for c in result["cells"] if c["value"] == "2:4")

@@ -2,8 +2,9 @@
 and regulariser on validation, widen a rate grid whose edge is chosen, then test the chosen
 models and compare.
 
-Runs live in the work directory, named by a hash of their config, so an interrupted study
-resumes where it stopped (design.md, "The study").
+The cells found are then trained again on fresh seeds at the points chosen, and tested: the
+confirmation. Runs live in the work directory, named by a hash of their config, so an
+interrupted study resumes where it stopped (design.md, "The study").
 """
 
 import json
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from ..config import RunConfig
 from ..train import DivergedError, evaluate_saved, train
 from .budgets import ARMS, BUDGETS, REGIMES, UNREGULARISED, Cell, cells_of, digest
-from .stats import correct, paired_test
+from .stats import ALPHA, correct, correct_confirmation, paired_test
 
 _TRAINER_ARM = dict(zip(ARMS, ("dsd", "baseline")))  # the arm's name in a run's files
 _RECORD = "study_record.json"  # in each run directory: the run's validation numbers
@@ -31,7 +32,8 @@ def run_study(budget: str = "full", *, tasks=None, regimes=None, seeds: int | No
               say=print) -> dict:
     """Train every run the cells need (resumable in `work`), choose each arm's learning rate
     and regulariser per cell on validation (widening a rate grid whose edge is chosen), then
-    evaluate the chosen models on the test split and test the differences.
+    evaluate the chosen models on the test split and test the differences; train every cell
+    found (Holm p < 0.05) again on fresh seeds at its chosen points, and test those.
 
     Args:
         budget: a key of `BUDGETS` ("quick": seconds, a check; "full": docs/study.md's study).
@@ -45,7 +47,8 @@ def run_study(budget: str = "full", *, tasks=None, regimes=None, seeds: int | No
 
     Returns:
         The study as a JSON-ready dict: per cell the grid, every run's validation numbers,
-        each arm's choice, the test scores and the paired tests with Holm and BH p-values.
+        each arm's choice, the test scores and the paired tests with Holm and BH p-values,
+        and the confirmation on fresh seeds (None for a cell not found).
 
     Raises:
         ValueError: an unknown budget, task or regime, too few seeds or jobs, or a bad or
@@ -81,7 +84,6 @@ def run_study(budget: str = "full", *, tasks=None, regimes=None, seeds: int | No
                    for cell, choice in zip(cells, choices)]
         if not any(widened):
             break
-    train_wall = time.perf_counter() - began
     # ... then the test split, of the chosen runs and of the reference-LR runs; cells that
     # share a config, and the two comparisons of a cell, often name the same run.
     tested = {}
@@ -110,12 +112,33 @@ def run_study(budget: str = "full", *, tasks=None, regimes=None, seeds: int | No
                                                    for point in points], test_scores)
         results.append(result)
     correct(results)
+    # Confirmation: the cells found (Holm p < ALPHA) train again on the next `seeds` seeds, at
+    # the points already chosen: no run of the grid, no new choice.
+    fresh = range(seeds, 2 * seeds)
+    found = {result["key"]: (cell, result["tuned"]["at"]) for cell, result in zip(cells, results)
+             if not result["tuned"]["diverged"] and result["tuned"]["p_holm"] < ALPHA}
+    confirming = {digest(config.to_dict()): config for cell, at in found.values()
+                  for arm in ARMS for config in (cell.run_config(_point(at[arm]), s)
+                                                 for s in fresh)}
+    records.update(_train_all(confirming, work, jobs, say) if confirming else {})
+    confirmed = {}
+    for key, (cell, at) in found.items():
+        points = tuple(_point(at[arm]) for arm in ARMS)
+        confirmed[key] = {"seeds": list(fresh), **_compare(
+            cell, points, [[run_of(cell, point, s) for s in fresh] for point in points],
+            test_scores)}
+    for result in results:
+        result["confirmation"] = confirmed.get(result["key"])
+    correct_confirmation(results)
     seconds = sum(record["train_seconds"] for record in records.values())
-    return {"budget": budget, "seeds": seeds, "settings": settings or {},
+    return {"budget": budget, "seeds": seeds, "confirmation_seeds": [fresh.start, fresh.stop],
+            "settings": settings or {},
             "regimes": {name: REGIMES[name].label for name in
                         dict.fromkeys(c["regime"] for c in results)},
-            "runs": len(runs), "train_seconds_total": round(seconds, 1),
-            "wall_seconds_this_call": round(train_wall, 1), "jobs": jobs, "cells": results}
+            "runs": len(runs) + len(confirming), "confirmation_runs": len(confirming),
+            "train_seconds_total": round(seconds, 1),
+            "wall_seconds_this_call": round(time.perf_counter() - began, 1), "jobs": jobs,
+            "cells": results}
 
 
 def _point(chosen: dict) -> tuple:
