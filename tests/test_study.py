@@ -5,6 +5,7 @@ and bad input."""
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +25,9 @@ from dsd.study import (
     choose,
     holm,
     paired_test,
+    plots,
     run_study,
+    table,
 )
 from dsd.study import run as study_run
 from dsd.train.recipe import Run
@@ -273,7 +276,7 @@ def test_study_command_with_a_stand_in_trainer(tmp_path, monkeypatch, capsys):
     assert tuned["paired"]["mean_diff"] == pytest.approx(0.004)
     assert result["train_seconds_total"] == 20 * 0.5 and result["runs"] == 20
     assert printed.out == (out / "study_quick.md").read_text()
-    assert "| sparsity | 90% | 0.008 / 0.008* |" in printed.out
+    assert "| sparsity | 90% | 0.008 / 0.2 / 0.1* | 0.008 / 0.2 / 0.1* |" in printed.out
     assert (out / "study_quick_sparsity.png").read_bytes()[:4] == b"\x89PNG"
 
     events.clear()
@@ -281,6 +284,11 @@ def test_study_command_with_a_stand_in_trainer(tmp_path, monkeypatch, capsys):
     assert "20 runs: 20 done, 0 to train" in capsys.readouterr().err
     assert not any(e[0] == "train" for e in events)
     assert json.loads((out / "study_quick.json").read_text())["cells"] == result["cells"]
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in markdown.splitlines() if line.startswith("| ")]
 
 
 @pytest.mark.parametrize("holds_on_fresh_seeds", [True, False])
@@ -329,6 +337,20 @@ def test_cells_found_are_trained_again_on_fresh_seeds_at_their_chosen_points(
     assert again["dsd_test"] == pytest.approx([0.8 + 0.1 * holds_on_fresh_seeds + 0.004,
                                                0.8 + 0.1 * holds_on_fresh_seeds])
     assert again["confirmed"] == holds_on_fresh_seeds
+    rows = _table_rows(table(result))
+    assert rows[0][9:12] == ["fresh seeds: DSD − tuned dense (95% CI)", "p (Holm)", "confirmed"]
+    assert all(len(row) == len(rows[0]) for row in rows)
+    assert rows[2][11] == ("confirmed" if holds_on_fresh_seeds else "not confirmed")
+    assert rows[1][9:12] == ["", "", ""]  # sparsity 50%: not found, not trained again
+    assert "Fresh seeds 2 to 3 for each of the 1 distinct cells" in table(result)
+
+
+def test_a_result_from_before_regularisers_were_tuned_still_renders():
+    old = json.loads((Path(__file__).parents[1] / "bench/results/study_full.json").read_text())
+    rows = _table_rows(table(old))
+    assert all(len(row) == len(rows[0]) for row in rows)
+    assert "| sparsity | 90% | 0.008 / 0 / 0 | 0.008 / 0 / 0 | 70.04 | 67.19 |" in table(old)
+    assert "Fresh seeds" not in table(old) and set(plots(old)) == set(old["regimes"])
 
 
 @pytest.mark.slow
