@@ -498,6 +498,10 @@ def test_full_budget_cells_are_valid_and_share_the_default_runs():
     assert sgd.grid == tuple((lr, 0.0, 0.0) for lr in (0.0125, 0.025, 0.05, 0.1))
     assert sgd.reference_lr == 0.05
     assert all(not c.config.evaluate_test and c.config.baseline for c in cells)
+    # unregularised, a run is the run a rate-only study named: its recorded runs are reused
+    assert {study_run._run_dir(Path("w"), c.run_config((lr, 0.0, 0.0), 3)) for c in cells
+            for lr, *_ in c.grid} == {study_run._run_dir(Path("w"), RunConfig.from_mapping(
+                {"lr": lr, "seed": 3}, base=c.config)) for c in cells for lr, *_ in c.grid}
 
 
 def test_regularised_budget_cells_tune_the_same_joint_grid_for_both_arms():
