@@ -2,11 +2,13 @@
 
     python bench/accuracy.py --jobs 2             # docs/study.md's study, ~1.5 h on 2 cores
     python bench/accuracy.py --budget quick       # a few seconds: a check
+    python bench/accuracy.py --budget regularised --jobs 2   # rate, dropout, weight decay tuned
     python bench/accuracy.py --tasks text --set device=\\"cuda\\"   # one task, on a GPU
 
 Each cell (a task with one knob at one value) trains DSD and its equal-budget dense baseline at
-every learning rate of a grid over seeds, with the test split switched off; each arm picks its
-learning rate on validation, then the chosen models are tested (src/dsd/study/). Writes
+every point of a grid of learning rates and regularisers (dropout, weight decay) over seeds,
+with the test split switched off; each arm picks its point on validation, then the chosen
+models are tested, and the cells found are trained again on fresh seeds (src/dsd/study/). Writes
 bench/results/study_BUDGET.json (every run, the choices, the paired statistics, the machine and
 commit), study_BUDGET.md (the table) and study_BUDGET_REGIME.png (one plot per regime). Runs
 live in runs/study/ and an interrupted study picks up where it stopped.

@@ -104,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
                       "seeds")
     study_parser.add_argument("--budget", choices=list(BUDGETS), default="full",
                               help="quick: a few seconds (a check); full: the study of "
-                                   "docs/study.md (about 1.5 hours on 2 CPU cores with --jobs 2)")
+                                   "docs/study.md (about 1.5 hours on 2 CPU cores with --jobs 2); "
+                                   "regularised: both arms also tune dropout and weight decay")
     study_parser.add_argument("--tasks", type=_comma_list(str), default=None,
                               help="only these of the budget's tasks")
     study_parser.add_argument("--regimes", type=_comma_list(str), default=None,

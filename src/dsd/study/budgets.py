@@ -1,7 +1,9 @@
 """What a study runs: the regimes (one knob each), the budgets (tasks, their base options,
-regime values and learning-rate grids) and the cells they expand to, each config validated."""
+regime values, learning-rate and regulariser grids) and the cells they expand to, each config
+validated."""
 
 import hashlib
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,6 +15,9 @@ ARMS = ("dsd", "dense")
 OWNED = {"task": "give --tasks", "seed": "give --seeds: the runs take seeds 0 to N-1",
          "baseline": "every run trains the baseline: the study pairs with it",
          "lr": "every arm picks its own from the budget's grid on validation",
+         "dropout": "every arm picks its own from the budget's regulariser grid on validation",
+         "weight_decay": "every arm picks its own from the budget's regulariser grid on "
+                         "validation",
          "evaluate_test": "runs never read the test split; the study evaluates it after the "
                           "learning rates are chosen"}
 
@@ -44,17 +49,37 @@ REGIMES = {
     "pattern": Regime("sparse phases' pattern at 50% sparsity",
                       lambda v, base: {"pattern": v, "sparsity": 0.5},
                       lambda v: v or "unstructured"),
+    "model": Regime("model (auto: the task's own)", lambda v, base: {"model": v}),
 }
+
+
+UNREGULARISED = (0.0, 0.0)  # (dropout, weight_decay): the same-LR comparison's regulariser
 
 
 @dataclass(frozen=True)
 class TaskStudy:
-    """What a budget runs on one task: base run options, the regimes' values and, per
-    optimizer, the learning-rate grid with its reference rate (the same-LR comparison)."""
+    """What a budget runs on one task: base run options, the regimes' values, per optimizer
+    the learning-rate grid with its reference rate (the same-LR comparison), and the
+    regularisers, (dropout, weight_decay) pairs, that every rate is tried with."""
     base: dict
     regimes: dict
     lrs: dict = field(default_factory=lambda: {
         "adam": ((5e-4, 1e-3, 2e-3, 4e-3), 2e-3), "sgd": ((0.0125, 0.025, 0.05, 0.1), 0.05)})
+    regularisers: tuple = (UNREGULARISED,)
+
+    def __post_init__(self):  # the same-LR comparison runs at (reference rate, unregularised)
+        if UNREGULARISED not in self.regularisers:
+            raise ValueError(f"a study's regularisers must include {UNREGULARISED} "
+                             f"(dropout, weight_decay), got {self.regularisers}")
+        for optimizer, (grid, reference) in self.lrs.items():
+            if reference not in grid:
+                raise ValueError(f"the reference rate {reference} of {optimizer} is not in its "
+                                 f"grid {grid}")
+
+
+def regulariser_grid(dropouts, weight_decays) -> tuple:
+    """Every (dropout, weight_decay) pair: the regularisers a cell tries at each rate."""
+    return tuple(itertools.product(dropouts, weight_decays))
 
 
 _CLASSIFICATION_REGIMES = {
@@ -65,9 +90,9 @@ _SAVES = {"checkpoint_every": 100}  # a resumable checkpoint at the branch and t
 BUDGETS = {
     # Sized for a test: a few seconds on one core.
     "quick": {"seeds": 2, "extensions": 1, "tasks": {"digits": TaskStudy(
-        {"phases": [2, 2, 2], "mlp_hidden": [32, 16]},
+        {"phases": [2, 2, 2], "mlp_hidden": [32, 16], "optimizer": "adamw"},
         {"sparsity": (0.5, 0.9), "label_noise": (0.0, 0.3), "pattern": ("", "2:4")},
-        {"adam": ((1e-3, 4e-3), 4e-3)})}},
+        {"adamw": ((1e-3, 4e-3), 4e-3)}, (UNREGULARISED, (0.2, 0.1)))}},
     # The study of docs/study.md: about 1.5 hours on 2 CPU cores with --jobs 2.
     "full": {"seeds": 8, "extensions": 2, "tasks": {
         "mnist1d": TaskStudy(_SAVES, {**_CLASSIFICATION_REGIMES,
@@ -80,6 +105,19 @@ BUDGETS = {
     # Unstructured 50% against 2:4 (the same share), the classification tasks, as "full" runs.
     "pattern": {"seeds": 8, "extensions": 2, "tasks": {
         task: TaskStudy(_SAVES, {"pattern": ("", "2:4")}) for task in ("mnist1d", "digits")}},
+    # Is DSD more than a regulariser? Both arms also choose dropout and AdamW's decoupled
+    # weight decay; the regimes where that may matter, cut to about 4 hours on 2 CPU cores
+    # with --jobs 2 (docs/study.md): MNIST-1D's MLP (and its CNN) and the text LSTM.
+    "regularised": {"seeds": 6, "extensions": 2, "tasks": {
+        "mnist1d": TaskStudy({**_SAVES, "optimizer": "adamw"},
+                             {"sparsity": (0.5, 0.7, 0.9), "label_noise": (0.0, 0.2, 0.4),
+                              "pattern": ("", "2:4"), "model": ("auto", "cnn")},
+                             {"adamw": ((1e-3, 2e-3, 4e-3, 8e-3), 2e-3)},
+                             regulariser_grid((0.0, 0.1, 0.2, 0.3), (0.0, 0.01, 0.1))),
+        "text": TaskStudy({**_SAVES, "phases": [5, 5, 5], "optimizer": "adamw"},
+                          {"sparsity": (0.5,)}, {"adamw": ((4e-3, 8e-3, 1.6e-2), 8e-3)},
+                          regulariser_grid((0.0, 0.2), (0.0, 0.1))),
+    }},
 }
 
 
@@ -90,10 +128,12 @@ def digest(mapping: dict) -> str:
 
 @dataclass
 class Cell:
+    """One task with one knob at one value: `grid` holds its (lr, dropout, weight_decay)
+    points, in the order ties go by (regulariser as the budget lists them, then rate)."""
     task: str
     regime: str
     value: object
-    config: RunConfig  # the cell's options; lr and seed vary over its runs
+    config: RunConfig  # the cell's options; lr, dropout, weight_decay and seed vary over runs
     grid: tuple
     reference_lr: float
     higher_is_better: bool
@@ -101,6 +141,13 @@ class Cell:
 
     def key(self) -> str:  # cells with equal configs share runs and count once in the family
         return digest(self.config.to_dict())
+
+    def run_config(self, point: tuple, seed: int) -> RunConfig:
+        """The config of the run at grid point (lr, dropout, weight_decay) and `seed`."""
+        lr, dropout, weight_decay = point
+        return RunConfig.from_mapping({"lr": lr, "dropout": dropout,
+                                       "weight_decay": weight_decay, "seed": seed},
+                                      base=self.config)
 
 
 def cells_of(budget: str, tasks=None, regimes=None, settings: dict | None = None) -> list[Cell]:
@@ -135,10 +182,15 @@ def cells_of(budget: str, tasks=None, regimes=None, settings: dict | None = None
                 if config.optimizer not in study.lrs:
                     raise ValueError(f"budget {budget} has no learning-rate grid for optimizer "
                                      f"{config.optimizer!r} on task {task}")
-                grid, reference = study.lrs[config.optimizer]
+                lrs, reference = study.lrs[config.optimizer]
+                grid = tuple((lr, *regulariser) for regulariser in study.regularisers
+                             for lr in lrs)
                 text = task == "text"
-                cells.append(Cell(task, regime, value, config, tuple(grid), reference,
-                                  higher_is_better=not text, metric="bpc" if text else "acc"))
+                cell = Cell(task, regime, value, config, grid, reference,
+                            higher_is_better=not text, metric="bpc" if text else "acc")
+                for point in grid:  # e.g. a dropout the model has no use for fails here
+                    cell.run_config(point, 0)
+                cells.append(cell)
     if regimes is not None:
         known = {r for task in tasks for r in spec[task].regimes}
         for regime in regimes:

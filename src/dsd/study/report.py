@@ -24,41 +24,64 @@ def _shown_diff(compared: dict, metric: str) -> str:
     return f"{text} ({low:+.{digits}f}, {high:+.{digits}f})"
 
 
+def _shown_choice(chosen: dict) -> str:
+    # A result written before regularisers were tuned holds the rate only: it ran unregularised.
+    text = f"{chosen['lr']:g} / {chosen.get('dropout', 0):g} / {chosen.get('weight_decay', 0):g}"
+    return text + ("*" if chosen["at_grid_edge"] else "")
+
+
+def _shown_confirmation(again: dict | None, metric: str) -> str:
+    if again is None:
+        return "| | | |"
+    verdict = "confirmed" if again["confirmed"] else "not confirmed"
+    return f"| {_shown_diff(again, metric)} | {again['p_holm']:.3f} | {verdict} |"
+
+
 def table(result: dict) -> str:
-    """Markdown: per task and regime, each arm's chosen LR and test score, the tuned and the
-    same-LR differences with 95% intervals, Holm-adjusted p-values and verdicts."""
+    """Markdown: per task and regime, each arm's chosen LR, dropout and weight decay and its
+    test score, the tuned difference with its 95% interval, Holm-adjusted p and verdict, the
+    same on fresh seeds where the cell was found (the confirmation), and the same-LR
+    difference."""
     lines = []
     for task in dict.fromkeys(c["task"] for c in result["cells"]):
         cells = [c for c in result["cells"] if c["task"] == task]
         unit = "bits per character, lower is better" if cells[0]["metric"] == "bpc" \
             else "test accuracy %"
         lines += [f"**{task}** ({unit}; differences DSD − dense)", "",
-                  "| regime | value | LR DSD / dense | DSD | tuned dense | DSD − tuned dense "
-                  "(95% CI) | p (Holm) | verdict | DSD − dense at the same LR | p (Holm) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| regime | value | DSD: LR / dropout / weight decay | dense: LR / dropout / "
+                  "weight decay | DSD | tuned dense | DSD − tuned dense (95% CI) | p (Holm) | "
+                  "verdict | fresh seeds: DSD − tuned dense (95% CI) | p (Holm) | confirmed | "
+                  "DSD − dense at the same LR | p (Holm) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in cells:
             tuned, same = c["tuned"], c["same_lr"]
-            edge = "*" if c["choice"]["dsd"]["at_grid_edge"] or \
-                c["choice"]["dense"]["at_grid_edge"] else ""
-            lrs = f"{c['choice']['dsd']['lr']:g} / {c['choice']['dense']['lr']:g}{edge}"
             scores = ["diverged"] * 2 if tuned["diverged"] else [
                 f"{_shown_metric(tuned[f'{arm}_mean'], c['metric'])}" for arm in ARMS]
             lines.append(
-                f"| {c['regime']} | {c['shown']} | {lrs} | {scores[0]} | {scores[1]} | "
+                f"| {c['regime']} | {c['shown']} | {_shown_choice(c['choice']['dsd'])} | "
+                f"{_shown_choice(c['choice']['dense'])} | {scores[0]} | {scores[1]} | "
                 f"{_shown_diff(tuned, c['metric'])} | {tuned['p_holm']:.3f} | "
-                f"{tuned['verdict']} | {_shown_diff(same, c['metric'])} | "
-                f"{same['p_holm']:.3f} |")
+                f"{tuned['verdict']} {_shown_confirmation(c.get('confirmation'), c['metric'])} "
+                f"{_shown_diff(same, c['metric'])} | {same['p_holm']:.3f} |")
         lines.append("")
     cells = result["cells"]
     lines.append(f"{result['seeds']} seeds per cell; Holm over {cells[0]['tuned']['family_size']} "
-                 f"distinct cells per comparison; * a chosen LR at the edge of its grid, after "
-                 f"widening it {BUDGETS[result['budget']]['extensions']} times (x2) that way.")
+                 f"distinct cells per comparison; * a chosen LR at the edge of those tried with "
+                 f"its regulariser, after widening them "
+                 f"{BUDGETS[result['budget']]['extensions']} times (x2) that way.")
+    if "confirmation_seeds" in result:
+        low, high = result["confirmation_seeds"]
+        found = {c["key"] for c in cells if c["confirmation"] is not None}
+        lines.append(f"Fresh seeds {low} to {high - 1} for each of the {len(found)} distinct "
+                     f"cells with p (Holm) < 0.05, at the points chosen, Holm over those cells; "
+                     f"confirmed: outside the noise after that, the same way.")
     return "\n".join(lines) + "\n"
 
 
 def plots(result: dict) -> dict[str, bytes]:
     """{regime: PNG}: DSD minus the tuned dense baseline with its 95% interval against the
-    knob, one panel per task."""
+    knob (on the fresh seeds too, where a cell was confirmed or not, and at the same LR), one
+    panel per task."""
     import io
 
     # Here, not at the top: matplotlib takes a second to import and only the plots need it.
@@ -74,21 +97,24 @@ def plots(result: dict) -> dict[str, bytes]:
         for axes, task in zip(np.atleast_1d(figure.subplots(1, len(tasks))), tasks):
             own = [c for c in cells if c["task"] == task]
             scale = 1 if own[0]["metric"] == "bpc" else 100
-            for offset, (name, color) in enumerate((("tuned", "C0"), ("same_lr", "C7"))):
+            series = (("tuned", "C0", "vs tuned dense"), ("confirmation", "C3", "fresh seeds"),
+                      ("same_lr", "C7", "same LR"))
+            for offset, (name, color, legend) in enumerate(series):
                 xs, ys, errors = [], [], [[], []]
                 for i, c in enumerate(own):
-                    compared = c[name]
-                    if compared["diverged"]:
+                    compared = c.get(name)
+                    if compared is None or compared["diverged"]:
                         continue
                     mean = scale * compared["paired"]["mean_diff"]
                     low, high = [scale * v for v in compared["paired"]["ci95"]] \
                         if compared["paired"]["ci95"] else (mean, mean)
-                    xs.append(i + 0.12 * (offset - 0.5))
+                    xs.append(i + 0.12 * (offset - 1))
                     ys.append(mean)
                     errors[0].append(mean - low)
                     errors[1].append(high - mean)
-                axes.errorbar(xs, ys, yerr=errors, fmt="o", color=color, capsize=3,
-                              label="vs tuned dense" if name == "tuned" else "same LR")
+                if xs:
+                    axes.errorbar(xs, ys, yerr=errors, fmt="o", color=color, capsize=3,
+                                  label=legend)
             axes.axhline(0, color="0.3", linewidth=0.8)
             axes.set_xticks(range(len(own)), [c["shown"] for c in own])
             axes.set_xlabel(label)

@@ -1,8 +1,10 @@
 """Running a study: train every run its cells need (resumable), choose each arm's learning rate
-on validation, widen a grid whose edge is chosen, then test the chosen models and compare.
+and regulariser on validation, widen a rate grid whose edge is chosen, then test the chosen
+models and compare.
 
-Runs live in the work directory, named by a hash of their config, so an interrupted study
-resumes where it stopped (design.md, "The study").
+The cells found are then trained again on fresh seeds at the points chosen, and tested: the
+confirmation. Runs live in the work directory, named by a hash of their config, so an
+interrupted study resumes where it stopped (design.md, "The study").
 """
 
 import json
@@ -17,19 +19,21 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig
 from ..train import DivergedError, evaluate_saved, train
-from .budgets import ARMS, BUDGETS, REGIMES, Cell, cells_of, digest
-from .stats import correct, paired_test
+from .budgets import ARMS, BUDGETS, REGIMES, UNREGULARISED, Cell, cells_of, digest
+from .stats import ALPHA, correct, correct_confirmation, paired_test
 
 _TRAINER_ARM = dict(zip(ARMS, ("dsd", "baseline")))  # the arm's name in a run's files
 _RECORD = "study_record.json"  # in each run directory: the run's validation numbers
+_TUNED = ("lr", "dropout", "weight_decay")  # the options each arm chooses on validation
 
 
 def run_study(budget: str = "full", *, tasks=None, regimes=None, seeds: int | None = None,
               settings: dict | None = None, work: Path = Path("runs/study"), jobs: int = 1,
               say=print) -> dict:
     """Train every run the cells need (resumable in `work`), choose each arm's learning rate
-    per cell on validation (widening a grid whose edge is chosen), then evaluate the chosen
-    models on the test split and test the differences.
+    and regulariser per cell on validation (widening a rate grid whose edge is chosen), then
+    evaluate the chosen models on the test split and test the differences; train every cell
+    found (Holm p < 0.05) again on fresh seeds at its chosen points, and test those.
 
     Args:
         budget: a key of `BUDGETS` ("quick": seconds, a check; "full": docs/study.md's study).
@@ -43,7 +47,8 @@ def run_study(budget: str = "full", *, tasks=None, regimes=None, seeds: int | No
 
     Returns:
         The study as a JSON-ready dict: per cell the grid, every run's validation numbers,
-        each arm's choice, the test scores and the paired tests with Holm and BH p-values.
+        each arm's choice, the test scores and the paired tests with Holm and BH p-values,
+        and the confirmation on fresh seeds (None for a cell not found).
 
     Raises:
         ValueError: an unknown budget, task or regime, too few seeds or jobs, or a bad or
@@ -62,23 +67,23 @@ def run_study(budget: str = "full", *, tasks=None, regimes=None, seeds: int | No
     work.mkdir(parents=True, exist_ok=True)
     records, began = None, time.perf_counter()
 
-    def run_of(cell, lr, seed):
-        config = RunConfig.from_mapping({"lr": lr, "seed": seed}, base=cell.config)
+    def run_of(cell, point, seed):
+        config = cell.run_config(point, seed)
         return _run_dir(work, config), records[digest(config.to_dict())]
 
-    # Every choice first, from validation numbers only: a choice at the edge of its grid
-    # widens the grid by a factor 2 that way (at most `extensions` times each way) ...
-    extensions = {id(cell): {"up": 0, "down": 0} for cell in cells}
+    # Every choice first, from validation numbers only: a choice at the edge of the rates its
+    # regulariser was tried at widens them by a factor 2 that way (at most `extensions` times
+    # each way per regulariser) ...
+    extensions = {id(cell): {} for cell in cells}
     while True:
         runs = _runs(cells, seeds)
         records = _train_all(runs, work, jobs, say)
-        choices = [choose_lr(cell, {lr: [run_of(cell, lr, s)[1] for s in range(seeds)]
-                                    for lr in cell.grid}) for cell in cells]
+        choices = [choose(cell, {point: [run_of(cell, point, s)[1] for s in range(seeds)]
+                                 for point in cell.grid}) for cell in cells]
         widened = [_widen(cell, choice, extensions[id(cell)], BUDGETS[budget]["extensions"])
                    for cell, choice in zip(cells, choices)]
         if not any(widened):
             break
-    train_wall = time.perf_counter() - began
     # ... then the test split, of the chosen runs and of the reference-LR runs; cells that
     # share a config, and the two comparisons of a cell, often name the same run.
     tested = {}
@@ -90,36 +95,64 @@ def run_study(budget: str = "full", *, tasks=None, regimes=None, seeds: int | No
 
     results = []
     for cell, choice in zip(cells, choices):
-        comparisons = {"tuned": (choice["dsd"]["lr"], choice["dense"]["lr"]),
-                       "same_lr": (cell.reference_lr, cell.reference_lr)}
+        comparisons = {"tuned": tuple(_point(choice[arm]) for arm in ARMS),
+                       "same_lr": ((cell.reference_lr, *UNREGULARISED),) * 2}
         result = {"task": cell.task, "regime": cell.regime, "value": cell.value,
-                  "grid_extensions": extensions[id(cell)],
+                  "grid_extensions": [{"dropout": d, "weight_decay": wd, **done} for (d, wd),
+                                      done in extensions[id(cell)].items()],
                   "shown": REGIMES[cell.regime].shown(cell.value), "key": cell.key(),
                   "metric": cell.metric, "higher_is_better": cell.higher_is_better,
-                  "config": {k: v for k, v in cell.config.to_dict().items() if k != "lr"},
-                  "grid": list(cell.grid), "choice": choice,
-                  "runs": [{"lr": lr, "seed": s, **run_of(cell, lr, s)[1]}
-                           for lr in cell.grid for s in range(seeds)]}
-        for name, lrs in comparisons.items():
-            result[name] = _compare(cell, lrs, [[run_of(cell, lr, s) for s in range(seeds)]
-                                                for lr in lrs], test_scores)
+                  "config": {k: v for k, v in cell.config.to_dict().items()
+                             if k not in _TUNED},
+                  "grid": [list(point) for point in cell.grid], "choice": choice,
+                  "runs": [{**dict(zip(_TUNED, point)), "seed": s, **run_of(cell, point, s)[1]}
+                           for point in cell.grid for s in range(seeds)]}
+        for name, points in comparisons.items():
+            result[name] = _compare(cell, points, [[run_of(cell, point, s) for s in range(seeds)]
+                                                   for point in points], test_scores)
         results.append(result)
     correct(results)
+    # Confirmation: the cells found (Holm p < ALPHA) train again on the next `seeds` seeds, at
+    # the points already chosen: no run of the grid, no new choice.
+    fresh = range(seeds, 2 * seeds)
+    found = {result["key"]: (cell, result["tuned"]["at"]) for cell, result in zip(cells, results)
+             if not result["tuned"]["diverged"] and result["tuned"]["p_holm"] < ALPHA}
+    confirming = {digest(config.to_dict()): config for cell, at in found.values()
+                  for arm in ARMS for config in (cell.run_config(_point(at[arm]), s)
+                                                 for s in fresh)}
+    records.update(_train_all(confirming, work, jobs, say) if confirming else {})
+    confirmed = {}
+    for key, (cell, at) in found.items():
+        points = tuple(_point(at[arm]) for arm in ARMS)
+        confirmed[key] = {"seeds": list(fresh), **_compare(
+            cell, points, [[run_of(cell, point, s) for s in fresh] for point in points],
+            test_scores)}
+    for result in results:
+        result["confirmation"] = confirmed.get(result["key"])
+    correct_confirmation(results)
     seconds = sum(record["train_seconds"] for record in records.values())
-    return {"budget": budget, "seeds": seeds, "settings": settings or {},
+    return {"budget": budget, "seeds": seeds, "confirmation_seeds": [fresh.start, fresh.stop],
+            "settings": settings or {},
             "regimes": {name: REGIMES[name].label for name in
                         dict.fromkeys(c["regime"] for c in results)},
-            "runs": len(runs), "train_seconds_total": round(seconds, 1),
-            "wall_seconds_this_call": round(train_wall, 1), "jobs": jobs, "cells": results}
+            "runs": len(runs) + len(confirming), "confirmation_runs": len(confirming),
+            "train_seconds_total": round(seconds, 1),
+            "wall_seconds_this_call": round(time.perf_counter() - began, 1), "jobs": jobs,
+            "cells": results}
+
+
+def _point(chosen: dict) -> tuple:
+    """An arm's choice as its grid point (lr, dropout, weight_decay)."""
+    return tuple(chosen[key] for key in _TUNED)
 
 
 def _runs(cells: list[Cell], seeds: int) -> dict:
     """{run config digest: config} of every run of the cells (shared runs once)."""
     runs = {}
     for cell in cells:
-        for lr in cell.grid:
+        for point in cell.grid:
             for seed in range(seeds):
-                config = RunConfig.from_mapping({"lr": lr, "seed": seed}, base=cell.config)
+                config = cell.run_config(point, seed)
                 runs[digest(config.to_dict())] = config
     return runs
 
@@ -180,46 +213,65 @@ def _score(record: dict, arm: str, cell: Cell) -> float:
     return value if cell.higher_is_better else -value
 
 
-def choose_lr(cell: Cell, records_by_lr: dict) -> dict:
-    """{arm: {"lr", "val_mean", "at_grid_edge"}}: each arm's learning rate with the best mean
-    validation score over seeds (the first in grid order on a tie), from validation only."""
+def choose(cell: Cell, records_by_point: dict) -> dict:
+    """{arm: {"lr", "dropout", "weight_decay", "val_mean", "val_means", "at_grid_edge"}}: each
+    arm's grid point (lr, dropout, weight_decay) with the best mean validation score over
+    seeds, over the whole grid (the first in grid order on a tie), from validation only.
+    `at_grid_edge`: the chosen rate is the lowest or highest tried with the chosen
+    regulariser."""
     chosen = {}
+    sign = 1 if cell.higher_is_better else -1
     for arm in ARMS:
-        means = [float(np.mean([_score(r, arm, cell) for r in records_by_lr[lr]]))
-                 for lr in cell.grid]
+        means = [float(np.mean([_score(r, arm, cell) for r in records_by_point[point]]))
+                 for point in cell.grid]
         best = int(np.argmax(means))
-        sign = 1 if cell.higher_is_better else -1
-        chosen[arm] = {"lr": cell.grid[best], "val_mean": sign * means[best],
-                       "val_means": {str(lr): sign * m for lr, m in zip(cell.grid, means)},
-                       "at_grid_edge": len(cell.grid) > 1 and best in (0, len(cell.grid) - 1)}
+        lr, dropout, weight_decay = cell.grid[best]
+        rates = _rates(cell.grid, (dropout, weight_decay))
+        chosen[arm] = {"lr": lr, "dropout": dropout, "weight_decay": weight_decay,
+                       "val_mean": sign * means[best],
+                       "val_means": [[*point, sign * m] for point, m in zip(cell.grid, means)],
+                       "at_grid_edge": len(rates) > 1 and lr in (rates[0], rates[-1])}
     return chosen
 
 
+def _rates(grid: tuple, regulariser: tuple) -> list:
+    """The rates of `grid` tried with `regulariser`, ascending."""
+    return sorted(lr for lr, *other in grid if tuple(other) == regulariser)
+
+
 def _widen(cell: Cell, choice: dict, done: dict, most: int) -> bool:
-    """Add a rate beyond an edge of the cell's grid that an arm chose (while `done` counts
-    fewer than `most` additions that way); True if the grid grew."""
-    grid = list(cell.grid)
-    chosen = {choice[arm]["lr"] for arm in ARMS}
-    if grid[-1] in chosen and done["up"] < most:
-        grid.append(grid[-1] * 2)
-        done["up"] += 1
-    if grid[0] in chosen and done["down"] < most:
-        grid.insert(0, grid[0] / 2)
-        done["down"] += 1
-    widened = len(grid) > len(cell.grid)
-    cell.grid = tuple(grid)
-    return widened
+    """Add a rate beyond an edge of the rates that an arm's chosen regulariser was tried at
+    (while `done[regulariser]` counts fewer than `most` additions that way); True if the grid
+    grew. The grid keeps its order: regularisers as first listed, rates ascending."""
+    added = set()
+    for arm in ARMS:
+        lr, *regulariser = _point(choice[arm])
+        regulariser = tuple(regulariser)
+        rates = _rates(cell.grid, regulariser)
+        count = done.setdefault(regulariser, {"up": 0, "down": 0})
+        if lr == rates[-1] and count["up"] < most and (rates[-1] * 2, *regulariser) not in added:
+            added.add((rates[-1] * 2, *regulariser))
+            count["up"] += 1
+        if lr == rates[0] and count["down"] < most and (rates[0] / 2, *regulariser) not in added:
+            added.add((rates[0] / 2, *regulariser))
+            count["down"] += 1
+    order = list(dict.fromkeys(tuple(other) for _, *other in cell.grid))
+    cell.grid = tuple(sorted((*cell.grid, *added),
+                             key=lambda point: (order.index(tuple(point[1:])), point[0])))
+    return bool(added)
 
 
-def _compare(cell: Cell, lrs: tuple, runs: list[list], test_scores) -> dict:
-    """Test numbers of each arm at its learning rate, per seed (`test_scores(run_dir, arm)`),
-    and the paired test of DSD minus dense; None where a run at that rate diverged."""
+def _compare(cell: Cell, points: tuple, runs: list[list], test_scores) -> dict:
+    """Test numbers of each arm at its grid point, per seed (`test_scores(run_dir, arm)`), and
+    the paired test of DSD minus dense; None where a run at that point diverged."""
     key = f"test_{cell.metric}"
+    chosen = {arm: dict(zip(_TUNED, point)) for arm, point in zip(ARMS, points)}
+    lrs = {arm: point[0] for arm, point in zip(ARMS, points)}
     if any(record["diverged"] for arm_runs in runs for _, record in arm_runs):
-        return {"lr": dict(zip(ARMS, lrs)), "diverged": True}
+        return {"lr": lrs, "at": chosen, "diverged": True}
     tests = {arm: [test_scores(run_dir, arm)[key] for run_dir, _ in arm_runs]
              for arm, arm_runs in zip(ARMS, runs)}
-    return {"lr": dict(zip(ARMS, lrs)), "diverged": False,
+    return {"lr": lrs, "at": chosen, "diverged": False,
             "dsd_test": tests["dsd"], "dense_test": tests["dense"],
             "dsd_mean": float(np.mean(tests["dsd"])), "dense_mean": float(np.mean(tests["dense"])),
             "dsd_sd": float(np.std(tests["dsd"], ddof=1)),

@@ -1,5 +1,6 @@
-"""The study's statistics: the paired t-test of DSD minus dense over seeds, and the Holm and
-Benjamini-Hochberg corrections over the study's cells (design.md, "The study")."""
+"""The study's statistics: the paired t-test of DSD minus dense over seeds, the Holm and
+Benjamini-Hochberg corrections over the study's cells, and the confirmation's verdicts
+(design.md, "The study")."""
 
 import math
 
@@ -82,3 +83,23 @@ def _verdict(compared: dict, higher_is_better: bool) -> str:
     better = compared["paired"]["mean_diff"] > 0 if higher_is_better \
         else compared["paired"]["mean_diff"] < 0
     return "DSD better" if better else "DSD worse"
+
+
+def correct_confirmation(results: list[dict]) -> None:
+    """Holm over the cells trained again on fresh seeds; a cell is confirmed when its fresh
+    difference is outside the noise after that correction and points the way the exploratory
+    one did. Cells not trained again keep confirmation None."""
+    family = {}
+    for result in results:
+        again = result["confirmation"]
+        if again is not None:
+            family[result["key"]] = 1.0 if again["diverged"] or \
+                again["paired"]["p_value"] is None else again["paired"]["p_value"]
+    adjusted = dict(zip(family, holm(list(family.values())))) if family else {}
+    for result in results:
+        again = result["confirmation"]
+        if again is None:
+            continue
+        again["p_holm"], again["family_size"] = adjusted[result["key"]], len(family)
+        again["confirmed"] = not again["diverged"] and again["p_holm"] < ALPHA and (
+            again["paired"]["mean_diff"] > 0) == (result["tuned"]["paired"]["mean_diff"] > 0)
