@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _memory import reset_peak, resident  # noqa: E402
 from _timing import environment, print_table, write_rows  # noqa: E402
 
 # For the memory runs: every allocation of 64 KiB or more mapped on its own and unmapped when
@@ -37,17 +38,6 @@ from _timing import environment, print_table, write_rows  # noqa: E402
 # then a system call, so the times come from a second run with the default allocator.
 MEMORY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1"}
 MODES = ("dsd MaskedAdamW, 50% masked", "torch AdamW, unmasked")
-
-
-def _memory(key: str) -> int:
-    """VmRSS (resident now) or VmHWM (peak since the last reset) of this process, in bytes."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(key))
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as refs:  # "5": reset the peak resident size
-        refs.write("5")
 
 
 def _local_bytes(tensors) -> int:
@@ -89,8 +79,8 @@ def _worker(rank, world, init, mode, args, queue):
                                       data.y_train[:args.batch].flatten()).backward()
     optimizer.zero_grad(set_to_none=True)
     dist.barrier()
-    before = _memory("VmRSS")
-    _reset_peak()
+    before = resident("VmRSS")
+    reset_peak()
     step_seconds, optimizer_seconds = [], []
     for step in range(steps):
         x = data.x_train[step * batch:(step + 1) * batch][rank::world]
@@ -107,7 +97,7 @@ def _worker(rank, world, init, mode, args, queue):
         if step >= args.warmup:
             step_seconds.append(done - began)
             optimizer_seconds.append(done - stepped)
-    peak = _memory("VmHWM") - before
+    peak = resident("VmHWM") - before
     masks = optimizer.masks if dsd is not None else {}
     state = [t for per_param in optimizer.state.values() for t in per_param.values()]
     queue.put({

@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _cases import resnet50_shapes  # noqa: E402
+from _memory import reset_peak, resident  # noqa: E402
 from _timing import environment, print_table, write_rows  # noqa: E402
 
 CASES = {  # name: (shapes, dtype, scope)
@@ -33,17 +34,6 @@ CASES = {  # name: (shapes, dtype, scope)
     "64M fp32": ([(1 << 26,)], torch.float32, "layer"),
     "16M bf16": ([(1 << 24,)], torch.bfloat16, "layer"),
 }
-
-
-def _memory(key: str) -> int:
-    """VmRSS (resident now) or VmHWM (peak since the last reset) of this process, in bytes."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(key))
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as refs:  # "5": reset the peak resident size
-        refs.write("5")
 
 
 def _count_collectives(calls):
@@ -79,12 +69,12 @@ def _worker(rank, world, init, case, backend, threads, queue):
     calls = []
     _count_collectives(calls)
     dist.barrier()
-    _reset_peak()
-    before = _memory("VmRSS")
+    reset_peak()
+    before = resident("VmRSS")
     began = time.perf_counter()
     masks = dk.magnitude_masks(shards, 0.5, scope, process_group=dist.group.WORLD)
     seconds = time.perf_counter() - began
-    extra = max(0, _memory("VmHWM") - before - sum(m.numel() for m in masks))
+    extra = max(0, resident("VmHWM") - before - sum(m.numel() for m in masks))
     elements = sum(s.numel() for s in shards)
     queue.put({"rank": rank, "seconds": seconds, "extra_bytes": extra, "elements": elements,
                "collectives": len(calls), "bytes_sent": sum(b for _, b in calls)})
