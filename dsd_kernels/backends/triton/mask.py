@@ -170,13 +170,7 @@ def fill_pruned_(xs, masks, values):
     staging = tables.Staging()
     targets = [staging.dense(x, written=True) for x in xs]
     masks = [staging.like(mask, x, written=False) for mask, x in zip(masks, targets)]
-    key = (device, tables.current_stream(device), tuple(map(torch.Tensor.data_ptr, targets)),
-           tuple(x.numel() for x in targets), tuple(x.dtype for x in targets))
-    groups = _FILL_TABLES.get(key)
-    if groups is None:
-        groups, _ = tables.grouped(
-            device, targets, lambda i: [targets[i].data_ptr(), targets[i].numel()], 1, CHUNK)
-        _FILL_TABLES.add(key, groups)
+    groups = tables.cached_groups(_FILL_TABLES, device, targets, CHUNK)
     # Each group's values in its dtype, converted one by one as torch's fill converts them
     # (through fp32; a NaN becomes the dtype's default NaN), not by a vectorized cast.
     value_tables = [torch.tensor([values[i] for i in group.indices],

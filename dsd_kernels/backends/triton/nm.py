@@ -82,14 +82,7 @@ def nm_masks(xs, n, m):
     xs_work = [xs_logical[i] for i in work]
     inners = [x.numel() // (x.shape[0] * x.shape[1]) for x in xs_work]
     m_p2, groups_per_block, chunk = _block(m)
-    key = (device, tables.current_stream(device), tuple(map(torch.Tensor.data_ptr, xs_work)),
-           tuple(x.numel() for x in xs_work), tuple(x.dtype for x in xs_work), tuple(inners), m)
-    groups = _TABLES.get(key)
-    if groups is None:
-        groups, _ = tables.grouped(
-            device, xs_work,
-            lambda i: [xs_work[i].data_ptr(), xs_work[i].numel(), inners[i]], 1, chunk)
-        _TABLES.add(key, groups)
+    groups = tables.cached_groups(_TABLES, device, xs_work, chunk, inners, key=(m,))
     mask_tables, _, _ = tables.address_tables(
         device, groups, tuple(masks[i].data_ptr() for i in work))
     nan_flags = [torch.zeros(len(group.indices), dtype=torch.int32, device=device)

@@ -104,6 +104,24 @@ def grouped(device, tensors, row_of, addresses: int, chunk: int, *extra: torch.T
     return groups, on_device[:len(extra)]
 
 
+def cached_groups(cache, device, tensors, chunk: int, *columns, key=()) -> list[Group]:
+    """The groups of `grouped` for rows [data address, numel, *column values] (one address),
+    kept in `cache` under the tensors' addresses, sizes and dtypes, the columns, the stream
+    and `key` (whatever else the kernel's tables depend on): repeated calls on the same
+    tensors build nothing."""
+    full_key = (device, current_stream(device), tuple(map(torch.Tensor.data_ptr, tensors)),
+                tuple(x.numel() for x in tensors), tuple(x.dtype for x in tensors),
+                *map(tuple, columns), *key)
+    groups = cache.get(full_key)
+    if groups is None:
+        groups, _ = grouped(
+            device, tensors,
+            lambda i: [tensors[i].data_ptr(), tensors[i].numel(), *(c[i] for c in columns)],
+            1, chunk)
+        cache.add(full_key, groups)
+    return groups
+
+
 def address_tables(device, groups: list[Group], addresses: tuple[int, ...],
                    *extra: torch.Tensor):
     """Per group, an int64 table of one data address per row (`addresses[i]` for tensor i),

@@ -60,13 +60,7 @@ def nonzero_masks(xs):
     if not work:
         return masks
     xs_work = [xs_logical[i] for i in work]
-    key = (device, tables.current_stream(device), tuple(map(torch.Tensor.data_ptr, xs_work)),
-           tuple(x.numel() for x in xs_work), tuple(x.dtype for x in xs_work))
-    groups = _TABLES.get(key)
-    if groups is None:
-        groups, _ = tables.grouped(
-            device, xs_work, lambda i: [xs_work[i].data_ptr(), xs_work[i].numel()], 1, CHUNK)
-        _TABLES.add(key, groups)
+    groups = tables.cached_groups(_TABLES, device, xs_work, CHUNK)
     mask_tables, masks_aligned, _ = tables.address_tables(
         device, groups, tuple(masks[i].data_ptr() for i in work))
     nan_flags = [torch.zeros(len(group.indices), dtype=torch.int32, device=device)
