@@ -116,6 +116,20 @@ def backend(request, device):
 
 
 @pytest.fixture
+def triton_backend():
+    """The Triton backend selected (its interpreter on CPU); "auto" restored afterwards. If it
+    cannot load: a skip, or under CI a failure."""
+    try:
+        dk.use_backend("triton")
+    except BackendUnavailable as reason:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(reason))
+    yield
+    dk.use_backend("auto")
+
+
+@pytest.fixture
 def torch_backend():
     dk.use_backend("torch")
     yield

@@ -6,7 +6,6 @@ import torch
 from conftest import DTYPES
 
 import dsd_kernels as dk
-from dsd_kernels.backends import BackendUnavailable
 
 import _oracle
 from _backends import per_backend
@@ -161,24 +160,17 @@ def test_opcheck(backend, device):
     torch.library.opcheck(torch.ops.dsd.nm_masks, (xs, 2, 4))
 
 
-def test_triton_interpreted_matches_the_oracle():
+def test_triton_interpreted_matches_the_oracle(triton_backend):
     """A fast interpreted case of every shape class and dtype (the per-backend tests run
     Triton's interpreter with the slow tests)."""
-    try:
-        dk.use_backend("triton")
-    except BackendUnavailable as reason:
-        pytest.skip(str(reason))
-    try:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        xs = [_adversarial(shape, dtype, "specials", seed)
-              for seed, (shape, dtype) in enumerate(zip(SHAPES, DTYPES * 2))]
-        xs.append(torch.randn(40, 1024))  # full chunks of a program, then a tail
-        xs.append(torch.randn(3, 12, 2))  # a group size that is not a power of 2
-        _check(xs, "2:4", device)
-        _check(xs[:-1], "4:8", device)
-        _check(xs[-1:], "5:6", device)
-    finally:
-        dk.use_backend("auto")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    xs = [_adversarial(shape, dtype, "specials", seed)
+          for seed, (shape, dtype) in enumerate(zip(SHAPES, DTYPES * 2))]
+    xs.append(torch.randn(40, 1024))  # full chunks of a program, then a tail
+    xs.append(torch.randn(3, 12, 2))  # a group size that is not a power of 2
+    _check(xs, "2:4", device)
+    _check(xs[:-1], "4:8", device)
+    _check(xs[-1:], "5:6", device)
 
 
 def test_a_guarded_kernel_refusing_nan_is_not_a_failed_kernel():

@@ -29,16 +29,7 @@ from dsd_kernels.backends.triton import threshold  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def triton_selected():
-    try:
-        dk.use_backend("triton")
-    except BackendUnavailable as reason:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(reason))
-    yield
-    dk.use_backend("auto")
+pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 def _bracket_segments_above(monkeypatch, numel):

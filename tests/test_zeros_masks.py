@@ -16,7 +16,7 @@ from dsd.config import RunConfig
 from dsd.plan import Phase
 from dsd.train import load_config
 from dsd.train.prepare import prepare
-from dsd_kernels.backends import BackendUnavailable, torch_ref
+from dsd_kernels.backends import torch_ref
 
 from _backends import per_backend
 from _runs import interrupted_run
@@ -95,24 +95,17 @@ def test_opcheck(backend, device):
     torch.library.opcheck(torch.ops.dsd.nonzero_masks, (xs,))
 
 
-def test_triton_interpreted_matches_the_oracle():
+def test_triton_interpreted_matches_the_oracle(triton_backend):
     """A fast interpreted case of every dtype (the per-backend tests run Triton's interpreter
     with the slow tests)."""
-    try:
-        dk.use_backend("triton")
-    except BackendUnavailable as reason:
-        pytest.skip(str(reason))
-    try:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        xs = [_specials((5, 7), dtype, seed) for seed, dtype in enumerate(DTYPES)]
-        xs += [torch.tensor(-0.0), torch.empty(0), _specials((40_000,), torch.bfloat16, 9)]
-        _check(xs, device)
-        nan = torch.ones(3)
-        nan[1] = float("nan")
-        with pytest.raises(ValueError, match=rf"^xs\[1\] {NAN_MESSAGE}$"):
-            dk.nonzero_masks([torch.ones(2), nan.to(device)])
-    finally:
-        dk.use_backend("auto")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    xs = [_specials((5, 7), dtype, seed) for seed, dtype in enumerate(DTYPES)]
+    xs += [torch.tensor(-0.0), torch.empty(0), _specials((40_000,), torch.bfloat16, 9)]
+    _check(xs, device)
+    nan = torch.ones(3)
+    nan[1] = float("nan")
+    with pytest.raises(ValueError, match=rf"^xs\[1\] {NAN_MESSAGE}$"):
+        dk.nonzero_masks([torch.ones(2), nan.to(device)])
 
 
 def test_one_tensor_in_one_mask_out_meta_and_bad_input():
