@@ -22,9 +22,11 @@ import _oracle
 
 pytest.importorskip("dsd_kernels.backends.triton")
 
-from test_triton_backend import DEVICE, triton_selected  # noqa: E402, F401  (autouse fixture)
+from test_triton_backend import DEVICE  # noqa: E402
 
 from dsd_kernels.backends.triton import mask, optim, tables, threshold  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("triton_backend")
 
 CACHES = (optim._TABLES, threshold._TABLES, mask._TABLES, mask._FILL_TABLES)
 

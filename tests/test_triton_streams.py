@@ -16,10 +16,11 @@ if not torch.cuda.is_available():
     pytest.skip("races CUDA streams", allow_module_level=True)
 
 from conftest import TOLERANCES  # noqa: E402
-from test_triton_backend import triton_selected  # noqa: E402, F401  (autouse fixture)
 
 from dsd_kernels.backends import torch_ref  # noqa: E402
 from dsd_kernels.backends.triton import tables  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("triton_backend")
 
 # ~0.1 s on an H100: the host issues all of the other stream's calls while it spins.
 DELAY_CYCLES = 200_000_000
