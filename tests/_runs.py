@@ -1,9 +1,12 @@
-"""Reading a finished run's files in tests."""
+"""Runs in tests: reading a finished run's files, interrupting one, resuming `DSD` from a
+checkpoint."""
 
 import json
 
 import pytest
+import torch
 
+from dsd import DSD
 from dsd.config import RunConfig
 from dsd.train import TIMING_KEYS, recipe, train
 
@@ -34,3 +37,20 @@ def interrupted_run(run_dir, monkeypatch, stop_at, config: dict):
         train(RunConfig.from_mapping(config), run_dir, quiet=True)
     monkeypatch.undo()
     return run_dir
+
+
+def resumed(saved: dict, build_model, plan, done: int, *, torch_optimizer: bool):
+    """(DSD, model) restored from `saved` ({"model", "optimizer"} state_dicts of a DSD run with
+    torch.optim.Adam, lr 0.01) into a fresh `build_model()` and resumed after `done` epochs or
+    steps. `torch_optimizer`: the Adam loads the state_dict before DSD makes it masked (a plain
+    torch optimizer then drops the masks, which resume must recover); else after."""
+    model = build_model()
+    model.load_state_dict(saved["model"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    if torch_optimizer:
+        optimizer.load_state_dict(saved["optimizer"])
+    restored = DSD(model, optimizer, plan)
+    if not torch_optimizer:
+        optimizer.load_state_dict(saved["optimizer"])
+    restored.resume(done)
+    return restored, model

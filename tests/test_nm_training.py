@@ -15,7 +15,7 @@ from dsd.config import RunConfig
 from dsd.train import load_config
 from dsd_kernels.semi_structured import check_nm
 
-from _runs import interrupted_run, untimed_rows
+from _runs import interrupted_run, resumed, untimed_rows
 
 
 def group_counts(weight: torch.Tensor, m: int) -> torch.Tensor:
@@ -154,18 +154,10 @@ def test_resume_mid_sparse_phase_keeps_the_nm_masks(torch_optimizer):
         _train_step(model, dsd.optimizer, step)
     saved = copy.deepcopy({"model": model.state_dict(), "optimizer": dsd.optimizer.state_dict(),
                            "dsd": dsd.state_dict()})
-    restored_model = Net()
-    restored_model.load_state_dict(saved["model"])
-    optimizer = torch.optim.Adam(restored_model.parameters(), lr=0.01)
-    if torch_optimizer:
-        optimizer.load_state_dict(saved["optimizer"])
-    restored = DSD(restored_model, optimizer, plan)
-    if not torch_optimizer:
-        optimizer.load_state_dict(saved["optimizer"])
-    restored.resume(3)
+    restored, _ = resumed(saved, Net, plan, 3, torch_optimizer=torch_optimizer)
     pairs = zip(dsd.masked_parameters(plan.phases[1]), restored.masked_parameters(plan.phases[1]))
     for (_, p), (_, q) in pairs:
-        assert torch.equal(dsd.optimizer.masks[p], optimizer.masks[q])
+        assert torch.equal(dsd.optimizer.masks[p], restored.optimizer.masks[q])
     with pytest.raises(ValueError, match="different plan"):
         restored.load_state_dict({**saved["dsd"], "plan": Plan.dsd(1, 3, 1, sparsity=0.75,
                                                                    unit="steps").to_dict()})

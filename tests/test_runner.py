@@ -12,6 +12,8 @@ import dsd_kernels as dk
 from dsd import DSD, Phase, Plan, prunable_parameters
 from dsd_kernels.optim import step_lr
 
+from _runs import resumed
+
 
 class Net(nn.Module):
     """Every kind of layer the default selection must tell apart."""
@@ -327,18 +329,10 @@ def test_resume_after_a_checkpoint_mid_sparse_phase(torch_optimizer):
         _train_step(model, dsd.optimizer, step)
     saved = copy.deepcopy({"model": model.state_dict(), "optimizer": dsd.optimizer.state_dict()})
 
-    restored_model = Net()
-    restored_model.load_state_dict(saved["model"])
-    optimizer = torch.optim.Adam(restored_model.parameters(), lr=0.01)
-    if torch_optimizer:
-        optimizer.load_state_dict(saved["optimizer"])
-    restored = DSD(restored_model, optimizer, plan)
-    if not torch_optimizer:
-        optimizer.load_state_dict(saved["optimizer"])
-    restored.resume(4)
+    restored, restored_model = resumed(saved, Net, plan, 4, torch_optimizer=torch_optimizer)
     assert restored.phase_index == 1
     for p, q in zip(dict(dsd.named_prunable).values(), dict(restored.named_prunable).values()):
-        assert torch.equal(dsd.optimizer.masks[p], optimizer.masks[q])
+        assert torch.equal(dsd.optimizer.masks[p], restored.optimizer.masks[q])
     for step in range(4, plan.total):
         for runner, net in ((dsd, model), (restored, restored_model)):
             runner.step_start(step)
