@@ -106,12 +106,13 @@ BUDGETS = {
     "pattern": {"seeds": 8, "extensions": 2, "tasks": {
         task: TaskStudy(_SAVES, {"pattern": ("", "2:4")}) for task in ("mnist1d", "digits")}},
     # Is DSD more than a regulariser? Both arms also choose dropout and AdamW's decoupled
-    # weight decay; the regimes where that may matter, cut to about 4 hours on 2 CPU cores
-    # with --jobs 2 (docs/study.md): MNIST-1D's MLP (and its CNN) and the text LSTM.
+    # weight decay, in the regimes where that may matter: MNIST-1D's MLP (and its CNN) and
+    # the text LSTM; about 1 h 45 min on 2 CPU cores with --jobs 2 (docs/study.md).
     "regularised": {"seeds": 6, "extensions": 2, "tasks": {
         "mnist1d": TaskStudy({**_SAVES, "optimizer": "adamw"},
                              {"sparsity": (0.5, 0.7, 0.9), "label_noise": (0.0, 0.2, 0.4),
-                              "pattern": ("", "2:4"), "model": ("auto", "cnn")},
+                              "pattern": ("", "2:4"), "model": ("auto", "cnn"),
+                              "width": (100, 300, 1000), "train_examples": (250, 1000, 0)},
                              {"adamw": ((1e-3, 2e-3, 4e-3, 8e-3), 2e-3)},
                              regulariser_grid((0.0, 0.1, 0.2, 0.3), (0.0, 0.01, 0.1))),
         "text": TaskStudy({**_SAVES, "phases": [5, 5, 5], "optimizer": "adamw"},
