@@ -101,6 +101,13 @@ def _fit(model, plan, *, callbacks=(), ckpt_path=None, **trainer_settings):
     return dsd_callback, recorder
 
 
+def _resume(model, plan, checkpoint, max_epochs):
+    """Fit `model` under `plan` from `checkpoint`'s last file up to `max_epochs`."""
+    return _fit(model, plan, callbacks=[ModelCheckpoint(checkpoint.dirpath)],
+                ckpt_path=checkpoint.last_model_path, enable_checkpointing=True,
+                max_epochs=max_epochs)
+
+
 def _smallest(weight, k):
     """Oracle: True where |weight| is not among its k smallest (by sorting)."""
     magnitude = weight.abs().flatten()
@@ -313,8 +320,7 @@ def test_checkpoint_of_another_plan_is_refused(tmp_path):
          max_epochs=2)
     model = Net("sgd")
     with pytest.raises(ValueError, match="made with another DSD plan") as error:
-        _fit(model, Plan.dsd(1, 1, 1, sparsity=0.3), callbacks=[ModelCheckpoint(tmp_path)],
-             ckpt_path=checkpoint.last_model_path, enable_checkpointing=True, max_epochs=3)
+        _resume(model, Plan.dsd(1, 1, 1, sparsity=0.3), checkpoint, max_epochs=3)
     assert "\n" not in str(error.value)
     assert model.optimizer_made is None  # refused before the optimizer was made
 
@@ -383,11 +389,8 @@ def test_a_pattern_plan_keeps_the_masked_tensors_nm_and_goes_into_the_checkpoint
     _, first = _fit(Net("adamw"), plan, callbacks=[checkpoint], enable_checkpointing=True,
                     max_epochs=2)
     with pytest.raises(ValueError, match="made with another DSD plan"):
-        _fit(Net("adamw"), Plan.dsd(1, 2, 1, sparsity=0.5), callbacks=[ModelCheckpoint(tmp_path)],
-             ckpt_path=checkpoint.last_model_path, enable_checkpointing=True, max_epochs=4)
-    _, resumed = _fit(Net("adamw"), plan, callbacks=[ModelCheckpoint(tmp_path)],
-                      ckpt_path=checkpoint.last_model_path, enable_checkpointing=True,
-                      max_epochs=4)
+        _resume(Net("adamw"), Plan.dsd(1, 2, 1, sparsity=0.5), checkpoint, max_epochs=4)
+    _, resumed = _resume(Net("adamw"), plan, checkpoint, max_epochs=4)
     sparse = [s for s in first.steps + resumed.steps if s["phase"] == 1]
     assert len(sparse) == 2 * BATCHES_PER_EPOCH
     for s in sparse:
@@ -418,9 +421,7 @@ def test_a_zeros_plan_keeps_the_models_zeros_and_a_resume_keeps_them(tmp_path):
     first_callback, first = _fit(pruned(), plan, callbacks=[checkpoint],
                                  enable_checkpointing=True, max_epochs=1)
     assert first_callback.dsd.found_sparsity == {name: 0.5 for name in PRUNABLE}
-    _, resumed = _fit(pruned(), plan, callbacks=[ModelCheckpoint(tmp_path)],
-                      ckpt_path=checkpoint.last_model_path, enable_checkpointing=True,
-                      max_epochs=3)
+    _, resumed = _resume(pruned(), plan, checkpoint, max_epochs=3)
     sparse = [s for s in first.steps + resumed.steps if s["phase"] == 0]
     assert len(sparse) == 2 * BATCHES_PER_EPOCH
     for s in sparse:
